@@ -1,0 +1,71 @@
+"""joey: lossless speculative decoding for Llama-family models.
+
+``joey.load()`` returns an ``Engine`` on the embedded default model (SmolLM2-135M-Instruct);
+``Engine.generate()`` / ``Engine.stream()`` produce text exactly as the model alone would.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from joey.config import Generation, GenerationStats, SamplingParams
+from joey.engine import Engine, StreamEvent
+from joey.errors import JoeyError
+
+__all__ = ["Engine", "Generation", "GenerationStats", "JoeyError", "SamplingParams", "StreamEvent", "load"]
+__version__ = "0.1.0"
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    from joey.errors import InvalidArgumentError
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(f"unknown device '{device}'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("device 'cuda' requested but no CUDA GPU is available")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are ~100x slower on CPUs without AMX), bf16 on CUDA."""
+    from joey.errors import InvalidArgumentError
+
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise InvalidArgumentError(f"unknown dtype '{dtype}'; choose from {', '.join(table)}")
+    return table[dtype]
+
+
+def load(
+    model: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    compile: bool | None = None,
+    progress: bool = True,
+) -> Engine:
+    """Load a model (default: the embedded SmolLM2-135M-Instruct) and return an ``Engine``.
+
+    ``model`` is a local Hugging Face folder, a ``.gguf`` file, a hub id, or None for the default.
+    ``compile`` (default: on for CPU) uses torch.compile for decoding; the first call pays the
+    compilation once per process.
+    """
+    from joey.models.registry import resolve
+    from joey.models.weights import load_model, load_tokenizer
+
+    dev = pick_device(device)
+    source = resolve(model, progress=progress)
+    net = load_model(source.folder, dev, pick_dtype(dtype, dev))
+    tokenizer = load_tokenizer(source.folder)
+    return Engine(net, tokenizer, source)

@@ -1,0 +1,256 @@
+"""The generation loop: prompts in, streamed text out, for one or many sequences at once.
+
+``Engine.stream()`` is the single generation loop; ``generate()``, the CLI, the server and the
+benchmark are all built on it. Rows of a batch keep their own KV length (no padding after the
+prefill), and a row that finishes is dropped from the batch so it stops costing compute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Union
+
+import torch
+
+from joey.config import Generation, GenerationStats, SamplingParams
+from joey.detokenize import IncrementalText
+from joey.errors import InvalidArgumentError, PromptError
+from joey.models.kv_cache import KVCache
+from joey.models.llama import LlamaModel, causal_mask
+from joey.models.registry import ModelSource
+from joey.sampling import next_tokens
+
+Message = dict[str, str]
+Prompt = Union[str, Sequence[Message]]
+METHODS = ("ar",)
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A piece of output for one row of the batch; the row's last event carries its ``Generation``."""
+
+    row: int
+    text: str  # new text since the previous event of this row
+    token_ids: tuple[int, ...]  # tokens committed in this event
+    generation: Generation | None = None
+
+
+class _Row:
+    """Mutable bookkeeping for one sequence while it is being generated."""
+
+    def __init__(self, index: int, prompt_ids: list[int], detok: IncrementalText, start: float) -> None:
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.new_ids: list[int] = []
+        self.detok = detok
+        self.start = start
+        self.finish_reason: str | None = None
+
+
+def _is_messages(p: Any) -> bool:
+    return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
+
+
+class Engine:
+    """A loaded target model with its tokenizer; generates text autoregressively or speculatively."""
+
+    def __init__(self, model: LlamaModel, tokenizer: Any, source: ModelSource | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.name = source.name if source else "model"
+        self.eos_ids = self._eos_ids()
+        self._forward = model.forward
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.model.cfg.max_position_embeddings
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        if self.source is not None:
+            import json
+
+            try:
+                cfg = json.loads((self.source.folder / "config.json").read_text())
+                eos = cfg.get("eos_token_id")
+                ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            except (OSError, ValueError):
+                pass
+        return frozenset(ids)
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
+        """Token ids of a prompt: a string (wrapped as one user message when ``chat``) or messages."""
+        if _is_messages(prompt):
+            messages = list(prompt)
+            for m in messages:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise InvalidArgumentError("each message needs string 'role' and 'content' fields")
+        elif isinstance(prompt, str):
+            if not prompt.strip():
+                raise PromptError("the prompt is empty")
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            raise InvalidArgumentError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
+        if not any(m["content"].strip() for m in messages):
+            raise PromptError("the prompt is empty")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        text = "\n".join(m["content"] for m in messages)
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def _as_batch(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
+        if isinstance(prompts, str) or _is_messages(prompts):
+            return [prompts], False
+        if isinstance(prompts, (list, tuple)) and prompts:
+            return list(prompts), True
+        raise PromptError("no prompt given")
+
+    # -- generation ------------------------------------------------------------------------------
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        *,
+        method: str = "ar",
+        chat: bool = True,
+        **overrides: Any,
+    ) -> Iterator[StreamEvent]:
+        """Generate for one prompt or a batch, yielding text deltas as tokens are committed.
+
+        ``overrides`` are SamplingParams fields (``max_new_tokens=64, temperature=0.7, ...``).
+        """
+        params = replace(params or SamplingParams(), **overrides) if overrides else (params or SamplingParams())
+        if method not in METHODS:
+            raise InvalidArgumentError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        batch, _ = self._as_batch(prompts)
+        encoded = [self.encode(p, chat=chat) for p in batch]
+        longest = max(len(ids) for ids in encoded)
+        if longest >= self.context_length:
+            raise PromptError(f"the prompt has {longest} tokens; the model's context is {self.context_length}")
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        start = time.perf_counter()
+        rows = [_Row(i, ids, IncrementalText(self.tokenizer, params.stop), start) for i, ids in enumerate(encoded)]
+        with torch.inference_mode():
+            yield from self._autoregressive(rows, params, generator)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> Generation | list[Generation]:
+        """Run ``stream()`` to the end; one ``Generation`` per prompt (a list for a list of prompts)."""
+        _, is_batch = self._as_batch(prompts)
+        done: dict[int, Generation] = {}
+        for event in self.stream(prompts, params, **kwargs):
+            if event.generation is not None:
+                done[event.row] = event.generation
+        results = [done[i] for i in sorted(done)]
+        return results if is_batch else results[0]
+
+    # -- the autoregressive loop -----------------------------------------------------------------
+    def _budget(self, rows: list[_Row], params: SamplingParams) -> int:
+        return min(params.max_new_tokens, self.context_length - max(len(r.prompt_ids) for r in rows))
+
+    def _prefill(self, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts (right-padded into one forward) and return each row's last logits [B, vocab].
+
+        Causal attention alone is right for right padding: a real token never sees a later slot,
+        and the padding's K/V lie past the row's length, where the next writes overwrite them.
+        """
+        lengths = [len(p) for p in prompts]
+        t = max(lengths)
+        tokens = torch.zeros(len(prompts), t, dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = torch.tensor(p, device=self.device)
+        positions = torch.arange(t, device=self.device).expand(len(prompts), t)
+        logits = self._forward(tokens, positions, cache, 0, t, None)
+        cache.advance(lengths)
+        last = torch.tensor(lengths, device=self.device) - 1
+        return logits[torch.arange(len(prompts), device=self.device), last]
+
+    def _decode_step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (at each row's own length) → next-token logits [B, vocab]."""
+        lengths = cache.lengths
+        positions = torch.tensor(lengths, device=self.device)[:, None]
+        kv_len = max(lengths) + 1
+        if all(n == lengths[0] for n in lengths):
+            logits = self._forward(tokens[:, None], positions, cache, lengths[0], kv_len, None)
+        else:
+            mask = causal_mask(lengths, [1] * len(lengths), kv_len, self.device)
+            logits = self._forward(tokens[:, None], positions, cache, positions, kv_len, mask)
+        cache.advance([1] * len(lengths))
+        return logits[:, -1]
+
+    def _commit(self, row: _Row, tokens: list[int], budget: int, params: SamplingParams) -> StreamEvent:
+        """Append tokens to a row, apply EOS / stop strings / length, and make its stream event."""
+        kept: list[int] = []
+        for tok in tokens:
+            if tok in self.eos_ids and not params.ignore_eos:
+                row.finish_reason = "stop"
+                break
+            kept.append(tok)
+            if len(row.new_ids) + len(kept) >= budget:
+                row.finish_reason = "length"
+                break
+        row.new_ids.extend(kept)
+        text = row.detok.push(kept) if kept else ""
+        if row.detok.stopped:
+            row.finish_reason = "stop"
+        if row.finish_reason is None:
+            return StreamEvent(row.index, text, tuple(kept))
+        text += row.detok.finish()
+        gen = Generation(
+            text=row.detok.text,
+            token_ids=tuple(row.new_ids),
+            prompt_tokens=len(row.prompt_ids),
+            new_tokens=len(row.new_ids),
+            wall_time_s=time.perf_counter() - row.start,
+            finish_reason=row.finish_reason,
+            method="ar",
+            stats=GenerationStats(steps=len(row.new_ids), mean_accepted_tokens=1.0),
+        )
+        return StreamEvent(row.index, text, tuple(kept), gen)
+
+    def _autoregressive(
+        self, rows: list[_Row], params: SamplingParams, generator: torch.Generator | None
+    ) -> Iterator[StreamEvent]:
+        budget = self._budget(rows, params)
+        cache = self.model.new_cache(len(rows), max(len(r.prompt_ids) for r in rows) + budget + 1)
+        logits = self._prefill(cache, [r.prompt_ids for r in rows])
+        active = rows
+        while active:
+            tokens = next_tokens(logits, params, generator)
+            still: list[int] = []
+            for i, (row, tok) in enumerate(zip(active, tokens.tolist())):
+                yield self._commit(row, [tok], budget, params)
+                if row.finish_reason is None:
+                    still.append(i)
+            if not still:
+                return
+            if len(still) < len(active):
+                cache.keep_rows(still)
+                tokens = tokens[still]
+                active = [active[i] for i in still]
+            logits = self._decode_step(cache, tokens)

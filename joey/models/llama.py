@@ -1,0 +1,275 @@
+"""A compact Llama-family decoder (llama, mistral, smollm, qwen2) that joey controls end to end.
+
+Compared with the transformers implementation it exposes what speculative decoding needs:
+explicit position ids, KV slots named by the caller (so rows of a batch and nodes of a tree can
+sit anywhere in the cache), an arbitrary boolean attention mask over cache slots, and running a
+*range* of layers on hidden states (Kangaroo drafts with layers [0, l) and verifies with [l, L)).
+Weights are read from Hugging Face names; nothing in transformers is patched or subclassed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from joey.errors import UnsupportedArchitectureError
+from joey.models.kv_cache import KVCache
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder, read from a Hugging Face config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type", "")
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None and model_type in SUPPORTED_ARCHITECTURES.values():
+            arch = model_type
+        if arch is None:
+            name = ", ".join(archs) or model_type or "unknown"
+            raise UnsupportedArchitectureError(
+                f"unsupported architecture '{name}'; joey supports {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise UnsupportedArchitectureError(f"unsupported RoPE scaling '{rope_type}'")
+        if hf.get("sliding_window") and hf.get("use_sliding_window", arch == "mistral"):
+            raise UnsupportedArchitectureError("sliding-window attention is not supported")
+        num_heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hidden // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference implementation, so bf16 runs match it.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables, [max_len, head_dim], in fp32."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    t = torch.arange(max_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float().to(device), emb.sin().float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, head_dim]; cos/sin: [B, 1, T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, hidden]
+        cos: torch.Tensor,  # [B, 1, T, head_dim]
+        sin: torch.Tensor,  # [B, 1, T, head_dim]
+        k_cache: torch.Tensor,  # [B, kv_heads, max_len, head_dim]
+        v_cache: torch.Tensor,  # [B, kv_heads, max_len, head_dim]
+        slots: int | torch.Tensor,  # first slot (all rows alike) or [B, T] slot per token
+        kv_len: int,  # attend to slots [0, kv_len)
+        mask: torch.Tensor | None,  # [B, 1, T, kv_len] bool, True = may attend; None = causal
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if isinstance(slots, int):
+            k_cache[:, :, slots : slots + t] = k
+            v_cache[:, :, slots : slots + t] = v
+        else:
+            rows = torch.arange(b, device=x.device)[:, None, None]
+            heads = torch.arange(cfg.num_kv_heads, device=x.device)[None, :, None]
+            k_cache[rows, heads, slots[:, None, :]] = k
+            v_cache[rows, heads, slots[:, None, :]] = v
+        keys = k_cache[:, :, :kv_len]
+        values = v_cache[:, :, :kv_len]
+        gqa = cfg.num_heads != cfg.num_kv_heads
+        if mask is None:
+            # Causal with the queries at the end of the key range: only a full prefill (t == kv_len)
+            # or a single query (which sees every key) reach here.
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Backbone(nn.Module):
+    """Named like transformers' ``model`` submodule so state dicts load without renaming."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaModel(nn.Module):
+    """Decoder with explicit positions, caller-chosen KV slots, masks and layer ranges."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- building blocks -------------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(
+            self.cfg.num_layers, batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
+            dtype=p.dtype, device=p.device,
+        )
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions [B, T] → [B, 1, T, head_dim] each, in the model's dtype."""
+        need = self.cfg.max_position_embeddings
+        if self._rope is None or self._rope[0].device != positions.device:
+            self._rope = rope_tables(self.cfg, need, positions.device)
+        cos, sin = self._rope
+        dtype = self.lm_head.weight.dtype
+        return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] → hidden [B, T, hidden]."""
+        return self.model.embed_tokens(tokens)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,  # [B, T, hidden]
+        positions: torch.Tensor,  # [B, T] RoPE positions
+        cache: KVCache,
+        slots: int | torch.Tensor,  # int: contiguous slots from here for every row; else [B, T]
+        kv_len: int,
+        mask: torch.Tensor | None = None,  # [B, 1, T, kv_len] bool
+        start: int = 0,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Run layers [start, end) and return the hidden state after them (no final norm)."""
+        end = self.cfg.num_layers if end is None else end
+        cos, sin = self.rope(positions)
+        for i in range(start, end):
+            layer = self.model.layers[i]
+            hidden = hidden + layer.self_attn(
+                layer.input_layernorm(hidden), cos, sin, cache.k[i], cache.v[i], slots, kv_len, mask
+            )
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: [..., hidden] → [..., vocab] (fp32)."""
+        return self.lm_head(self.model.norm(hidden)).float()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, T]
+        positions: torch.Tensor,  # [B, T]
+        cache: KVCache,
+        slots: int | torch.Tensor,
+        kv_len: int,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Full forward: tokens → logits [B, T, vocab], writing K/V of every layer into ``slots``."""
+        return self.logits(self.run_layers(self.embed(tokens), positions, cache, slots, kv_len, mask))
+
+
+def causal_mask(lengths: list[int], counts: list[int], kv_len: int, device: torch.device | str) -> torch.Tensor:
+    """Mask for rows whose new tokens sit right after their cached prefix.
+
+    Row b holds ``lengths[b]`` cached slots and feeds ``counts[b]`` new tokens at the next slots;
+    query j of row b may attend to slots ``< lengths[b] + j + 1``. Returns [B, 1, T, kv_len] bool.
+    """
+    t = max(counts)
+    start = torch.tensor(lengths, device=device)[:, None, None]  # [B, 1, 1]
+    q = torch.arange(t, device=device)[None, :, None]  # [1, T, 1]
+    k = torch.arange(kv_len, device=device)[None, None, :]  # [1, 1, kv_len]
+    return (k < start + q + 1).unsqueeze(1)
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
