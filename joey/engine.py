@@ -198,7 +198,7 @@ class Engine:
         if all(n == lengths[0] for n in lengths):
             logits = self._forward(tokens[:, None], positions, cache, lengths[0], kv_len, None)
         else:
-            mask = causal_mask(lengths, [1] * len(lengths), kv_len, self.device)
+            mask = causal_mask(lengths, 1, kv_len, self.device)
             logits = self._forward(tokens[:, None], positions, cache, positions, kv_len, mask)
         cache.advance([1] * len(lengths))
         return logits[:, -1]

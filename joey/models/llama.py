@@ -77,6 +77,36 @@ class ModelConfig:
         )
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked layout of an fp32 [out, in] weight, for ``packed_linear``."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [N, in] @ W.T (+ bias) with a weight from ``pack_weight``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can pre-pack its weight for oneDNN on CPU.
+
+    MKL's fp32 GEMM for a handful of rows (one decode token, a short draft to verify) reads the
+    weight at ~8 GB/s on a 2-core AVX2 machine and costs ~4x more for 4 rows than for 1; oneDNN
+    with a pre-packed (blocked) weight reads it at ~13 GB/s, and 4 rows cost ~1.2x one row
+    (benchmarks/ar_speed.py). That ratio is what makes verifying several tokens at once pay off.
+    """
+
+    _packed: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        self._packed = pack_weight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None and not torch.is_grad_enabled():
+            return packed_linear(x, self._packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -85,9 +115,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 like the reference implementation, so bf16 runs match it.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,57 +139,97 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=False)
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def prepack(self) -> None:
+        """Fuse q/k/v into one packed GEMM: one larger matrix streams faster than three small ones."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        bias = torch.cat([p.bias.detach() for p in projs]) if self.cfg.attention_bias else None
+        self._qkv = (pack_weight(torch.cat([p.weight for p in projs])), bias)
+        self.o_proj.prepack()
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] → q [N, heads*d], k, v [N, kv_heads*d]."""
+        if self._qkv is not None and not torch.is_grad_enabled():
+            nq = self.cfg.num_heads * self.cfg.head_dim
+            nkv = self.cfg.num_kv_heads * self.cfg.head_dim
+            return packed_linear(x, *self._qkv).split([nq, nkv, nkv], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(
         self,
-        x: torch.Tensor,  # [B, T, hidden]
+        x: torch.Tensor,  # [B*T, hidden] (2-D: see run_layers)
+        shape: tuple[int, int],  # (B, T)
         cos: torch.Tensor,  # [B, 1, T, head_dim]
         sin: torch.Tensor,  # [B, 1, T, head_dim]
         k_cache: torch.Tensor,  # [B, kv_heads, max_len, head_dim]
         v_cache: torch.Tensor,  # [B, kv_heads, max_len, head_dim]
-        slots: int | torch.Tensor,  # first slot (all rows alike) or [B, T] slot per token
+        slots: int | torch.Tensor,  # first slot (all rows alike) or [B, T] slot of each token
         kv_len: int,  # attend to slots [0, kv_len)
         mask: torch.Tensor | None,  # [B, 1, T, kv_len] bool, True = may attend; None = causal
     ) -> torch.Tensor:
+        """Write this forward's keys/values into their cache slots, then attend → [B*T, hidden]."""
         cfg = self.cfg
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        b, t = shape
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        if isinstance(slots, int):
-            k_cache[:, :, slots : slots + t] = k
-            v_cache[:, :, slots : slots + t] = v
-        else:
-            rows = torch.arange(b, device=x.device)[:, None, None]
-            heads = torch.arange(cfg.num_kv_heads, device=x.device)[None, :, None]
-            k_cache[rows, heads, slots[:, None, :]] = k
-            v_cache[rows, heads, slots[:, None, :]] = v
-        keys = k_cache[:, :, :kv_len]
-        values = v_cache[:, :, :kv_len]
+        write_kv(k_cache, v_cache, k, v, slots)
+        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         gqa = cfg.num_heads != cfg.num_kv_heads
         if mask is None:
-            # Causal with the queries at the end of the key range: only a full prefill (t == kv_len)
-            # or a single query (which sees every key) reach here.
+            # Causal with the queries at the end of the key range: only a prefill without past
+            # (t == kv_len) or a single query, which may see every key, comes here.
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b * t, cfg.num_heads * cfg.head_dim))
+
+
+def write_kv(
+    k_cache: torch.Tensor,  # [B, kv_heads, max_len, head_dim]
+    v_cache: torch.Tensor,
+    k: torch.Tensor,  # [B, kv_heads, T, head_dim]
+    v: torch.Tensor,
+    slots: int | torch.Tensor,  # first slot for every row, or [B, T] slot of each token
+) -> None:
+    """Store new keys/values: a contiguous slice when all rows write at the same slot, else a scatter."""
+    if isinstance(slots, int):
+        t = k.shape[2]
+        k_cache[:, :, slots : slots + t] = k
+        v_cache[:, :, slots : slots + t] = v
+    else:
+        b, heads = k.shape[0], k.shape[1]
+        rows = torch.arange(b, device=k.device)[:, None, None]
+        hs = torch.arange(heads, device=k.device)[None, :, None]
+        k_cache[rows, hs, slots[:, None, :]] = k
+        v_cache[rows, hs, slots[:, None, :]] = v
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self._gate_up: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        """Fuse gate and up projections into one packed GEMM."""
+        self._gate_up = pack_weight(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        self.down_proj.prepack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gate_up is not None and not torch.is_grad_enabled():
+            gate, up = packed_linear(x, self._gate_up, None).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -191,10 +259,21 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def prepack(self) -> bool:
+        """Pre-pack every linear layer for oneDNN (fp32 CPU only); returns whether it did."""
+        w = self.lm_head.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return False
+        for layer in self.model.layers:
+            layer.self_attn.prepack()
+            layer.mlp.prepack()
+        self.lm_head.prepack()
+        return True
 
     # -- building blocks -------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -223,21 +302,26 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # [B, T] RoPE positions
         cache: KVCache,
         slots: int | torch.Tensor,  # int: contiguous slots from here for every row; else [B, T]
-        kv_len: int,
+        kv_len: int,  # attend to cache slots [0, kv_len) (after this forward's writes)
         mask: torch.Tensor | None = None,  # [B, 1, T, kv_len] bool
         start: int = 0,
         end: int | None = None,
     ) -> torch.Tensor:
-        """Run layers [start, end) and return the hidden state after them (no final norm)."""
+        """Run layers [start, end), writing their K/V into ``slots``; returns the hidden state after
+        them (no final norm). Lengths in the cache are the caller's to advance or roll back."""
         end = self.cfg.num_layers if end is None else end
+        b, t, h = hidden.shape
         cos, sin = self.rope(positions)
+        # Dense layers see 2-D [B*T, hidden] activations (what GEMM kernels and EMS-SD's packed
+        # batches want); attention reshapes per row.
+        x = hidden.reshape(b * t, h)
         for i in range(start, end):
             layer = self.model.layers[i]
-            hidden = hidden + layer.self_attn(
-                layer.input_layernorm(hidden), cos, sin, cache.k[i], cache.v[i], slots, kv_len, mask
+            x = x + layer.self_attn(
+                layer.input_layernorm(x), (b, t), cos, sin, cache.k[i], cache.v[i], slots, kv_len, mask
             )
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x.view(b, t, h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: [..., hidden] → [..., vocab] (fp32)."""
@@ -252,19 +336,18 @@ class LlamaModel(nn.Module):
         kv_len: int,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Full forward: tokens → logits [B, T, vocab], writing K/V of every layer into ``slots``."""
+        """tokens → logits [B, T, vocab], writing every layer's K/V into ``slots``."""
         return self.logits(self.run_layers(self.embed(tokens), positions, cache, slots, kv_len, mask))
 
 
-def causal_mask(lengths: list[int], counts: list[int], kv_len: int, device: torch.device | str) -> torch.Tensor:
-    """Mask for rows whose new tokens sit right after their cached prefix.
+def causal_mask(lengths: list[int], t: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
+    """Mask for rows whose ``t`` new tokens sit right after each row's cached prefix.
 
-    Row b holds ``lengths[b]`` cached slots and feeds ``counts[b]`` new tokens at the next slots;
-    query j of row b may attend to slots ``< lengths[b] + j + 1``. Returns [B, 1, T, kv_len] bool.
+    Row b holds ``lengths[b]`` cached slots and writes its new tokens at the next slots; query j of
+    row b may attend to slots ``< lengths[b] + j + 1``. Returns [B, 1, t, kv_len] bool.
     """
-    t = max(counts)
     start = torch.tensor(lengths, device=device)[:, None, None]  # [B, 1, 1]
-    q = torch.arange(t, device=device)[None, :, None]  # [1, T, 1]
+    q = torch.arange(t, device=device)[None, :, None]  # [1, t, 1]
     k = torch.arange(kv_len, device=device)[None, None, :]  # [1, 1, kv_len]
     return (k < start + q + 1).unsqueeze(1)
 

@@ -62,7 +62,9 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> LlamaM
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # Parameters keep requires_grad=True: generation runs under inference_mode anyway, and
+    # inductor's weight freezing (which enables its fast CPU GEMM kernels) skips no-grad params.
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def load_tokenizer(folder: Path):
