@@ -1,0 +1,65 @@
+"""The command line: output formats and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "joey", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["generate", "hi", "--temperature", "-1"], "temperature"),
+        (["generate", "hi", "--top-p", "1.5"], "top_p"),
+        (["generate", "hi", "--top-k", "-1"], "top_k"),
+        (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["generate", "  "], "empty"),
+        (["generate", "hi", "--model", "/no/such/model"], "not found"),
+        (["generate", "hi", "--model", "nobody/nothing"], "cannot download"),
+        (["generate", "hi", "--method", "magic"], "invalid choice"),
+        (["generate", "hi", "--max-new-tokens", "ten"], "invalid int"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, needle):
+    proc = run(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("joey: error:"), proc.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_gguf_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "joey", "generate", "hi", "--model", str(bad)],
+        capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "JOEY_CACHE": str(tmp_path)},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("joey: error:")
+    assert "Traceback" not in proc.stderr
+
+
+def test_generate_json_on_default_model(default_source):
+    proc = run("generate", "Say hello.", "--max-new-tokens", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {"text", "token_ids", "new_tokens", "wall_time_s", "tokens_per_s", "method", "steps",
+                "mean_accepted_tokens"}
+    assert expected <= out.keys()
+    assert out["method"] == "ar" and 1 <= out["new_tokens"] <= 8 and len(out["token_ids"]) == out["new_tokens"]
+
+
+def test_info_on_default_model(default_source):
+    proc = run("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "smollm2-135m" in proc.stdout and "float32" in proc.stdout and "llama" in proc.stdout
