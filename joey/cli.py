@@ -8,7 +8,7 @@ import sys
 from typing import Any, NoReturn
 
 from joey.config import SamplingParams
-from joey.errors import InvalidArgumentError, JoeyError, PromptError
+from joey.errors import JoeyError, PromptError
 
 
 class _Parser(argparse.ArgumentParser):

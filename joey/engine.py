@@ -16,15 +16,18 @@ import torch
 
 from joey.config import Generation, GenerationStats, SamplingParams
 from joey.detokenize import IncrementalText
+from joey.drafters import Drafter, PromptLookupDrafter, Proposal
 from joey.errors import InvalidArgumentError, PromptError
 from joey.models.kv_cache import KVCache
 from joey.models.llama import LlamaModel, causal_mask
 from joey.models.registry import ModelSource
-from joey.sampling import next_tokens
+from joey.sampling import next_tokens, probabilities
+from joey.verify import Verdict, verify_greedy, verify_sampled
 
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
-METHODS = ("ar",)
+METHODS = ("ar", "pld")
+DEFAULT_MAX_DRAFT = 6
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,30 @@ class _Row:
         self.detok = detok
         self.start = start
         self.finish_reason: str | None = None
+        self.pending: int | None = None  # committed token whose K/V is not in the cache yet
+        self.steps = 0
+        self.tries: list[int] = []  # per draft position: how many steps drafted a token there
+        self.hits: list[int] = []  # ... and how many of those were accepted
+        self.draft_time = 0.0
+        self.verify_time = 0.0
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        for i in range(drafted):
+            if i == len(self.tries):
+                self.tries.append(0)
+                self.hits.append(0)
+            self.tries[i] += 1
+            self.hits[i] += i < accepted
+
+    def stats(self) -> GenerationStats:
+        return GenerationStats(
+            steps=self.steps,
+            mean_accepted_tokens=len(self.new_ids) / self.steps if self.steps else 1.0,
+            acceptance_by_position=tuple(h / t for h, t in zip(self.hits, self.tries)),
+            draft_time_s=self.draft_time,
+            verify_time_s=self.verify_time,
+        )
 
 
 def _is_messages(p: Any) -> bool:
@@ -131,6 +158,7 @@ class Engine:
         *,
         method: str = "ar",
         chat: bool = True,
+        max_draft: int = DEFAULT_MAX_DRAFT,
         **overrides: Any,
     ) -> Iterator[StreamEvent]:
         """Generate for one prompt or a batch, yielding text deltas as tokens are committed.
@@ -140,6 +168,9 @@ class Engine:
         params = replace(params or SamplingParams(), **overrides) if overrides else (params or SamplingParams())
         if method not in METHODS:
             raise InvalidArgumentError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        if isinstance(max_draft, bool) or not isinstance(max_draft, int) or max_draft < 1:
+            raise InvalidArgumentError(f"max_draft must be an integer >= 1, got {max_draft!r}")
+        drafter = self._drafter(method)
         batch, _ = self._as_batch(prompts)
         encoded = [self.encode(p, chat=chat) for p in batch]
         longest = max(len(ids) for ids in encoded)
@@ -152,7 +183,7 @@ class Engine:
         start = time.perf_counter()
         rows = [_Row(i, ids, IncrementalText(self.tokenizer, params.stop), start) for i, ids in enumerate(encoded)]
         with torch.inference_mode():
-            yield from self._autoregressive(rows, params, generator)
+            yield from self._decode(rows, params, generator, drafter, max_draft, method)
 
     def generate(
         self,
@@ -169,7 +200,10 @@ class Engine:
         results = [done[i] for i in sorted(done)]
         return results if is_batch else results[0]
 
-    # -- the autoregressive loop -----------------------------------------------------------------
+    def _drafter(self, method: str) -> Drafter | None:
+        return PromptLookupDrafter() if method == "pld" else None
+
+    # -- the decoding loop -----------------------------------------------------------------------
     def _budget(self, rows: list[_Row], params: SamplingParams) -> int:
         return min(params.max_new_tokens, self.context_length - max(len(r.prompt_ids) for r in rows))
 
@@ -190,20 +224,9 @@ class Engine:
         last = torch.tensor(lengths, device=self.device) - 1
         return logits[torch.arange(len(prompts), device=self.device), last]
 
-    def _decode_step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (at each row's own length) → next-token logits [B, vocab]."""
-        lengths = cache.lengths
-        positions = torch.tensor(lengths, device=self.device)[:, None]
-        kv_len = max(lengths) + 1
-        if all(n == lengths[0] for n in lengths):
-            logits = self._forward(tokens[:, None], positions, cache, lengths[0], kv_len, None)
-        else:
-            mask = causal_mask(lengths, 1, kv_len, self.device)
-            logits = self._forward(tokens[:, None], positions, cache, positions, kv_len, mask)
-        cache.advance([1] * len(lengths))
-        return logits[:, -1]
-
-    def _commit(self, row: _Row, tokens: list[int], budget: int, params: SamplingParams) -> StreamEvent:
+    def _commit(
+        self, row: _Row, tokens: list[int], budget: int, params: SamplingParams, method: str = "ar"
+    ) -> StreamEvent:
         """Append tokens to a row, apply EOS / stop strings / length, and make its stream event."""
         kept: list[int] = []
         for tok in tokens:
@@ -228,29 +251,93 @@ class Engine:
             new_tokens=len(row.new_ids),
             wall_time_s=time.perf_counter() - row.start,
             finish_reason=row.finish_reason,
-            method="ar",
-            stats=GenerationStats(steps=len(row.new_ids), mean_accepted_tokens=1.0),
+            method=method,
+            stats=row.stats(),
         )
         return StreamEvent(row.index, text, tuple(kept), gen)
 
-    def _autoregressive(
-        self, rows: list[_Row], params: SamplingParams, generator: torch.Generator | None
+    def _decode(
+        self,
+        rows: list[_Row],
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        drafter: Drafter | None,
+        max_draft: int,
+        method: str,
     ) -> Iterator[StreamEvent]:
+        """Prefill, then repeat: draft → one target pass over [pending token + draft] → verify →
+        commit ``accepted + 1`` tokens per row. Without a drafter this is plain autoregressive
+        decoding (one token per row per step)."""
         budget = self._budget(rows, params)
-        cache = self.model.new_cache(len(rows), max(len(r.prompt_ids) for r in rows) + budget + 1)
+        extra = max_draft + 2 if drafter else 2
+        cache = self.model.new_cache(len(rows), max(len(r.prompt_ids) for r in rows) + budget + extra)
         logits = self._prefill(cache, [r.prompt_ids for r in rows])
-        active = rows
+        first = next_tokens(logits, params, generator).tolist()
+        active: list[_Row] = []
+        for row, tok in zip(rows, first):
+            row.steps = 1
+            yield self._commit(row, [tok], budget, params, method)
+            if row.finish_reason is None:
+                row.pending = tok
+                active.append(row)
+        cache.keep_rows([i for i, r in enumerate(rows) if r.finish_reason is None])
         while active:
-            tokens = next_tokens(logits, params, generator)
+            t0 = time.perf_counter()
+            proposals = [self._propose(drafter, row, budget, max_draft) for row in active]
+            t1 = time.perf_counter()
+            logits = self._verify_pass(cache, active, proposals)  # [B, T, vocab]
             still: list[int] = []
-            for i, (row, tok) in enumerate(zip(active, tokens.tolist())):
-                yield self._commit(row, [tok], budget, params)
+            counts: list[int] = []
+            for i, (row, prop) in enumerate(zip(active, proposals)):
+                verdict = self._judge(logits[i, : len(prop) + 1], prop, params, generator)
+                row.record(len(prop), verdict.accepted)
+                tokens = list(prop.tokens[: verdict.accepted]) + [verdict.bonus]
+                counts.append(1 + verdict.accepted)  # pending + accepted drafts now have K/V
+                yield self._commit(row, tokens, budget, params, method)
                 if row.finish_reason is None:
+                    row.pending = verdict.bonus
                     still.append(i)
-            if not still:
-                return
+            t2 = time.perf_counter()
+            for row in active:
+                row.draft_time += t1 - t0
+                row.verify_time += t2 - t1
+            cache.advance(counts)
             if len(still) < len(active):
                 cache.keep_rows(still)
-                tokens = tokens[still]
                 active = [active[i] for i in still]
-            logits = self._decode_step(cache, tokens)
+
+    def _propose(self, drafter: Drafter | None, row: _Row, budget: int, max_draft: int) -> Proposal:
+        room = budget - len(row.new_ids) - 1  # the bonus token always comes on top of the draft
+        if drafter is None or room < 1:
+            return Proposal.chain([])
+        return drafter.propose(row.prompt_ids + row.new_ids, min(max_draft, room))
+
+    def _verify_pass(self, cache: KVCache, rows: list[_Row], proposals: list[Proposal]) -> torch.Tensor:
+        """One target forward over each row's pending token followed by its draft.
+
+        Rows feed different numbers of tokens; shorter rows are padded at the end, and their pad
+        tokens' K/V land past the row's length, where later writes overwrite them.
+        """
+        lengths = cache.lengths
+        t = 1 + max(len(p) for p in proposals)
+        tokens = torch.zeros(len(rows), t, dtype=torch.long)
+        for b, (row, prop) in enumerate(zip(rows, proposals)):
+            tokens[b, : 1 + len(prop)] = torch.tensor([row.pending, *prop.tokens])
+        tokens = tokens.to(self.device)
+        start = torch.tensor(lengths, device=self.device)[:, None]
+        positions = start + torch.arange(t, device=self.device)[None]
+        kv_len = max(lengths) + t
+        uniform = all(n == lengths[0] for n in lengths)
+        if uniform and t == 1:  # plain decoding: the one new token may see every cached slot
+            return self._forward(tokens, positions, cache, lengths[0], kv_len, None)
+        mask = causal_mask(lengths, t, kv_len, self.device)
+        return self._forward(tokens, positions, cache, lengths[0] if uniform else positions, kv_len, mask)
+
+    def _judge(
+        self, logits: torch.Tensor, prop: Proposal, params: SamplingParams, generator: torch.Generator | None
+    ) -> Verdict:
+        """logits [len(prop) + 1, vocab] of one row → Verdict."""
+        draft = torch.tensor(prop.tokens, dtype=torch.long, device=logits.device)
+        if params.greedy:
+            return verify_greedy(draft, logits)
+        return verify_sampled(draft, probabilities(logits, params), prop.draft_probs, generator)

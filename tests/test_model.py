@@ -81,9 +81,8 @@ def test_rollback_then_continue_equals_fresh_prefill(tiny_engine):
             cache.advance([5])
             n = 30 + accepted
             cache.truncate([n])
-            logits = model(
-                torch.tensor([rest]), torch.arange(n, n + 10)[None], cache, n, n + 10, causal_mask([n], 10, n + 10, "cpu")
-            )
+            mask = causal_mask([n], 10, n + 10, "cpu")
+            logits = model(torch.tensor([rest]), torch.arange(n, n + 10)[None], cache, n, n + 10, mask)
             assert torch.allclose(logits[0], fresh[0, n:], atol=1e-4)
 
 

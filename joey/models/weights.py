@@ -76,4 +76,5 @@ def load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelFormatError(f"{folder}: cannot load tokenizer ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})")
+        detail = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}"
+        raise ModelFormatError(f"{folder}: cannot load tokenizer ({detail})")

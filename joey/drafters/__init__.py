@@ -1,0 +1,6 @@
+"""Drafters propose tokens; the target verifies them (joey.verify). See base.Drafter."""
+
+from joey.drafters.base import Drafter, Proposal
+from joey.drafters.prompt_lookup import PromptLookupDrafter
+
+__all__ = ["Drafter", "PromptLookupDrafter", "Proposal"]

@@ -1,0 +1,41 @@
+"""The one Drafter protocol: drafters only propose; they never accept, reject or touch the
+target's KV cache. Acceptance lives in ``joey.verify`` for every drafter alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Draft tokens for one sequence.
+
+    ``parents[i]`` is the index of token i's parent in ``tokens`` (-1 = the last committed token),
+    so a chain has parents ``[-1, 0, 1, ...]`` and a tree may branch. ``draft_probs`` holds the
+    distribution each token was *sampled from* ([num_tokens, vocab]); None for a deterministic
+    drafter (prompt lookup, greedy drafting), which verification treats as a point mass.
+    """
+
+    tokens: tuple[int, ...]
+    parents: tuple[int, ...]
+    draft_probs: torch.Tensor | None = None
+
+    @classmethod
+    def chain(cls, tokens: list[int], draft_probs: torch.Tensor | None = None) -> Proposal:
+        return cls(tuple(tokens), tuple(range(-1, len(tokens) - 1)), draft_probs)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class Drafter(Protocol):
+    """Anything that can guess the next tokens of a sequence."""
+
+    name: str
+
+    def propose(self, context: list[int], max_tokens: int) -> Proposal:
+        """Propose up to ``max_tokens`` tokens to follow ``context`` (prompt + committed tokens)."""
+        ...
