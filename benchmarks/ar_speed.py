@@ -14,6 +14,7 @@ Timings include the prompt prefill and exclude tokenization. Prints a Markdown t
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import json
 import platform
 import statistics
@@ -47,9 +48,9 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def joey_runner(eng: joey.Engine) -> Runner:
+def joey_runner(eng: joey.Engine, method: str = "ar") -> Runner:
     def run(prompt: str, ids: list[int], n: int) -> tuple[list[int], float]:
-        gen = eng.generate(prompt, max_new_tokens=n, ignore_eos=True, temperature=0.0)
+        gen = eng.generate(prompt, max_new_tokens=n, ignore_eos=True, temperature=0.0, method=method)
         return list(gen.token_ids), gen.wall_time_s
 
     return run
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompts", nargs="+", default=PROMPTS, help="prompt strings (default: 4 built-in)")
+    ap.add_argument("--pld", action="store_true", help="also time joey's prompt-lookup speculative decoding")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
@@ -110,6 +112,8 @@ def main() -> None:
 
     eng = joey.load(progress=False)
     runners: dict[str, Runner] = {"joey AR": joey_runner(eng)}
+    if args.pld:
+        runners["joey PLD"] = joey_runner(eng, "pld")
     notes: dict[str, str] = {}
     if not args.skip_hf:
         runners["transformers"] = hf_runner(eng)
@@ -120,8 +124,6 @@ def main() -> None:
             print(f"llama.cpp: {r}")
         else:
             runners["llama.cpp"] = r
-    import importlib.metadata as md
-
     try:
         llama_version = md.version("llama-cpp-python")
     except md.PackageNotFoundError:

@@ -8,6 +8,7 @@ import sys
 from typing import Any, NoReturn
 
 from joey.config import SamplingParams
+from joey.engine import DEFAULT_MAX_DRAFT, METHODS
 from joey.errors import JoeyError, PromptError
 
 
@@ -31,7 +32,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--method", default="ar", choices=["ar"], help="decoding method")
+    p.add_argument("--method", default="ar", choices=list(METHODS),
+                   help="ar = autoregressive; pld = prompt-lookup speculative decoding (lossless)")
+    p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most draft tokens per step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
+    if args.max_draft < 1:
+        raise InvalidArgumentError(f"--max-draft must be >= 1, got {args.max_draft}")
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -87,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     batch = prompts if len(prompts) > 1 else prompts[0]
     stream_text = not args.json and len(prompts) == 1
     results = {}
-    for event in engine.stream(batch, params, method=args.method, chat=not args.raw):
+    for event in engine.stream(batch, params, method=args.method, chat=not args.raw, max_draft=args.max_draft):
         if stream_text and event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -133,7 +138,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         reply = None
-        for event in engine.stream(history, params, method=args.method):
+        for event in engine.stream(history, params, method=args.method, max_draft=args.max_draft):
             sys.stdout.write(event.text)
             sys.stdout.flush()
             reply = event.generation or reply

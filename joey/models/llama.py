@@ -285,7 +285,9 @@ class LlamaModel(nn.Module):
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions [B, T] → [B, 1, T, head_dim] each, in the model's dtype."""
-        need = self.cfg.max_position_embeddings
+        # a margin past the context: draft and padding tokens of a step may sit beyond the last
+        # committable position (they are verified and dropped, never committed)
+        need = self.cfg.max_position_embeddings + 256
         if self._rope is None or self._rope[0].device != positions.device:
             self._rope = rope_tables(self.cfg, need, positions.device)
         cos, sin = self._rope
