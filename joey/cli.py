@@ -8,8 +8,8 @@ import sys
 from typing import Any, NoReturn
 
 from joey.config import SamplingParams
-from joey.engine import DEFAULT_MAX_DRAFT, METHODS
-from joey.errors import JoeyError, PromptError
+from joey.engine import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, METHODS
+from joey.errors import InvalidArgumentError, JoeyError, PromptError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
-    if args.max_draft < 1:
-        raise InvalidArgumentError(f"--max-draft must be >= 1, got {args.max_draft}")
+    if not 1 <= args.max_draft <= MAX_DRAFT_LIMIT:
+        raise InvalidArgumentError(f"--max-draft must be in [1, {MAX_DRAFT_LIMIT}], got {args.max_draft}")
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

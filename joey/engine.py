@@ -28,6 +28,7 @@ Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
 METHODS = ("ar", "pld")
 DEFAULT_MAX_DRAFT = 6
+MAX_DRAFT_LIMIT = 64  # keeps draft positions inside the RoPE table's margin past the context
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,8 @@ class Engine:
         params = replace(params or SamplingParams(), **overrides) if overrides else (params or SamplingParams())
         if method not in METHODS:
             raise InvalidArgumentError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
-        if isinstance(max_draft, bool) or not isinstance(max_draft, int) or max_draft < 1:
-            raise InvalidArgumentError(f"max_draft must be an integer >= 1, got {max_draft!r}")
+        if isinstance(max_draft, bool) or not isinstance(max_draft, int) or not 1 <= max_draft <= MAX_DRAFT_LIMIT:
+            raise InvalidArgumentError(f"max_draft must be an integer in [1, {MAX_DRAFT_LIMIT}], got {max_draft!r}")
         drafter = self._drafter(method)
         batch, _ = self._as_batch(prompts)
         encoded = [self.encode(p, chat=chat) for p in batch]

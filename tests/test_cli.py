@@ -25,6 +25,7 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["generate", "hi", "--model", "nobody/nothing"], "cannot download"),
         (["generate", "hi", "--method", "magic"], "invalid choice"),
         (["generate", "hi", "--max-new-tokens", "ten"], "invalid int"),
+        (["generate", "hi", "--method", "pld", "--max-draft", "0"], "max-draft"),
         (["frobnicate"], "invalid choice"),
     ],
 )
