@@ -64,3 +64,13 @@ def test_info_on_default_model(default_source):
     proc = run("info")
     assert proc.returncode == 0, proc.stderr
     assert "smollm2-135m" in proc.stdout and "float32" in proc.stdout and "llama" in proc.stdout
+
+
+def test_chat_keeps_history_and_quits(default_source):
+    proc = subprocess.run(
+        [sys.executable, "-m", "joey", "chat", "-n", "6"],
+        input="My name is Ada.\nWhat is my name?\n/exit\n", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("> ") >= 3  # a prompt per turn, then the one answered by /exit
+    assert proc.stderr.count("tokens/s]") == 2

@@ -114,6 +114,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op: per-op overhead matters at decode time on CPU
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32 like the reference implementation, so bf16 runs match it.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -128,7 +130,7 @@ def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device | str) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, head_dim]; cos/sin: [B, 1, T, head_dim]."""
+    """x: [N, heads, head_dim]; cos/sin: [N, 1, head_dim]."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -152,20 +154,20 @@ class Attention(nn.Module):
         self._qkv = (pack_weight(torch.cat([p.weight for p in projs])), bias)
         self.o_proj.prepack()
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, hidden] → q [N, heads*d], k, v [N, kv_heads*d]."""
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden] → [N, heads + 2 * kv_heads, head_dim]: queries, then keys, then values."""
         if self._qkv is not None and not torch.is_grad_enabled():
-            nq = self.cfg.num_heads * self.cfg.head_dim
-            nkv = self.cfg.num_kv_heads * self.cfg.head_dim
-            return packed_linear(x, *self._qkv).split([nq, nkv, nkv], dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qkv = packed_linear(x, *self._qkv)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        return qkv.view(x.shape[0], -1, self.cfg.head_dim)
 
     def forward(
         self,
         x: torch.Tensor,  # [B*T, hidden] (2-D: see run_layers)
         shape: tuple[int, int],  # (B, T)
-        cos: torch.Tensor,  # [B, 1, T, head_dim]
-        sin: torch.Tensor,  # [B, 1, T, head_dim]
+        cos: torch.Tensor,  # [B*T, 1, head_dim]
+        sin: torch.Tensor,  # [B*T, 1, head_dim]
         k_cache: torch.Tensor,  # [B, kv_heads, max_len, head_dim]
         v_cache: torch.Tensor,  # [B, kv_heads, max_len, head_dim]
         slots: int | torch.Tensor,  # first slot (all rows alike) or [B, T] slot of each token
@@ -175,12 +177,12 @@ class Attention(nn.Module):
         """Write this forward's keys/values into their cache slots, then attend → [B*T, hidden]."""
         cfg = self.cfg
         b, t = shape
-        q, k, v = self.project_qkv(x)
-        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        nh, nkv = cfg.num_heads, cfg.num_kv_heads
+        qkv = self.project_qkv(x)
+        qk = apply_rope(qkv[:, : nh + nkv], cos, sin)  # queries and keys rotated in one go
+        q = qk[:, :nh].reshape(b, t, nh, cfg.head_dim).transpose(1, 2)
+        k = qk[:, nh:].reshape(b, t, nkv, cfg.head_dim).transpose(1, 2)
+        v = qkv[:, nh + nkv :].reshape(b, t, nkv, cfg.head_dim).transpose(1, 2)
         write_kv(k_cache, v_cache, k, v, slots)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         gqa = cfg.num_heads != cfg.num_kv_heads
@@ -284,7 +286,7 @@ class LlamaModel(nn.Module):
         )
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for positions [B, T] → [B, 1, T, head_dim] each, in the model's dtype."""
+        """cos/sin for positions [B, T] → [B*T, 1, head_dim] each, in the model's dtype."""
         # a margin past the context: draft and padding tokens of a step may sit beyond the last
         # committable position (they are verified and dropped, never committed)
         need = self.cfg.max_position_embeddings + 256
@@ -292,7 +294,8 @@ class LlamaModel(nn.Module):
             self._rope = rope_tables(self.cfg, need, positions.device)
         cos, sin = self._rope
         dtype = self.lm_head.weight.dtype
-        return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
+        flat = positions.reshape(-1)
+        return cos[flat].unsqueeze(1).to(dtype), sin[flat].unsqueeze(1).to(dtype)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] → hidden [B, T, hidden]."""
