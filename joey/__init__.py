@@ -54,10 +54,12 @@ def load(
     *,
     prepack: bool = True,
     progress: bool = True,
+    draft_model: str | os.PathLike | None = None,
 ) -> Engine:
     """Load a model (default: the embedded SmolLM2-135M-Instruct) and return an ``Engine``.
 
     ``model`` is a local Hugging Face folder, a ``.gguf`` file, a hub id, or None for the default.
+    ``draft_model`` (same kinds of source) is a smaller model sharing the tokenizer, for method "sps".
     ``prepack`` (fp32 on CPU only) re-lays the weights out for oneDNN's fast small-batch GEMMs
     (about 1 s, and a second copy of the weights in memory).
     """
@@ -67,7 +69,12 @@ def load(
     dev = pick_device(device)
     source = resolve(model, progress=progress)
     net = load_model(source.folder, dev, pick_dtype(dtype, dev))
+    draft = None
+    if draft_model is not None:
+        draft = load_model(resolve(draft_model, progress=progress).folder, dev, pick_dtype(dtype, dev))
     if prepack:
         net.prepack()
+        if draft is not None:
+            draft.prepack()
     tokenizer = load_tokenizer(source.folder)
-    return Engine(net, tokenizer, source)
+    return Engine(net, tokenizer, source, draft_model=draft)

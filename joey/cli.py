@@ -33,7 +33,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--method", default="ar", choices=list(METHODS),
-                   help="ar = autoregressive; pld = prompt-lookup speculative decoding (lossless)")
+                   help="ar = autoregressive; pld = prompt lookup; sps = separate draft model (all lossless)")
+    p.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for --method sps)")
     p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most draft tokens per step")
 
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
+    if args.method == "sps" and not args.draft_model:
+        raise InvalidArgumentError("--method sps needs --draft-model (a smaller model sharing the tokenizer)")
     if not 1 <= args.max_draft <= MAX_DRAFT_LIMIT:
         raise InvalidArgumentError(f"--max-draft must be in [1, {MAX_DRAFT_LIMIT}], got {args.max_draft}")
     return SamplingParams(
@@ -75,7 +78,8 @@ def _params(args: argparse.Namespace) -> SamplingParams:
 def _load(args: argparse.Namespace):
     import joey
 
-    return joey.load(args.model, device=args.device, dtype=args.dtype)
+    draft = getattr(args, "draft_model", None)
+    return joey.load(args.model, device=args.device, dtype=args.dtype, draft_model=draft)
 
 
 def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:

@@ -8,7 +8,7 @@ prefill), and a row that finishes is dropped from the batch so it stops costing 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Union
 
@@ -16,7 +16,7 @@ import torch
 
 from joey.config import Generation, GenerationStats, SamplingParams
 from joey.detokenize import IncrementalText
-from joey.drafters import Drafter, PromptLookupDrafter, Proposal
+from joey.drafters import Drafter, DraftModelDrafter, PromptLookupDrafter, Proposal
 from joey.errors import InvalidArgumentError, PromptError
 from joey.models.kv_cache import KVCache
 from joey.models.llama import LlamaModel, causal_mask
@@ -26,7 +26,7 @@ from joey.verify import Verdict, verify_greedy, verify_sampled
 
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
-METHODS = ("ar", "pld")
+METHODS = ("ar", "pld", "sps")
 DEFAULT_MAX_DRAFT = 6
 MAX_DRAFT_LIMIT = 64  # keeps draft positions inside the RoPE table's margin past the context
 
@@ -52,6 +52,7 @@ class _Row:
         self.start = start
         self.finish_reason: str | None = None
         self.pending: int | None = None  # committed token whose K/V is not in the cache yet
+        self.drafter: Drafter | None = None
         self.steps = 0
         self.tries: list[int] = []  # per draft position: how many steps drafted a token there
         self.hits: list[int] = []  # ... and how many of those were accepted
@@ -84,8 +85,20 @@ def _is_messages(p: Any) -> bool:
 class Engine:
     """A loaded target model with its tokenizer; generates text autoregressively or speculatively."""
 
-    def __init__(self, model: LlamaModel, tokenizer: Any, source: ModelSource | None = None) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer: Any,
+        source: ModelSource | None = None,
+        draft_model: LlamaModel | None = None,
+    ) -> None:
+        if draft_model is not None and draft_model.cfg.vocab_size != model.cfg.vocab_size:
+            raise InvalidArgumentError(
+                f"the draft model's vocabulary ({draft_model.cfg.vocab_size}) differs from the target's "
+                f"({model.cfg.vocab_size}); a draft model must share the tokenizer"
+            )
         self.model = model
+        self.draft_model = draft_model
         self.tokenizer = tokenizer
         self.source = source
         self.name = source.name if source else "model"
@@ -171,7 +184,7 @@ class Engine:
             raise InvalidArgumentError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
         if isinstance(max_draft, bool) or not isinstance(max_draft, int) or not 1 <= max_draft <= MAX_DRAFT_LIMIT:
             raise InvalidArgumentError(f"max_draft must be an integer in [1, {MAX_DRAFT_LIMIT}], got {max_draft!r}")
-        drafter = self._drafter(method)
+        drafter_factory = self._drafter_factory(method, params)
         batch, _ = self._as_batch(prompts)
         encoded = [self.encode(p, chat=chat) for p in batch]
         longest = max(len(ids) for ids in encoded)
@@ -184,7 +197,7 @@ class Engine:
         start = time.perf_counter()
         rows = [_Row(i, ids, IncrementalText(self.tokenizer, params.stop), start) for i, ids in enumerate(encoded)]
         with torch.inference_mode():
-            yield from self._decode(rows, params, generator, drafter, max_draft, method)
+            yield from self._decode(rows, params, generator, drafter_factory, max_draft, method)
 
     def generate(
         self,
@@ -201,8 +214,16 @@ class Engine:
         results = [done[i] for i in sorted(done)]
         return results if is_batch else results[0]
 
-    def _drafter(self, method: str) -> Drafter | None:
-        return PromptLookupDrafter() if method == "pld" else None
+    def _drafter_factory(self, method: str, params: SamplingParams) -> Callable[..., Drafter] | None:
+        """What makes each row's drafter: f(max_len, generator) -> Drafter; None for AR."""
+        if method == "pld":
+            return lambda max_len, generator: PromptLookupDrafter()
+        if method == "sps":
+            if self.draft_model is None:
+                raise InvalidArgumentError("method 'sps' needs a draft model: joey.load(..., draft_model=...)")
+            draft = self.draft_model
+            return lambda max_len, generator: DraftModelDrafter(draft, params, generator, max_len)
+        return None
 
     # -- the decoding loop -----------------------------------------------------------------------
     def _budget(self, rows: list[_Row], params: SamplingParams) -> int:
@@ -262,7 +283,7 @@ class Engine:
         rows: list[_Row],
         params: SamplingParams,
         generator: torch.Generator | None,
-        drafter: Drafter | None,
+        drafter_factory: Callable[..., Drafter] | None,
         max_draft: int,
         method: str,
     ) -> Iterator[StreamEvent]:
@@ -270,8 +291,11 @@ class Engine:
         commit ``accepted + 1`` tokens per row. Without a drafter this is plain autoregressive
         decoding (one token per row per step)."""
         budget = self._budget(rows, params)
-        extra = max_draft + 2 if drafter else 2
+        extra = max_draft + 2 if drafter_factory else 2
         cache = self.model.new_cache(len(rows), max(len(r.prompt_ids) for r in rows) + budget + extra)
+        for row in rows:
+            if drafter_factory is not None:
+                row.drafter = drafter_factory(len(row.prompt_ids) + budget + extra, generator)
         logits = self._prefill(cache, [r.prompt_ids for r in rows])
         first = next_tokens(logits, params, generator).tolist()
         active: list[_Row] = []
@@ -284,7 +308,7 @@ class Engine:
         cache.keep_rows([i for i, r in enumerate(rows) if r.finish_reason is None])
         while active:
             t0 = time.perf_counter()
-            proposals = [self._propose(drafter, row, budget, max_draft) for row in active]
+            proposals = [self._propose(row, budget, max_draft) for row in active]
             t1 = time.perf_counter()
             logits = self._verify_pass(cache, active, proposals)  # [B, T, vocab]
             still: list[int] = []
@@ -307,11 +331,11 @@ class Engine:
                 cache.keep_rows(still)
                 active = [active[i] for i in still]
 
-    def _propose(self, drafter: Drafter | None, row: _Row, budget: int, max_draft: int) -> Proposal:
+    def _propose(self, row: _Row, budget: int, max_draft: int) -> Proposal:
         room = budget - len(row.new_ids) - 1  # the bonus token always comes on top of the draft
-        if drafter is None or room < 1:
+        if row.drafter is None or room < 1:
             return Proposal.chain([])
-        return drafter.propose(row.prompt_ids + row.new_ids, min(max_draft, room))
+        return row.drafter.propose(row.prompt_ids + row.new_ids, min(max_draft, room))
 
     def _verify_pass(self, cache: KVCache, rows: list[_Row], proposals: list[Proposal]) -> torch.Tensor:
         """One target forward over each row's pending token followed by its draft.

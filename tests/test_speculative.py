@@ -74,3 +74,55 @@ def test_pld_sampling_matches_ar_distribution(tiny_engine):
     support = set(a) | set(b)
     tv = 0.5 * sum(abs(a.get(t, 0) - b.get(t, 0)) for t in support) / n
     assert tv < 0.3, (a, b)
+
+
+@pytest.fixture(scope="module")
+def sps_engines(tiny_folder, tmp_path_factory, default_source):
+    """(target with an unrelated random draft model, target drafting for itself)."""
+    from conftest import make_tiny
+
+    import joey
+
+    arch = "qwen2" if "qwen2" in tiny_folder.name else "llama"
+    other = make_tiny(tmp_path_factory.mktemp("draft"), arch, default_source.folder, seed=1)
+    weak = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, draft_model=str(other))
+    perfect = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, draft_model=str(tiny_folder))
+    return weak, perfect
+
+
+def test_sps_greedy_equals_ar(tiny_engine, sps_engines):
+    weak, perfect = sps_engines
+    ar = [g.token_ids for g in tiny_engine.generate(COPY_PROMPTS, max_new_tokens=30, ignore_eos=True)]
+    for eng in (weak, perfect):
+        single = [eng.generate(p, max_new_tokens=30, ignore_eos=True, method="sps", max_draft=4).token_ids
+                  for p in COPY_PROMPTS]
+        batch = eng.generate(COPY_PROMPTS, max_new_tokens=30, ignore_eos=True, method="sps", max_draft=4)
+        assert single == ar
+        assert [g.token_ids for g in batch] == ar
+
+
+def test_sps_with_the_target_as_draft_accepts_everything(sps_engines):
+    """The all-accepted path: every draft token is accepted and the bonus comes on top."""
+    _, perfect = sps_engines
+    g = perfect.generate(COPY_PROMPTS[1], max_new_tokens=31, ignore_eos=True, method="sps", max_draft=4)
+    assert g.new_tokens == 31
+    assert g.stats.acceptance_by_position == (1.0, 1.0, 1.0, 1.0)
+    assert g.stats.steps == 7  # 1 (after prefill) + 6 steps of 4 drafts + bonus
+
+
+def test_sps_sampling_first_token_distribution(tiny_engine, sps_engines):
+    """Sampled SpS draws the first drafted position from the target's distribution."""
+    weak, _ = sps_engines
+    prompt, n = "alpha beta", 200
+    kw = dict(max_new_tokens=2, temperature=1.0, top_k=4, ignore_eos=True)
+
+    def histogram(eng, method):
+        counts: dict[int, int] = {}
+        for seed in range(n):
+            tok = eng.generate(prompt, method=method, seed=seed, **kw).token_ids[1]
+            counts[tok] = counts.get(tok, 0) + 1
+        return counts
+
+    a, b = histogram(tiny_engine, "ar"), histogram(weak, "sps")
+    tv = 0.5 * sum(abs(a.get(t, 0) - b.get(t, 0)) for t in set(a) | set(b)) / n
+    assert tv < 0.2, (a, b)

@@ -1,6 +1,7 @@
 """Drafters propose tokens; the target verifies them (joey.verify). See base.Drafter."""
 
 from joey.drafters.base import Drafter, Proposal
+from joey.drafters.draft_model import DraftModelDrafter
 from joey.drafters.prompt_lookup import PromptLookupDrafter
 
-__all__ = ["Drafter", "PromptLookupDrafter", "Proposal"]
+__all__ = ["DraftModelDrafter", "Drafter", "PromptLookupDrafter", "Proposal"]
