@@ -103,7 +103,6 @@ class Engine:
         self.source = source
         self.name = source.name if source else "model"
         self.eos_ids = self._eos_ids()
-        self._forward = model.forward
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -241,7 +240,7 @@ class Engine:
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = torch.tensor(p, device=self.device)
         positions = torch.arange(t, device=self.device).expand(len(prompts), t)
-        logits = self._forward(tokens, positions, cache, 0, t, None)
+        logits = self.model(tokens, positions, cache, 0, t, None)
         cache.advance(lengths)
         last = torch.tensor(lengths, device=self.device) - 1
         return logits[torch.arange(len(prompts), device=self.device), last]
@@ -354,9 +353,9 @@ class Engine:
         kv_len = max(lengths) + t
         uniform = all(n == lengths[0] for n in lengths)
         if uniform and t == 1:  # plain decoding: the one new token may see every cached slot
-            return self._forward(tokens, positions, cache, lengths[0], kv_len, None)
+            return self.model(tokens, positions, cache, lengths[0], kv_len, None)
         mask = causal_mask(lengths, t, kv_len, self.device)
-        return self._forward(tokens, positions, cache, lengths[0] if uniform else positions, kv_len, mask)
+        return self.model(tokens, positions, cache, lengths[0] if uniform else positions, kv_len, mask)
 
     def _judge(
         self, logits: torch.Tensor, prop: Proposal, params: SamplingParams, generator: torch.Generator | None
