@@ -14,6 +14,7 @@ from typing import Any, Union
 
 import torch
 
+from joey.batching import pack
 from joey.config import Generation, GenerationStats, SamplingParams
 from joey.detokenize import IncrementalText
 from joey.drafters import Drafter, DraftModelDrafter, PromptLookupDrafter, Proposal
@@ -309,11 +310,11 @@ class Engine:
             t0 = time.perf_counter()
             proposals = [self._propose(row, budget, max_draft) for row in active]
             t1 = time.perf_counter()
-            logits = self._verify_pass(cache, active, proposals)  # [B, T, vocab]
+            logits = self._verify_pass(cache, active, proposals)  # per row: [1 + draft, vocab]
             still: list[int] = []
             counts: list[int] = []
             for i, (row, prop) in enumerate(zip(active, proposals)):
-                verdict = self._judge(logits[i, : len(prop) + 1], prop, params, generator)
+                verdict = self._judge(logits[i], prop, params, generator)
                 row.record(len(prop), verdict.accepted)
                 tokens = list(prop.tokens[: verdict.accepted]) + [verdict.bonus]
                 counts.append(1 + verdict.accepted)  # pending + accepted drafts now have K/V
@@ -336,26 +337,31 @@ class Engine:
             return Proposal.chain([])
         return row.drafter.propose(row.prompt_ids + row.new_ids, min(max_draft, room))
 
-    def _verify_pass(self, cache: KVCache, rows: list[_Row], proposals: list[Proposal]) -> torch.Tensor:
-        """One target forward over each row's pending token followed by its draft.
+    def _verify_pass(self, cache: KVCache, rows: list[_Row], proposals: list[Proposal]) -> list[torch.Tensor]:
+        """One target forward over each row's pending token followed by its draft; returns each
+        row's logits [1 + len(draft), vocab].
 
-        Rows feed different numbers of tokens; shorter rows are padded at the end, and their pad
-        tokens' K/V land past the row's length, where later writes overwrite them.
+        When rows feed different numbers of tokens they are packed (joey.batching): the dense
+        layers run on exactly the real tokens, with no padding.
         """
         lengths = cache.lengths
-        t = 1 + max(len(p) for p in proposals)
-        tokens = torch.zeros(len(rows), t, dtype=torch.long)
-        for b, (row, prop) in enumerate(zip(rows, proposals)):
-            tokens[b, : 1 + len(prop)] = torch.tensor([row.pending, *prop.tokens])
-        tokens = tokens.to(self.device)
+        counts = [1 + len(p) for p in proposals]
+        t = max(counts)
+        kv_len = max(lengths) + t
+        if any(c != t for c in counts):
+            packing = pack(lengths, counts, self.device)
+            tokens = torch.tensor([tok for row, prop in zip(rows, proposals) for tok in (row.pending, *prop.tokens)])
+            mask = causal_mask(lengths, t, kv_len, self.device)
+            logits = self.model.forward_packed(tokens.to(self.device), cache, packing, kv_len, mask)
+            return list(logits.split(counts))
+        tokens = torch.tensor([[row.pending, *prop.tokens] for row, prop in zip(rows, proposals)], device=self.device)
         start = torch.tensor(lengths, device=self.device)[:, None]
         positions = start + torch.arange(t, device=self.device)[None]
-        kv_len = max(lengths) + t
         uniform = all(n == lengths[0] for n in lengths)
         if uniform and t == 1:  # plain decoding: the one new token may see every cached slot
-            return self.model(tokens, positions, cache, lengths[0], kv_len, None)
+            return list(self.model(tokens, positions, cache, lengths[0], kv_len, None))
         mask = causal_mask(lengths, t, kv_len, self.device)
-        return self.model(tokens, positions, cache, lengths[0] if uniform else positions, kv_len, mask)
+        return list(self.model(tokens, positions, cache, lengths[0] if uniform else positions, kv_len, mask))
 
     def _judge(
         self, logits: torch.Tensor, prop: Proposal, params: SamplingParams, generator: torch.Generator | None

@@ -107,3 +107,31 @@ def test_ragged_batch_rows_match_single_rows(tiny_engine):
         logits = model(last, pos, cache, pos, kv_len, causal_mask(lengths, 1, kv_len, "cpu"))
     for b in range(3):
         assert torch.allclose(logits[b, -1], singles[b], atol=1e-4)
+
+
+def test_packed_ragged_rows_match_single_rows(tiny_engine):
+    """EMS-SD packing: rows feeding 1, 4 and 2 new tokens, packed without padding, give the same
+    logits (and leave the same cache) as running each row on its own."""
+    from joey.batching import pack
+
+    model = tiny_engine.model
+    prefixes = [list(range(300, 311)), list(range(400, 405)), list(range(500, 520))]
+    news = [[7], [8, 9, 10, 11], [12, 13]]
+    with torch.inference_mode():
+        singles = [_prefill(model, p + n)[0][0, len(p) :] for p, n in zip(prefixes, news)]
+        cache = model.new_cache(3, 64)
+        for b, p in enumerate(prefixes):  # fill each row's cache from its own single-row prefill
+            _, one = _prefill(model, p)
+            for layer in range(model.cfg.num_layers):
+                cache.k[layer][b, :, : len(p)] = one.k[layer][0, :, : len(p)]
+                cache.v[layer][b, :, : len(p)] = one.v[layer][0, :, : len(p)]
+        lengths = [len(p) for p in prefixes]
+        cache.advance(lengths)
+        counts = [len(n) for n in news]
+        packing = pack(lengths, counts, "cpu")
+        kv_len = max(lengths) + max(counts)
+        tokens = torch.tensor([tok for n in news for tok in n])
+        logits = model.forward_packed(tokens, cache, packing, kv_len, causal_mask(lengths, max(counts), kv_len, "cpu"))
+    for got, want in zip(logits.split(counts), singles):
+        assert torch.allclose(got, want, atol=1e-4)
+    assert packing.from_grid.tolist() == [0, 4, 5, 6, 7, 8, 9]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from joey.batching import Packing
 from joey.errors import UnsupportedArchitectureError
 from joey.models.kv_cache import KVCache
 
@@ -173,17 +174,24 @@ class Attention(nn.Module):
         slots: int | torch.Tensor,  # first slot (all rows alike) or [B, T] slot of each token
         kv_len: int,  # attend to slots [0, kv_len)
         mask: torch.Tensor | None,  # [B, 1, T, kv_len] bool, True = may attend; None = causal
+        packing: Packing | None = None,  # x holds packed ragged rows (then ``shape`` is the padded grid)
     ) -> torch.Tensor:
-        """Write this forward's keys/values into their cache slots, then attend → [B*T, hidden]."""
+        """Write this forward's keys/values into their cache slots, then attend → [tokens, hidden]."""
         cfg = self.cfg
         b, t = shape
         nh, nkv = cfg.num_heads, cfg.num_kv_heads
         qkv = self.project_qkv(x)
         qk = apply_rope(qkv[:, : nh + nkv], cos, sin)  # queries and keys rotated in one go
-        q = qk[:, :nh].reshape(b, t, nh, cfg.head_dim).transpose(1, 2)
-        k = qk[:, nh:].reshape(b, t, nkv, cfg.head_dim).transpose(1, 2)
-        v = qkv[:, nh + nkv :].reshape(b, t, nkv, cfg.head_dim).transpose(1, 2)
-        write_kv(k_cache, v_cache, k, v, slots)
+        if packing is not None:
+            k_cache[packing.rows, :, packing.slots] = qk[:, nh:]
+            v_cache[packing.rows, :, packing.slots] = qkv[:, nh + nkv :]
+            q_rows = torch.cat([qk[:, :nh], qk.new_zeros(1, nh, cfg.head_dim)])[packing.to_grid]
+            q = q_rows.view(b, t, nh, cfg.head_dim).transpose(1, 2)
+        else:
+            q = qk[:, :nh].reshape(b, t, nh, cfg.head_dim).transpose(1, 2)
+            k = qk[:, nh:].reshape(b, t, nkv, cfg.head_dim).transpose(1, 2)
+            v = qkv[:, nh + nkv :].reshape(b, t, nkv, cfg.head_dim).transpose(1, 2)
+            write_kv(k_cache, v_cache, k, v, slots)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         gqa = cfg.num_heads != cfg.num_kv_heads
         if mask is None:
@@ -192,7 +200,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(b * t, cfg.num_heads * cfg.head_dim))
+        out = out.transpose(1, 2).reshape(b * t, cfg.num_heads * cfg.head_dim)
+        if packing is not None:
+            out = out[packing.from_grid]  # back to the packed tokens: the dense layers skip the padding
+        return self.o_proj(out)
 
 
 def write_kv(
@@ -314,19 +325,48 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Run layers [start, end), writing their K/V into ``slots``; returns the hidden state after
         them (no final norm). Lengths in the cache are the caller's to advance or roll back."""
-        end = self.cfg.num_layers if end is None else end
         b, t, h = hidden.shape
-        cos, sin = self.rope(positions)
-        # Dense layers see 2-D [B*T, hidden] activations (what GEMM kernels and EMS-SD's packed
+        x = self._layers(hidden.reshape(b * t, h), (b, t), positions, cache, slots, kv_len, mask, start, end, None)
+        return x.view(b, t, h)
+
+    def _layers(
+        self,
+        x: torch.Tensor,  # [tokens, hidden]: B*T in grid order, or packed ragged rows
+        shape: tuple[int, int],
+        positions: torch.Tensor,  # one position per token of x (any shape with that many elements)
+        cache: KVCache,
+        slots: int | torch.Tensor,
+        kv_len: int,
+        mask: torch.Tensor | None,
+        start: int,
+        end: int | None,
+        packing: Packing | None,
+    ) -> torch.Tensor:
+        # Dense layers see 2-D [tokens, hidden] activations (what GEMM kernels and EMS-SD's packed
         # batches want); attention reshapes per row.
-        x = hidden.reshape(b * t, h)
+        end = self.cfg.num_layers if end is None else end
+        cos, sin = self.rope(positions)
         for i in range(start, end):
             layer = self.model.layers[i]
             x = x + layer.self_attn(
-                layer.input_layernorm(x), (b, t), cos, sin, cache.k[i], cache.v[i], slots, kv_len, mask
+                layer.input_layernorm(x), shape, cos, sin, cache.k[i], cache.v[i], slots, kv_len, mask, packing
             )
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return x.view(b, t, h)
+        return x
+
+    def forward_packed(
+        self,
+        tokens: torch.Tensor,  # [N] the rows' new tokens, concatenated
+        cache: KVCache,
+        packing: Packing,  # from joey.batching.pack
+        kv_len: int,
+        mask: torch.Tensor,  # [B, 1, T, kv_len] over the padded grid (see causal_mask)
+    ) -> torch.Tensor:
+        """Ragged rows without padding in the dense layers (EMS-SD) → logits [N, vocab]."""
+        x = self._layers(
+            self.embed(tokens), packing.grid, packing.slots, cache, packing.slots, kv_len, mask, 0, None, packing
+        )
+        return self.logits(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: [..., hidden] → [..., vocab] (fp32)."""
