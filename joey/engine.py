@@ -22,6 +22,7 @@ from joey.errors import InvalidArgumentError, PromptError
 from joey.models.kv_cache import KVCache
 from joey.models.llama import LlamaModel, causal_mask
 from joey.models.registry import ModelSource
+from joey.models.weights import read_config
 from joey.sampling import next_tokens, probabilities
 from joey.verify import Verdict, verify_greedy, verify_sampled
 
@@ -123,14 +124,8 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         if self.source is not None:
-            import json
-
-            try:
-                cfg = json.loads((self.source.folder / "config.json").read_text())
-                eos = cfg.get("eos_token_id")
-                ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-            except (OSError, ValueError):
-                pass
+            eos = read_config(self.source.folder)[1].get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return frozenset(ids)
 
     # -- prompts ---------------------------------------------------------------------------------

@@ -50,7 +50,6 @@ class KVCache:
         if rows == list(range(self.batch)):
             return
         index = torch.tensor(rows, device=self.k[0].device, dtype=torch.long)
-        used = max((self.lengths[r] for r in rows), default=0)
-        self.k = [k.index_select(0, index) if used else k[: len(rows)] for k in self.k]
-        self.v = [v.index_select(0, index) if used else v[: len(rows)] for v in self.v]
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
         self.lengths = [self.lengths[r] for r in rows]

@@ -183,15 +183,12 @@ class Attention(nn.Module):
         qkv = self.project_qkv(x)
         qk = apply_rope(qkv[:, : nh + nkv], cos, sin)  # queries and keys rotated in one go
         if packing is not None:
-            k_cache[packing.rows, :, packing.slots] = qk[:, nh:]
-            v_cache[packing.rows, :, packing.slots] = qkv[:, nh + nkv :]
+            write_kv(k_cache, v_cache, qk[:, nh:], qkv[:, nh + nkv :], shape, packing.slots, packing.rows)
             q_rows = torch.cat([qk[:, :nh], qk.new_zeros(1, nh, cfg.head_dim)])[packing.to_grid]
-            q = q_rows.view(b, t, nh, cfg.head_dim).transpose(1, 2)
         else:
-            q = qk[:, :nh].reshape(b, t, nh, cfg.head_dim).transpose(1, 2)
-            k = qk[:, nh:].reshape(b, t, nkv, cfg.head_dim).transpose(1, 2)
-            v = qkv[:, nh + nkv :].reshape(b, t, nkv, cfg.head_dim).transpose(1, 2)
-            write_kv(k_cache, v_cache, k, v, slots)
+            write_kv(k_cache, v_cache, qk[:, nh:], qkv[:, nh + nkv :], shape, slots)
+            q_rows = qk[:, :nh]
+        q = q_rows.reshape(b, t, nh, cfg.head_dim).transpose(1, 2)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         gqa = cfg.num_heads != cfg.num_kv_heads
         if mask is None:
@@ -209,21 +206,24 @@ class Attention(nn.Module):
 def write_kv(
     k_cache: torch.Tensor,  # [B, kv_heads, max_len, head_dim]
     v_cache: torch.Tensor,
-    k: torch.Tensor,  # [B, kv_heads, T, head_dim]
+    k: torch.Tensor,  # [N, kv_heads, head_dim], one key per new token
     v: torch.Tensor,
-    slots: int | torch.Tensor,  # first slot for every row, or [B, T] slot of each token
+    shape: tuple[int, int],  # (B, T): the tokens' grid when they are not packed
+    slots: int | torch.Tensor,  # first slot for every row of the grid, or the slot of each token
+    rows: torch.Tensor | None = None,  # [N] row of each token (packed input); None = grid order
 ) -> None:
-    """Store new keys/values: a contiguous slice when all rows write at the same slot, else a scatter."""
+    """Store new keys/values: a contiguous slice when all rows write from the same slot, else a
+    scatter to (row, slot) per token."""
+    b, t = shape
     if isinstance(slots, int):
-        t = k.shape[2]
-        k_cache[:, :, slots : slots + t] = k
-        v_cache[:, :, slots : slots + t] = v
-    else:
-        b, heads = k.shape[0], k.shape[1]
-        rows = torch.arange(b, device=k.device)[:, None, None]
-        hs = torch.arange(heads, device=k.device)[None, :, None]
-        k_cache[rows, hs, slots[:, None, :]] = k
-        v_cache[rows, hs, slots[:, None, :]] = v
+        k_cache[:, :, slots : slots + t] = k.view(b, t, *k.shape[1:]).transpose(1, 2)
+        v_cache[:, :, slots : slots + t] = v.view(b, t, *v.shape[1:]).transpose(1, 2)
+        return
+    if rows is None:
+        rows = torch.arange(b, device=k.device).repeat_interleave(t)
+    slots = slots.reshape(-1)
+    k_cache[rows, :, slots] = k
+    v_cache[rows, :, slots] = v
 
 
 class MLP(nn.Module):
