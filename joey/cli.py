@@ -1,4 +1,4 @@
-"""The ``joey`` command line: generate, chat, info. The only module that parses arguments."""
+"""The ``joey`` command line: generate, chat, info, bench, train-adapter. The only module that parses arguments."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from typing import Any, NoReturn
 
 from joey.config import SamplingParams
+from joey.drafters.kangaroo import DEFAULT_THRESHOLD
 from joey.engine import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, METHODS
 from joey.errors import InvalidArgumentError, JoeyError, PromptError
 
@@ -32,10 +33,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--method", default="ar", choices=list(METHODS),
-                   help="ar = autoregressive; pld = prompt lookup; sps = separate draft model (all lossless)")
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help="kangaroo = early-exit self-drafting (default when the model has an adapter, as the default "
+                        "model does); ar = autoregressive; pld = prompt lookup; sps = separate draft model. "
+                        "All are lossless.")
     p.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for --method sps)")
-    p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most draft tokens per step")
+    p.add_argument("--adapter", default=None, help="Kangaroo adapter file (default: the one shipped for the model)")
+    p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most draft tokens per step (γ)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"Kangaroo: stop drafting a step when the draft's confidence is below this (η, default "
+                        f"{DEFAULT_THRESHOLD})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show the model, device, dtype and cache")
     _model_args(info)
+    _bench_parser(sub)
+    _train_parser(sub)
     return parser
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
     if args.method == "sps" and not args.draft_model:
         raise InvalidArgumentError("--method sps needs --draft-model (a smaller model sharing the tokenizer)")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise InvalidArgumentError(f"--threshold must be in [0, 1], got {args.threshold}")
     if not 1 <= args.max_draft <= MAX_DRAFT_LIMIT:
         raise InvalidArgumentError(f"--max-draft must be in [1, {MAX_DRAFT_LIMIT}], got {args.max_draft}")
     return SamplingParams(
@@ -79,7 +90,8 @@ def _load(args: argparse.Namespace):
     import joey
 
     draft = getattr(args, "draft_model", None)
-    return joey.load(args.model, device=args.device, dtype=args.dtype, draft_model=draft)
+    adapter = getattr(args, "adapter", None)
+    return joey.load(args.model, device=args.device, dtype=args.dtype, draft_model=draft, adapter=adapter)
 
 
 def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
@@ -96,7 +108,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     batch = prompts if len(prompts) > 1 else prompts[0]
     stream_text = not args.json and len(prompts) == 1
     results = {}
-    for event in engine.stream(batch, params, method=args.method, chat=not args.raw, max_draft=args.max_draft):
+    for event in engine.stream(batch, params, method=args.method, chat=not args.raw, max_draft=args.max_draft,
+                               threshold=args.threshold):
         if stream_text and event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -142,7 +155,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         reply = None
-        for event in engine.stream(history, params, method=args.method, max_draft=args.max_draft):
+        for event in engine.stream(history, params, method=args.method, max_draft=args.max_draft,
+                                   threshold=args.threshold):
             sys.stdout.write(event.text)
             sys.stdout.flush()
             reply = event.generation or reply
@@ -178,9 +192,96 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_parser(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="run a Spec-Bench question file with several methods; write a report")
+    bench.add_argument("--questions", "-q", required=True, help="Spec-Bench question file (JSONL)")
+    bench.add_argument("--out", "-o", required=True, help="output folder (results.json, report.md, plots, answers)")
+    bench.add_argument("--categories", nargs="+", default=[], metavar="CAT",
+                       help="categories to run (file categories or mt_bench; comma- or space-separated; default all)")
+    bench.add_argument("--limit", type=int, default=None, help="at most N questions per category")
+    bench.add_argument("--methods", default=None,
+                       help="comma-separated: joey methods (ar, pld, sps, ...) and baselines hf, hf-pld, llamacpp "
+                            "(default: every joey method needing no extra input, plus the installed baselines)")
+    bench.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    bench.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    bench.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    bench.add_argument("--repeats", type=int, default=1, help="run every question R times (speedup spread)")
+    bench.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most draft tokens per step")
+    _model_args(bench)
+    bench.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for method sps)")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp")
+    bench.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from joey.bench import BenchSettings, run_bench
+
+    def split(values: list[str]) -> tuple[str, ...]:
+        return tuple(v.strip() for item in values for v in item.split(",") if v.strip())
+
+    run_bench(BenchSettings(
+        questions=Path(args.questions), out=Path(args.out),
+        methods=split([args.methods]) if args.methods is not None else None,
+        categories=split(args.categories), limit=args.limit, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, seed=args.seed, repeats=args.repeats, max_draft=args.max_draft,
+        model=args.model, draft_model=args.draft_model, device=args.device, dtype=args.dtype, threads=args.threads,
+        fresh=args.fresh, progress=not args.no_progress,
+    ))
+    return 0
+
+
+def _train_parser(sub: Any) -> None:
+    from joey.training.adapter_training import TrainSettings
+    from joey.training.distill import DistillSettings
+
+    t, d = TrainSettings(), DistillSettings()
+    p = sub.add_parser("train-adapter", help="train a Kangaroo adapter by self-distillation (resumable)")
+    p.add_argument("--prompts", nargs="+", required=True, metavar="FILE",
+                   help="prompt files (.json list or .jsonl; alpaca/gsm8k/gpteacher/self-instruct/plain 'prompt')")
+    p.add_argument("--out", "-o", required=True, help="run folder: data shards, checkpoint, adapter.safetensors")
+    _model_args(p)
+    p.add_argument("--num-prompts", type=int, default=960, help="prompts to distill (default 960)")
+    p.add_argument("--derived", type=int, default=240,
+                   help="of which summarization / passage-QA / translation prompts derived from the files' answers")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of the target's answers")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts answered at once")
+    p.add_argument("--exit-layer", type=int, default=t.exit_layer, help="the draft uses layers [0, l)")
+    p.add_argument("--draft-vocab", type=int, default=t.draft_vocab, help="tokens in the draft's LM head")
+    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    from joey.training.run import train_from_prompts
+
+    for name in ("num_prompts", "max_new_tokens", "batch_size", "exit_layer", "draft_vocab", "epochs"):
+        if getattr(args, name) < 1:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.derived <= args.num_prompts:
+        raise InvalidArgumentError("--derived must be between 0 and --num-prompts")
+    if args.lr <= 0:
+        raise InvalidArgumentError("--lr must be positive")
+    from joey.training.adapter_training import TrainSettings
+    from joey.training.distill import DistillSettings
+
+    train_from_prompts(
+        args.model, args.prompts, args.out, num_prompts=args.num_prompts, derived=args.derived,
+        distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+        train=TrainSettings(exit_layer=args.exit_layer, draft_vocab=args.draft_vocab, epochs=args.epochs,
+                            lr=args.lr, seed=args.seed),
+        device=args.device, dtype=args.dtype, seed=args.seed,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench,
+                "train-adapter": cmd_train_adapter}
     try:
         return handlers[args.command](args)
     except JoeyError as exc:

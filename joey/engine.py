@@ -17,8 +17,10 @@ import torch
 from joey.batching import pack
 from joey.config import Generation, GenerationStats, SamplingParams
 from joey.detokenize import IncrementalText
-from joey.drafters import Drafter, DraftModelDrafter, PromptLookupDrafter, Proposal
+from joey.drafters import Drafter, DraftModelDrafter, KangarooDraft, KangarooDrafter, PromptLookupDrafter, Proposal
+from joey.drafters.kangaroo import DEFAULT_THRESHOLD
 from joey.errors import InvalidArgumentError, PromptError
+from joey.models.adapter import KangarooAdapter
 from joey.models.kv_cache import KVCache
 from joey.models.llama import LlamaModel, causal_mask
 from joey.models.registry import ModelSource
@@ -28,7 +30,7 @@ from joey.verify import Verdict, verify_greedy, verify_sampled
 
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
-METHODS = ("ar", "pld", "sps")
+METHODS = ("ar", "pld", "sps", "kangaroo")
 DEFAULT_MAX_DRAFT = 6
 MAX_DRAFT_LIMIT = 64  # keeps draft positions inside the RoPE table's margin past the context
 
@@ -93,6 +95,7 @@ class Engine:
         tokenizer: Any,
         source: ModelSource | None = None,
         draft_model: LlamaModel | None = None,
+        adapter: KangarooAdapter | None = None,
     ) -> None:
         if draft_model is not None and draft_model.cfg.vocab_size != model.cfg.vocab_size:
             raise InvalidArgumentError(
@@ -101,6 +104,7 @@ class Engine:
             )
         self.model = model
         self.draft_model = draft_model
+        self.kangaroo = KangarooDraft.build(model, adapter) if adapter is not None else None
         self.tokenizer = tokenizer
         self.source = source
         self.name = source.name if source else "model"
@@ -114,6 +118,11 @@ class Engine:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.lm_head.weight.dtype
+
+    @property
+    def default_method(self) -> str:
+        """Kangaroo when the model has an adapter (the default model ships with one), else AR."""
+        return "kangaroo" if self.kangaroo is not None else "ar"
 
     @property
     def context_length(self) -> int:
@@ -165,21 +174,28 @@ class Engine:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | None = None,
         *,
-        method: str = "ar",
+        method: str | None = None,
         chat: bool = True,
         max_draft: int = DEFAULT_MAX_DRAFT,
+        threshold: float = DEFAULT_THRESHOLD,
         **overrides: Any,
     ) -> Iterator[StreamEvent]:
         """Generate for one prompt or a batch, yielding text deltas as tokens are committed.
 
-        ``overrides`` are SamplingParams fields (``max_new_tokens=64, temperature=0.7, ...``).
+        ``method``: "ar", "pld", "sps" or "kangaroo" (default: ``default_method``). ``max_draft`` is
+        the most draft tokens per step (Kangaroo's γ); ``threshold`` is Kangaroo's η, the draft
+        confidence below which drafting of a step stops. ``overrides`` are SamplingParams fields
+        (``max_new_tokens=64, temperature=0.7, ...``).
         """
+        method = method or self.default_method
         params = replace(params or SamplingParams(), **overrides) if overrides else (params or SamplingParams())
         if method not in METHODS:
             raise InvalidArgumentError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
         if isinstance(max_draft, bool) or not isinstance(max_draft, int) or not 1 <= max_draft <= MAX_DRAFT_LIMIT:
             raise InvalidArgumentError(f"max_draft must be an integer in [1, {MAX_DRAFT_LIMIT}], got {max_draft!r}")
-        drafter_factory = self._drafter_factory(method, params)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise InvalidArgumentError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        drafter_factory = self._drafter_factory(method, params, float(threshold))
         batch, _ = self._as_batch(prompts)
         encoded = [self.encode(p, chat=chat) for p in batch]
         longest = max(len(ids) for ids in encoded)
@@ -209,7 +225,9 @@ class Engine:
         results = [done[i] for i in sorted(done)]
         return results if is_batch else results[0]
 
-    def _drafter_factory(self, method: str, params: SamplingParams) -> Callable[..., Drafter] | None:
+    def _drafter_factory(
+        self, method: str, params: SamplingParams, threshold: float = DEFAULT_THRESHOLD
+    ) -> Callable[..., Drafter] | None:
         """What makes each row's drafter: f(max_len, generator) -> Drafter; None for AR."""
         if method == "pld":
             return lambda max_len, generator: PromptLookupDrafter()
@@ -218,6 +236,13 @@ class Engine:
                 raise InvalidArgumentError("method 'sps' needs a draft model: joey.load(..., draft_model=...)")
             draft = self.draft_model
             return lambda max_len, generator: DraftModelDrafter(draft, params, generator, max_len)
+        if method == "kangaroo":
+            if self.kangaroo is None:
+                raise InvalidArgumentError(
+                    "method 'kangaroo' needs an adapter for this model: joey.load(..., adapter=...)"
+                )
+            kd = self.kangaroo
+            return lambda max_len, generator: KangarooDrafter(kd, params, generator, max_len, threshold)
         return None
 
     # -- the decoding loop -----------------------------------------------------------------------
@@ -328,9 +353,10 @@ class Engine:
 
     def _propose(self, row: _Row, budget: int, max_draft: int) -> Proposal:
         room = budget - len(row.new_ids) - 1  # the bonus token always comes on top of the draft
-        if row.drafter is None or room < 1:
+        if row.drafter is None:
             return Proposal.chain([])
-        return row.drafter.propose(row.prompt_ids + row.new_ids, min(max_draft, room))
+        # asked even with no room: a self-speculative drafter still supplies the pending token's state
+        return row.drafter.propose(row.prompt_ids + row.new_ids, max(0, min(max_draft, room)))
 
     def _verify_pass(self, cache: KVCache, rows: list[_Row], proposals: list[Proposal]) -> list[torch.Tensor]:
         """One target forward over each row's pending token followed by its draft; returns each
@@ -343,20 +369,31 @@ class Engine:
         counts = [1 + len(p) for p in proposals]
         t = max(counts)
         kv_len = max(lengths) + t
+        # Self-speculative drafts (Kangaroo) come with their layer-l states: the target runs only
+        # layers [l, L) on them. Every row of a batch uses the same drafter, so all or none do.
+        layer = proposals[0].start_layer if proposals[0].hidden is not None else 0
         if any(c != t for c in counts):
             packing = pack(lengths, counts, self.device)
-            tokens = torch.tensor([tok for row, prop in zip(rows, proposals) for tok in (row.pending, *prop.tokens)])
+            if layer:
+                inputs = torch.cat([prop.hidden for prop in proposals])
+            else:
+                inputs = torch.tensor(
+                    [tok for row, prop in zip(rows, proposals) for tok in (row.pending, *prop.tokens)]
+                )
             mask = causal_mask(lengths, t, kv_len, self.device)
-            logits = self.model.forward_packed(tokens.to(self.device), cache, packing, kv_len, mask)
+            logits = self.model.forward_packed(inputs.to(self.device), cache, packing, kv_len, mask, layer)
             return list(logits.split(counts))
-        tokens = torch.tensor([[row.pending, *prop.tokens] for row, prop in zip(rows, proposals)], device=self.device)
         start = torch.tensor(lengths, device=self.device)[:, None]
         positions = start + torch.arange(t, device=self.device)[None]
         uniform = all(n == lengths[0] for n in lengths)
-        if uniform and t == 1:  # plain decoding: the one new token may see every cached slot
-            return list(self.model(tokens, positions, cache, lengths[0], kv_len, None))
-        mask = causal_mask(lengths, t, kv_len, self.device)
-        return list(self.model(tokens, positions, cache, lengths[0] if uniform else positions, kv_len, mask))
+        slots = lengths[0] if uniform else positions
+        # plain decoding: the one new token may see every cached slot, no mask needed
+        mask = None if uniform and t == 1 else causal_mask(lengths, t, kv_len, self.device)
+        if layer:
+            hidden = torch.stack([prop.hidden for prop in proposals])
+            return list(self.model.forward_from(hidden, positions, cache, slots, kv_len, mask, layer))
+        tokens = torch.tensor([[row.pending, *prop.tokens] for row, prop in zip(rows, proposals)], device=self.device)
+        return list(self.model(tokens, positions, cache, slots, kv_len, mask))
 
     def _judge(
         self, logits: torch.Tensor, prop: Proposal, params: SamplingParams, generator: torch.Generator | None

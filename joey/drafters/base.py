@@ -17,11 +17,17 @@ class Proposal:
     so a chain has parents ``[-1, 0, 1, ...]`` and a tree may branch. ``draft_probs`` holds the
     distribution each token was *sampled from* ([num_tokens, vocab]); None for a deterministic
     drafter (prompt lookup, greedy drafting), which verification treats as a point mass.
+
+    A self-speculative drafter (Kangaroo) has already run the target's layers [0, start_layer) on
+    the pending token and the drafts: ``hidden`` holds those states ([1 + num_tokens, hidden]) and
+    verification runs only the remaining layers on them.
     """
 
     tokens: tuple[int, ...]
     parents: tuple[int, ...]
     draft_probs: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    start_layer: int = 0
 
     @classmethod
     def chain(cls, tokens: list[int], draft_probs: torch.Tensor | None = None) -> Proposal:

@@ -41,6 +41,8 @@ class DraftModelDrafter:
         return logits[0, -1]
 
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
+        if max_tokens < 1:
+            return Proposal.chain([])
         common = 0
         for a, b in zip(self.cached, context):
             if a != b:

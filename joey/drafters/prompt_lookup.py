@@ -20,6 +20,8 @@ class PromptLookupDrafter:
         self.min_ngram = min_ngram
 
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
+        if max_tokens < 1:
+            return Proposal.chain([])
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
             tail = context[-n:]
             # scan backwards so the most recent earlier occurrence wins

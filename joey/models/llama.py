@@ -356,16 +356,16 @@ class LlamaModel(nn.Module):
 
     def forward_packed(
         self,
-        tokens: torch.Tensor,  # [N] the rows' new tokens, concatenated
+        inputs: torch.Tensor,  # [N] the rows' new tokens, concatenated; or their hidden states [N, hidden]
         cache: KVCache,
         packing: Packing,  # from joey.batching.pack
         kv_len: int,
         mask: torch.Tensor,  # [B, 1, T, kv_len] over the padded grid (see causal_mask)
+        start: int = 0,  # first layer to run (hidden-state inputs come from layer ``start``)
     ) -> torch.Tensor:
         """Ragged rows without padding in the dense layers (EMS-SD) → logits [N, vocab]."""
-        x = self._layers(
-            self.embed(tokens), packing.grid, packing.slots, cache, packing.slots, kv_len, mask, 0, None, packing
-        )
+        x = self.embed(inputs) if inputs.dtype == torch.long else inputs
+        x = self._layers(x, packing.grid, packing.slots, cache, packing.slots, kv_len, mask, start, None, packing)
         return self.logits(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -383,6 +383,19 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """tokens → logits [B, T, vocab], writing every layer's K/V into ``slots``."""
         return self.logits(self.run_layers(self.embed(tokens), positions, cache, slots, kv_len, mask))
+
+    def forward_from(
+        self,
+        hidden: torch.Tensor,  # [B, T, hidden]: states after layer ``start`` (Kangaroo's draft pass)
+        positions: torch.Tensor,  # [B, T]
+        cache: KVCache,
+        slots: int | torch.Tensor,
+        kv_len: int,
+        mask: torch.Tensor | None,
+        start: int,
+    ) -> torch.Tensor:
+        """Layers [start, L) + head → logits [B, T, vocab]; layers below ``start`` are not touched."""
+        return self.logits(self.run_layers(hidden, positions, cache, slots, kv_len, mask, start=start))
 
 
 def causal_mask(lengths: list[int], t: int, kv_len: int, device: torch.device | str) -> torch.Tensor:

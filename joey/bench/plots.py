@@ -1,0 +1,85 @@
+"""PNG plots of a bench run (matplotlib, optional: ``pip install 'joey[plots]'``).
+
+Three figures: speedup by category and method, mean accepted tokens τ by category and method, and
+the acceptance rate by draft position. Without matplotlib the run still writes everything else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MISSING_NOTE = "plots skipped: matplotlib is not installed (pip install 'joey[plots]')"
+
+
+def available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def write_plots(folder: Path, results: dict[str, Any]) -> list[str]:
+    """Write the PNGs into ``folder``; returns their file names (empty without matplotlib)."""
+    if not available():
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, and no GUI backend is started
+    import matplotlib.pyplot as plt
+
+    summary, methods, cats = results["summary"], results["methods"], results["categories"]
+    names = []
+
+    def bars(key: str, file: str, title: str, ylabel: str, baseline: float | None) -> None:
+        shown = [m for m in methods if all(summary[m][c][key] is not None for c in cats)]
+        if not shown:
+            return
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cats) * len(shown)), 4.5))
+        width = 0.8 / len(shown)
+        for i, m in enumerate(shown):
+            xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(cats))]
+            vals = [summary[m][c][key] for c in cats]
+            ax.bar(xs, vals, width, label=m)
+            if key == "speedup" and results["settings"]["repeats"] > 1:
+                lo = [v - summary[m][c]["speedup_spread"]["min"] for v, c in zip(vals, cats)]
+                hi = [summary[m][c]["speedup_spread"]["max"] - v for v, c in zip(vals, cats)]
+                ax.errorbar(xs, vals, yerr=[lo, hi], fmt="none", ecolor="black", capsize=2, linewidth=0.8)
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(cats)), cats, rotation=20)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        # Below the axes, so the legend never hides a bar.
+        ax.legend(fontsize="small", ncol=min(6, len(shown)), loc="upper center", bbox_to_anchor=(0.5, -0.2))
+        fig.tight_layout()
+        fig.savefig(folder / file, dpi=110)
+        plt.close(fig)
+        names.append(file)
+
+    model = results["environment"]["model"]
+    bars("speedup", "speedup_by_category.png", f"Speedup vs joey AR ({model})", "speedup (×)", 1.0)
+    bars("mean_accepted_tokens", "mean_accepted_tokens.png", f"Mean accepted tokens τ ({model})", "τ", 1.0)
+    _acceptance(plt, folder, results, names)
+    return names
+
+
+def _acceptance(plt: Any, folder: Path, results: dict[str, Any], names: list[str]) -> None:
+    curves: Sequence[tuple[str, list[float]]] = [
+        (m, results["summary"][m]["overall"]["acceptance_by_position"]) for m in results["methods"]
+    ]
+    curves = [(m, acc) for m, acc in curves if acc]
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for m, acc in curves:
+        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=m)
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("acceptance rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Acceptance rate by draft position (all questions)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    file = "acceptance_by_position.png"
+    fig.savefig(folder / file, dpi=110)
+    plt.close(fig)
+    names.append(file)

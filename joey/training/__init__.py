@@ -1,0 +1,1 @@
+"""Self-distillation for joey's draft components: prompts → target answers → adapter training."""

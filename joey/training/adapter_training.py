@@ -1,0 +1,270 @@
+"""Train a Kangaroo adapter by self-distillation (Kangaroo, arXiv 2404.18911, Sec. 3.2).
+
+Only the adapter learns; the target is frozen. Loss = soft cross-entropy between the target's
+next-token distribution (its top-k, stored by ``joey.training.distill``) and the draft's, over
+answer positions only: −Σ_t Σ_v p_T(v|t) log p_D(v|t) / #t. The draft's distribution is over the
+draft vocabulary, exactly as at inference, so training and drafting see the same head.
+
+A held-out split reports the draft's top-1 agreement with the target and the mean accepted tokens
+a greedy Kangaroo run would get on those answers (simulated from teacher-forced drafts, which is
+exact for greedy decoding: along an accepted prefix the draft sees exactly the target's tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from joey.models.adapter import KangarooAdapter
+from joey.models.llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    exit_layer: int = 2
+    mlp: bool = False  # a full decoder layer as the adapter (the paper's is attention only)
+    draft_vocab: int = 8192
+    epochs: int = 6
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    clip: float = 0.5  # gradient-value clip, as in the paper
+    batch_tokens: int = 4096  # padded positions per optimizer step
+    holdout: float = 0.05
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Sequence_:
+    """One distilled sequence: layer-l states of positions 0..n-2 and soft labels of its answer."""
+
+    hidden: torch.Tensor  # [n - 1, hidden] fp16
+    ids: torch.Tensor  # [n] prompt + answer token ids
+    prompt_len: int
+    top_ids: torch.Tensor  # [answer_len, k]: the target's top-k for answer token i (position prompt_len-1+i)
+    top_p: torch.Tensor  # [answer_len, k]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    agreement: float  # draft argmax == target's greedy token, over held-out answer positions
+    mean_accepted: dict[float, float]  # threshold η → simulated mean accepted tokens (γ = max_draft)
+    max_draft: int
+    positions: int
+
+
+def load_sequences(paths: Sequence[Path], exit_layer: int) -> list[Sequence_]:
+    out = []
+    for path in paths:
+        for row in torch.load(path, weights_only=True):
+            if exit_layer not in row["hidden"]:
+                raise ValueError(f"{path} has no hidden states for exit layer {exit_layer}")
+            out.append(Sequence_(row["hidden"][exit_layer], row["ids"].long(), int(row["prompt_len"]),
+                                 row["top_ids"].long(), row["top_p"].float()))
+    return out
+
+
+def draft_vocabulary(seqs: Sequence[Sequence_], size: int, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """The ``size`` most frequent tokens of the target's answers (and its top-2 alternatives), sorted;
+    returns (ids, share of answer tokens covered)."""
+    counts: Counter[int] = Counter()
+    answer_tokens = 0
+    for s in seqs:
+        answer = s.ids[s.prompt_len :].tolist()
+        answer_tokens += len(answer)
+        counts.update(answer)
+        counts.update(s.top_ids[:, 1].tolist())
+    ids = [t for t, _ in counts.most_common(size)]
+    if len(ids) < size:  # pad with the lowest ids not chosen yet (rare tokens; keeps the size fixed)
+        chosen = set(ids)
+        ids += [t for t in range(vocab_size) if t not in chosen][: size - len(ids)]
+    vocab = torch.tensor(sorted(ids), dtype=torch.long)
+    inside = set(ids)
+    covered = sum(1 for s in seqs for t in s.ids[s.prompt_len :].tolist() if t in inside)
+    return vocab, covered / max(1, answer_tokens)
+
+
+def _batches(seqs: Sequence[Sequence_], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
+    batches, cur, longest = [], [], 0
+    for i in order:
+        n = len(seqs[i].ids) - 1
+        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def _forward(model: LlamaModel, adapter: KangarooAdapter, head: torch.Tensor, seqs: Sequence[Sequence_]):
+    """Draft logits [N, draft_vocab] at every labelled answer position of the batch, with (seq, answer idx)."""
+    dev = head.device
+    b = len(seqs)
+    t = max(len(s.ids) - 1 for s in seqs)
+    x = torch.zeros(b, t, model.cfg.hidden_size, device=dev, dtype=head.dtype)
+    for i, s in enumerate(seqs):
+        x[i, : len(s.ids) - 1] = s.hidden.to(dev, head.dtype)
+    positions = torch.arange(t, device=dev).expand(b, t)
+    cos, sin = model.rope(positions)
+    cache = adapter.new_cache(b, t)
+    # causal attention (mask None, queries = keys): right padding is never seen by real positions
+    out = adapter(x.view(b * t, -1), (b, t), cos, sin, cache, 0, t, None).view(b, t, -1)
+    rows = torch.cat([torch.full((len(s.ids) - s.prompt_len,), i) for i, s in enumerate(seqs)])
+    cols = torch.cat([torch.arange(s.prompt_len - 1, len(s.ids) - 1) for s in seqs])
+    return (out[rows.to(dev), cols.to(dev)] @ head.T).float()
+
+
+def _soft_labels(seqs: Sequence[Sequence_], local: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k target ids mapped into the draft vocabulary (−1 outside) and their renormalised probs."""
+    ids = torch.cat([s.top_ids for s in seqs]).to(dev)
+    p = torch.cat([s.top_p for s in seqs]).to(dev)
+    loc = local[ids]
+    p = torch.where(loc >= 0, p, torch.zeros_like(p))
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-6)
+    return loc.clamp_min(0), p
+
+
+@torch.no_grad()
+def evaluate(
+    model: LlamaModel,
+    adapter: KangarooAdapter,
+    head: torch.Tensor,
+    seqs: Sequence[Sequence_],
+    thresholds: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8),
+    max_draft: int = 6,
+) -> Evaluation:
+    """Held-out top-1 agreement, and mean accepted tokens simulated for greedy Kangaroo."""
+    agree = total = 0
+    steps = {th: 0 for th in thresholds}
+    tokens = 0
+    for i in range(0, len(seqs), 16):
+        chunk = seqs[i : i + 16]
+        logits = _forward(model, adapter, head, chunk)
+        conf, arg = logits.softmax(-1).max(-1)
+        drafted = adapter.vocab[arg].cpu()
+        conf = conf.cpu()
+        offset = 0
+        for s in chunk:
+            n = len(s.ids) - s.prompt_len
+            target = s.ids[s.prompt_len :]
+            hit = (drafted[offset : offset + n] == target).tolist()
+            c = conf[offset : offset + n].tolist()
+            offset += n
+            agree += sum(hit)
+            total += n
+            tokens += n
+            for th in thresholds:
+                pos = 0
+                while pos < n:  # one step: drafts from answer position pos; commits accepted + 1
+                    acc = 0
+                    while acc < max_draft and pos + acc < n - 1:
+                        j = pos + acc
+                        if not hit[j]:
+                            break
+                        acc += 1
+                        if c[j] < th:
+                            break
+                    pos += acc + 1
+                    steps[th] += 1
+    return Evaluation(
+        agreement=agree / max(1, total),
+        mean_accepted={th: tokens / max(1, steps[th]) for th in thresholds},
+        max_draft=max_draft,
+        positions=total,
+    )
+
+
+def train_adapter(
+    model: LlamaModel,
+    seqs: list[Sequence_],
+    out_dir: Path,
+    s: TrainSettings,
+    progress: bool = True,
+    log=print,
+) -> tuple[KangarooAdapter, Evaluation]:
+    """Train (resuming from ``out_dir/checkpoint.pt`` when its settings match); returns the adapter
+    and its held-out evaluation."""
+    dev = model.lm_head.weight.device
+    rng = random.Random(s.seed)
+    order = list(range(len(seqs)))
+    rng.shuffle(order)
+    n_hold = max(1, int(len(seqs) * s.holdout))
+    held = [seqs[i] for i in order[:n_hold]]
+    train = [seqs[i] for i in order[n_hold:]]
+    vocab, coverage = draft_vocabulary(train, s.draft_vocab, model.cfg.vocab_size)
+    log(f"train {len(train)} sequences, held out {len(held)}; draft vocabulary {len(vocab)} tokens "
+        f"covers {coverage:.1%} of answer tokens")
+    local = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
+    local[vocab.to(dev)] = torch.arange(len(vocab), device=dev)
+    head = model.lm_head.weight.detach()[vocab.to(dev)].float().contiguous()
+    torch.manual_seed(s.seed)
+    adapter = KangarooAdapter.initialized_from(model, s.exit_layer, vocab, s.mlp).float().train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
+    plan = [_batches(train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
+    total_steps = sum(len(p) for p in plan)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, total_steps))))
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "checkpoint.pt"
+    done = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("settings") == asdict(s):
+            adapter.load_state_dict(state["adapter"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            done = state["step"]
+            log(f"resuming from {ckpt} at step {done}/{total_steps}")
+        else:
+            log(f"{ckpt} was written with other settings; starting over")
+    bar = tqdm(total=total_steps, initial=done, desc="adapter training", unit="step", disable=not progress)
+    step = 0
+    ema = None
+    for epoch, batches in enumerate(plan):
+        for batch in batches:
+            step += 1
+            if step <= done:
+                continue
+            chunk = [train[i] for i in batch]
+            logits = _forward(model, adapter, head, chunk)
+            loc, p = _soft_labels(chunk, local, dev)
+            logq = logits.log_softmax(-1)
+            loss = -(p * logq.gather(1, loc)).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(adapter.parameters(), s.clip)
+            opt.step()
+            sched.step()
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{ema:.3f}")
+            bar.update(1)
+            if step % 200 == 0 or step == total_steps:
+                _save_checkpoint(ckpt, adapter, opt, sched, step, s)
+        adapter.eval()
+        ev = evaluate(model, adapter, head, held)
+        adapter.train()
+        log(f"epoch {epoch + 1}: held-out top-1 agreement {ev.agreement:.1%}, simulated mean accepted tokens "
+            + ", ".join(f"η={th}: {v:.2f}" for th, v in ev.mean_accepted.items()))
+    bar.close()
+    adapter.eval()
+    return adapter, evaluate(model, adapter, head, held)
+
+
+def _save_checkpoint(path: Path, adapter, opt, sched, step: int, s: TrainSettings) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "settings": asdict(s)}, tmp)
+    tmp.replace(path)

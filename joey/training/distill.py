@@ -1,0 +1,145 @@
+"""Self-distillation data: the target answers training prompts, and we keep what adapter training needs.
+
+For every sequence (prompt + the target's own greedy answer) we store the hidden states after
+the exit layers (the adapter's input, fp16) for every position, and the target's top-k next-token
+distribution at every answer position (the adapter's soft label). Both come out of the
+generation itself: no second pass over the data. Batches are saved as shards as they finish, so
+an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from joey.models.llama import LlamaModel, causal_mask
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    exit_layers: tuple[int, ...] = (1, 2, 3, 4)  # hidden states kept after these layers
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = 384  # longer prompts are skipped
+    batch_size: int = 32
+    top_k: int = 16  # soft labels: the target's top-k probabilities at each answer position
+
+
+def _run(model: LlamaModel, x: torch.Tensor, positions, cache, slots, kv_len, mask, exits) -> tuple[dict, torch.Tensor]:
+    """All layers, keeping the hidden states after each exit layer; returns ({layer: [B,T,h]}, logits)."""
+    kept = {}
+    prev = 0
+    for end in [*exits, model.cfg.num_layers]:
+        x = model.run_layers(x, positions, cache, slots, kv_len, mask, start=prev, end=end)
+        if end in exits:
+            kept[end] = x.to(torch.float16)
+        prev = end
+    return kept, model.logits(x)
+
+
+@torch.inference_mode()
+def answer_batch(
+    model: LlamaModel, prompts: Sequence[list[int]], eos_ids: frozenset[int], s: DistillSettings
+) -> list[dict]:
+    """Greedy answers for a batch of tokenized prompts, with hidden states and top-k soft labels."""
+    dev = model.lm_head.weight.device
+    b = len(prompts)
+    lengths = [len(p) for p in prompts]
+    t = max(lengths)
+    cache = model.new_cache(b, t + s.max_new_tokens + 1)
+    tokens = torch.zeros(b, t, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    positions = torch.arange(t, device=dev).expand(b, t)
+    kept, logits = _run(model, model.embed(tokens), positions, cache, 0, t, None, s.exit_layers)
+    cache.advance(lengths)
+    rows = [
+        {"ids": list(p), "prompt_len": len(p), "hidden": {e: [kept[e][i, : len(p)]] for e in s.exit_layers},
+         "top_ids": [], "top_p": []}
+        for i, p in enumerate(prompts)
+    ]
+    last = logits[torch.arange(b), torch.tensor(lengths) - 1]  # [B, vocab]
+    active = list(range(b))
+    for step in range(s.max_new_tokens):
+        probs = torch.softmax(last, dim=-1)
+        top_p, top_ids = probs.topk(s.top_k, dim=-1)
+        nxt = last.argmax(-1).tolist()
+        still = []
+        for j, r in enumerate(active):
+            row = rows[r]
+            row["top_ids"].append(top_ids[j].to(torch.int32))
+            row["top_p"].append(top_p[j].to(torch.float16))
+            row["ids"].append(nxt[j])
+            if nxt[j] not in eos_ids and step + 1 < s.max_new_tokens:
+                still.append(j)
+        if not still:
+            break
+        if len(still) < len(active):
+            cache.keep_rows(still)
+            active = [active[j] for j in still]
+            nxt = [nxt[j] for j in still]
+        lens = cache.lengths
+        pos = torch.tensor(lens, device=dev)[:, None]
+        mask = causal_mask(lens, 1, max(lens) + 1, dev)
+        kept, logits = _run(
+            model, model.embed(torch.tensor(nxt, device=dev)[:, None]), pos, cache, pos, max(lens) + 1, mask,
+            s.exit_layers,
+        )
+        cache.advance([1] * len(active))
+        for j, r in enumerate(active):
+            for e in s.exit_layers:
+                rows[r]["hidden"][e].append(kept[e][j])
+        last = logits[:, 0]
+    out = []
+    for row in rows:
+        out.append({
+            "ids": torch.tensor(row["ids"], dtype=torch.int32),
+            "prompt_len": row["prompt_len"],
+            # hidden states of positions 0 .. len(ids) - 2: the last token is never an input
+            "hidden": {e: torch.cat(row["hidden"][e])[: len(row["ids"]) - 1].clone() for e in s.exit_layers},
+            "top_ids": torch.stack(row["top_ids"]),  # [answer_len, k]: distribution of answer token i
+            "top_p": torch.stack(row["top_p"]),
+        })
+    return out
+
+
+def collect(
+    model: LlamaModel,
+    tokenizer,
+    prompts: Sequence[str],
+    eos_ids: frozenset[int],
+    out_dir: Path,
+    s: DistillSettings,
+    progress: bool = True,
+) -> list[Path]:
+    """Answer every prompt (chat-templated), writing shards of ``s.batch_size`` sequences to ``out_dir``.
+
+    Shards that already exist are kept (resume); returns every shard's path.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoded = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        if len(ids) <= s.max_prompt_tokens:
+            encoded.append(list(ids))
+    # similar lengths in one batch waste less of the right-padded prefill
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches = [order[i : i + s.batch_size] for i in range(0, len(order), s.batch_size)]
+    paths = []
+    bar = tqdm(total=len(encoded), desc="target answers", unit="prompt", disable=not progress)
+    for n, batch in enumerate(batches):
+        path = out_dir / f"shard_{n:05d}.pt"
+        paths.append(path)
+        if not path.exists():
+            rows = answer_batch(model, [encoded[i] for i in batch], eos_ids, s)
+            tmp = path.with_suffix(".tmp")
+            torch.save(rows, tmp)
+            tmp.replace(path)  # a shard appears whole or not at all
+        bar.update(len(batch))
+    bar.close()
+    return paths
