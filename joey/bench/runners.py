@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from joey.config import SamplingParams
+from joey.drafters.kangaroo import DEFAULT_THRESHOLD
 from joey.engine import METHODS, Engine, Message
 from joey.errors import InvalidArgumentError, MissingDependencyError
 
@@ -65,14 +66,14 @@ def check_available(methods: Sequence[str], has_draft_model: bool) -> None:
         raise MissingDependencyError("method 'llamacpp' needs llama-cpp-python: pip install llama-cpp-python")
 
 
-def make_runner(method: str, engine: Engine, max_draft: int) -> Runner:
+def make_runner(method: str, engine: Engine, max_draft: int, threshold: float = DEFAULT_THRESHOLD) -> Runner:
     if method == "hf":
         return HFRunner(engine, prompt_lookup=None)
     if method == "hf-pld":
         return HFRunner(engine, prompt_lookup=max_draft)
     if method == "llamacpp":
         return LlamaCppRunner(engine)
-    return JoeyRunner(engine, method, max_draft)
+    return JoeyRunner(engine, method, max_draft, threshold)
 
 
 def _ended_by_eos(reason: str) -> int:
@@ -85,13 +86,14 @@ class JoeyRunner:
 
     external = False
 
-    def __init__(self, engine: Engine, method: str, max_draft: int) -> None:
-        self.engine, self.name, self.max_draft = engine, method, max_draft
+    def __init__(self, engine: Engine, method: str, max_draft: int, threshold: float = DEFAULT_THRESHOLD) -> None:
+        self.engine, self.name, self.max_draft, self.threshold = engine, method, max_draft, threshold
 
     def answer(self, messages: Sequence[Message], params: SamplingParams) -> TurnResult:
         lengths: list[int] = []
         gen = None
-        for event in self.engine.stream(list(messages), params, method=self.name, max_draft=self.max_draft):
+        for event in self.engine.stream(list(messages), params, method=self.name, max_draft=self.max_draft,
+                                        threshold=self.threshold):
             lengths.append(len(event.token_ids))
             gen = event.generation or gen
         assert gen is not None  # the last event of a row always carries its Generation

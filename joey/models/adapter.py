@@ -95,13 +95,15 @@ def save_adapter(adapter: KangarooAdapter, model: LlamaModel, path: str | Path, 
     meta = {
         "format": FORMAT,
         "exit_layer": adapter.exit_layer,
+        "mlp": adapter.mlp is not None,
         "hidden_size": model.cfg.hidden_size,
         "vocab_size": model.cfg.vocab_size,
         "num_layers": model.cfg.num_layers,
         "fingerprint": model_fingerprint(model),
         **(extra or {}),
     }
-    state = {k: v.detach().float().cpu().contiguous() for k, v in adapter.state_dict().items() if k != "vocab"}
+    # fp16 on disk: half the size, and drafting precision cannot affect the output (the target verifies)
+    state = {k: v.detach().half().cpu().contiguous() for k, v in adapter.state_dict().items() if k != "vocab"}
     state["vocab"] = adapter.vocab.cpu().to(torch.int32)
     save_file(state, str(path), metadata={"joey": json.dumps(meta)})
 
@@ -143,10 +145,12 @@ def load_adapter(path: str | Path, model: LlamaModel) -> KangarooAdapter:
     if not isinstance(exit_layer, int) or not 1 <= exit_layer < cfg.num_layers:
         raise ModelFormatError(f"{p}: invalid exit layer {exit_layer!r}")
     state = load_file(str(p))
-    vocab = state.pop("vocab", None)
+    vocab = state.get("vocab")
     if vocab is None or vocab.ndim != 1 or int(vocab.max()) >= cfg.vocab_size or int(vocab.min()) < 0:
         raise ModelFormatError(f"{p}: missing or invalid draft vocabulary")
-    adapter = KangarooAdapter(cfg, exit_layer, vocab)
+    state = {k: v.float() for k, v in state.items()}
+    state["vocab"] = vocab.long()
+    adapter = KangarooAdapter(cfg, exit_layer, vocab, mlp=bool(meta.get("mlp", False)))
     try:
         adapter.load_state_dict(state)
     except RuntimeError as exc:

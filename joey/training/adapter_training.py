@@ -29,10 +29,10 @@ from joey.models.llama import LlamaModel
 @dataclass(frozen=True)
 class TrainSettings:
     exit_layer: int = 2
-    mlp: bool = False  # a full decoder layer as the adapter (the paper's is attention only)
+    mlp: bool = True  # a full decoder layer as the adapter; the paper's is attention only (mlp=False)
     draft_vocab: int = 8192
-    epochs: int = 6
-    lr: float = 1e-3
+    epochs: int = 5
+    lr: float = 2e-3
     weight_decay: float = 0.0
     clip: float = 0.5  # gradient-value clip, as in the paper
     batch_tokens: int = 4096  # padded positions per optimizer step

@@ -9,13 +9,16 @@ an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from joey.errors import InvalidArgumentError
 from joey.models.llama import LlamaModel, causal_mask
 
 
@@ -23,7 +26,7 @@ from joey.models.llama import LlamaModel, causal_mask
 class DistillSettings:
     exit_layers: tuple[int, ...] = (1, 2, 3, 4)  # hidden states kept after these layers
     max_new_tokens: int = 128
-    max_prompt_tokens: int = 384  # longer prompts are skipped
+    max_prompt_tokens: int = 512  # longer prompts are skipped
     batch_size: int = 32
     top_k: int = 16  # soft labels: the target's top-k probabilities at each answer position
 
@@ -127,6 +130,16 @@ def collect(
             ids = ids["input_ids"]
         if len(ids) <= s.max_prompt_tokens:
             encoded.append(list(ids))
+    # Shards are matched to batches by number: refuse to resume data made from other prompts/settings.
+    digest = hashlib.sha256(json.dumps([asdict(s), encoded]).encode()).hexdigest()
+    manifest = out_dir / "manifest.json"
+    if manifest.exists():
+        if json.loads(manifest.read_text()).get("digest") != digest:
+            raise InvalidArgumentError(
+                f"{out_dir} holds answers distilled from other prompts or settings; use another --out folder"
+            )
+    else:
+        manifest.write_text(json.dumps({"digest": digest, "settings": asdict(s), "prompts": len(encoded)}))
     # similar lengths in one batch waste less of the right-padded prefill
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = [order[i : i + s.batch_size] for i in range(0, len(order), s.batch_size)]

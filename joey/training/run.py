@@ -42,8 +42,9 @@ def train_from_prompts(
     layers = engine.model.cfg.num_layers
     if not 1 <= train.exit_layer < layers:
         raise InvalidArgumentError(f"--exit-layer must be in [1, {layers - 1}] for this {layers}-layer model")
-    if train.exit_layer not in distill.exit_layers:
-        distill = DistillSettings(**{**asdict(distill), "exit_layers": (*distill.exit_layers, train.exit_layer)})
+    exits = tuple(sorted({e for e in distill.exit_layers if e < layers} | {train.exit_layer}))
+    if exits != distill.exit_layers:
+        distill = DistillSettings(**{**asdict(distill), "exit_layers": exits})
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     shards = collect(engine.model, engine.tokenizer, prompts, engine.eos_ids, out / "data", distill, progress)

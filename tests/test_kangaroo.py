@@ -1,0 +1,217 @@
+"""Kangaroo: the early-exit adapter drafter is lossless, rolls its caches back correctly, handles
+the all-accepted step, and refuses adapters that belong to another model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import joey
+from joey.config import SamplingParams
+from joey.drafters import KangarooDraft, KangarooDrafter
+from joey.engine import Engine
+from joey.errors import ModelFormatError
+from joey.models.adapter import KangarooAdapter, load_adapter, save_adapter
+
+PROMPTS = ["Hello there, how are you today?", "Write a poem about cats and dogs.", "Hi"]
+
+
+def _engine(folder, deep_scale: float | None, vocab: torch.Tensor | None = None, seed: int = 0) -> Engine:
+    """A tiny model with a Kangaroo adapter at exit layer 1.
+
+    ``deep_scale`` scales what layers >= 1 add to the residual stream; with 0 they add nothing and
+    an adapter whose attention outputs zero drafts exactly the target's distribution.
+    """
+    eng = joey.load(str(folder), device="cpu", prepack=False, progress=False, adapter=False)
+    model = eng.model
+    vocab = torch.arange(model.cfg.vocab_size) if vocab is None else vocab
+    with torch.no_grad():
+        if deep_scale is not None:
+            for layer in model.model.layers[1:]:
+                layer.self_attn.o_proj.weight.mul_(deep_scale)
+                layer.mlp.down_proj.weight.mul_(deep_scale)
+        torch.manual_seed(seed)
+        adapter = KangarooAdapter.initialized_from(model, 1, vocab)
+        if deep_scale == 0.0:
+            adapter.self_attn.o_proj.weight.zero_()
+    return Engine(model, eng.tokenizer, eng.source, adapter=adapter)
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_folder) -> Engine:
+    return _engine(tiny_folder, 0.0)
+
+
+@pytest.fixture(scope="module")
+def partial(tiny_folder) -> Engine:
+    return _engine(tiny_folder, 0.3)
+
+
+@pytest.fixture(scope="module")
+def weak(tiny_folder) -> Engine:
+    vocab = torch.randperm(49152, generator=torch.Generator().manual_seed(0))[:3000].sort().values
+    return _engine(tiny_folder, None, vocab)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.6])
+def test_greedy_equals_ar_single(exact, partial, weak, threshold):
+    for eng in (exact, partial, weak):
+        for prompt in PROMPTS:
+            ar = eng.generate(prompt, max_new_tokens=30, ignore_eos=True, method="ar")
+            kg = eng.generate(prompt, max_new_tokens=30, ignore_eos=True, method="kangaroo", threshold=threshold,
+                              max_draft=4)
+            assert kg.token_ids == ar.token_ids
+            assert kg.text == ar.text
+
+
+def test_greedy_equals_ar_ragged_batch(partial, weak):
+    for eng in (partial, weak):
+        ar = [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=25, ignore_eos=True, method="ar")]
+        kg = eng.generate(PROMPTS, max_new_tokens=25, ignore_eos=True, method="kangaroo", threshold=0.3)
+        assert [g.token_ids for g in kg] == ar
+
+
+def test_partial_drafts_are_partly_accepted(partial):
+    g = partial.generate(PROMPTS[1], max_new_tokens=40, ignore_eos=True, method="kangaroo", threshold=0.0)
+    assert 1.0 < g.stats.mean_accepted_tokens < 5.0
+    assert g.stats.draft_time_s > 0 and g.stats.verify_time_s > 0
+
+
+def test_all_accepted_steps(exact):
+    """Every draft is accepted: the next step must feed the adapter the last draft and the bonus."""
+    ar = exact.generate(PROMPTS[0], max_new_tokens=31, ignore_eos=True, method="ar")
+    g = exact.generate(PROMPTS[0], max_new_tokens=31, ignore_eos=True, method="kangaroo", threshold=0.0, max_draft=4)
+    assert g.token_ids == ar.token_ids
+    assert g.stats.acceptance_by_position == (1.0, 1.0, 1.0, 1.0)
+    assert g.stats.steps == 7  # the prefill's token, then 6 steps of 4 drafts + 1 bonus
+
+
+def test_confidence_threshold_stops_drafting(exact):
+    never = exact.generate(PROMPTS[0], max_new_tokens=20, ignore_eos=True, method="kangaroo", threshold=1.0)
+    assert never.stats.acceptance_by_position[0] == 1.0
+    assert len(never.stats.acceptance_by_position) == 1  # stopped after the first draft every step
+
+
+def test_drafter_rollback_matches_fresh_drafter(partial):
+    """After any accept count, a reused drafter proposes exactly what a fresh one does."""
+    kd = partial.kangaroo
+    params = SamplingParams(temperature=0.0)
+    ctx = partial.encode(PROMPTS[1])
+    torch.set_grad_enabled(False)  # the engine drafts under inference mode too
+    reused = KangarooDrafter(kd, params, None, 256, threshold=0.0)
+    first = reused.propose(ctx, 5)
+    for keep in range(len(first.tokens) + 1):  # accept `keep` drafts, then a different bonus token
+        nxt = ctx + list(first.tokens[:keep]) + [17 + keep]
+        again = reused.propose(nxt, 3)
+        fresh = KangarooDrafter(kd, params, None, 256, threshold=0.0).propose(nxt, 3)
+        assert again.tokens == fresh.tokens
+        # equal up to float rounding (one-token vs several-token matmuls)
+        torch.testing.assert_close(again.hidden, fresh.hidden, rtol=1e-4, atol=1e-4)
+        reused.propose(ctx, 5)  # back to the original context for the next case
+    torch.set_grad_enabled(True)
+
+
+def test_sampling_first_drafted_position_matches_ar(partial):
+    prompt, n = "alpha beta", 200
+    kw = dict(max_new_tokens=2, temperature=1.0, top_k=4, ignore_eos=True)
+
+    def histogram(method):
+        counts: dict[int, int] = {}
+        for seed in range(n):
+            tok = partial.generate(prompt, method=method, seed=seed, **kw).token_ids[1]
+            counts[tok] = counts.get(tok, 0) + 1
+        return counts
+
+    a, b = histogram("ar"), histogram("kangaroo")
+    tv = 0.5 * sum(abs(a.get(t, 0) - b.get(t, 0)) for t in set(a) | set(b)) / n
+    assert tv < 0.2, (a, b)
+
+
+def test_adapter_file_roundtrip_and_mismatches(tmp_path, partial, tiny_folder, default_source):
+    from conftest import make_tiny
+
+    path = tmp_path / "a.safetensors"
+    save_adapter(partial.kangaroo.adapter, partial.model, path)
+    loaded = load_adapter(path, partial.model)
+    assert loaded.exit_layer == 1
+    assert torch.equal(loaded.vocab, partial.kangaroo.adapter.vocab)
+    # same shapes, other weights: a different model
+    other = make_tiny(tmp_path / "other", "qwen2" if "qwen2" in tiny_folder.name else "llama",
+                      default_source.folder, seed=3)
+    other_model = joey.load(str(other), device="cpu", prepack=False, progress=False, adapter=False).model
+    with pytest.raises(ModelFormatError, match="different model"):
+        load_adapter(path, other_model)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelFormatError):
+        load_adapter(bad, partial.model)
+    with pytest.raises(ModelFormatError, match="not found"):
+        load_adapter(tmp_path / "missing.safetensors", partial.model)
+
+
+def test_adapter_for_other_hidden_size_is_rejected(tmp_path, partial, default_engine):
+    path = tmp_path / "tiny.safetensors"
+    save_adapter(partial.kangaroo.adapter, partial.model, path)
+    with pytest.raises(ModelFormatError, match="hidden_size"):
+        load_adapter(path, default_engine.model)
+
+
+def test_kangaroo_needs_an_adapter(tiny_engine):
+    with pytest.raises(joey.errors.InvalidArgumentError, match="adapter"):
+        tiny_engine.generate("Hi", method="kangaroo", max_new_tokens=4)
+
+
+def test_kangaroo_draft_head_is_the_target_head_rows(partial):
+    kd: KangarooDraft = partial.kangaroo
+    assert torch.equal(kd.head, partial.model.lm_head.weight[kd.adapter.vocab])
+
+
+def test_train_adapter_end_to_end_and_resume(tmp_path, tiny_folder):
+    """Distil a few prompts, train one epoch, save a loadable adapter; a second run resumes."""
+    import json
+
+    from joey.training.adapter_training import TrainSettings
+    from joey.training.distill import DistillSettings
+    from joey.training.run import train_from_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"instruction": f"Say something about number {i}.", "output":
+                                             f"Number {i} is a number. " * 20}) for i in range(12)))
+    kw = dict(num_prompts=10, derived=2, distill=DistillSettings(max_new_tokens=6, batch_size=4),
+              train=TrainSettings(exit_layer=1, epochs=1, draft_vocab=512, batch_tokens=256), progress=False)
+    out = tmp_path / "run"
+    report = train_from_prompts(str(tiny_folder), [str(prompts)], out, device="cpu", **kw)
+    assert report["sequences"] == 10
+    assert 0.0 <= report["heldout_top1_agreement"] <= 1.0
+    assert len(list((out / "data").glob("shard_*.pt"))) == 3
+    eng = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, adapter=out / "adapter.safetensors")
+    assert eng.default_method == "kangaroo"
+    assert eng.kangaroo.adapter.vocab.numel() == 512
+    ar = eng.generate("Hello", max_new_tokens=12, ignore_eos=True, method="ar")
+    assert eng.generate("Hello", max_new_tokens=12, ignore_eos=True).token_ids == ar.token_ids
+    stamp = (out / "data" / "shard_00000.pt").stat().st_mtime_ns
+    train_from_prompts(str(tiny_folder), [str(prompts)], out, device="cpu", **kw)  # resumes: nothing re-distilled
+    assert (out / "data" / "shard_00000.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(joey.errors.InvalidArgumentError, match="other prompts or settings"):
+        train_from_prompts(str(tiny_folder), [str(prompts)], out, device="cpu",
+                           **{**kw, "distill": DistillSettings(max_new_tokens=7, batch_size=4)})
+
+
+def test_default_model_ships_an_adapter_and_kangaroo_is_lossless(default_engine):
+    """The shipped adapter loads automatically; Kangaroo equals AR on the real model."""
+    assert default_engine.kangaroo is not None
+    assert default_engine.default_method == "kangaroo"
+    prompts = ["Explain in three sentences why the sky is blue.", "Write a Python function that adds two numbers.",
+               "What is 17 times 3? Think step by step."]
+    steps = 0
+    for prompt in prompts:
+        ar = default_engine.generate(prompt, max_new_tokens=40, method="ar")
+        kg = default_engine.generate(prompt, max_new_tokens=40)
+        assert kg.method == "kangaroo"
+        assert kg.token_ids == ar.token_ids
+        steps += kg.stats.steps
+        assert kg.stats.mean_accepted_tokens == pytest.approx(kg.new_tokens / kg.stats.steps)
+    assert steps < 3 * 40  # the drafts saved target passes
+    batch = default_engine.generate(prompts, max_new_tokens=24)
+    assert [g.token_ids for g in batch] == [g.token_ids for g in default_engine.generate(prompts, max_new_tokens=24,
+                                                                                          method="ar")]
