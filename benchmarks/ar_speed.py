@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import torch
 import transformers
 
 import joey
+from joey.bench.report import cpu_name
 
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome, with a short docstring.",
@@ -36,16 +36,6 @@ PROMPTS = [
 
 # A runner takes (prompt text, prompt ids, N) and returns (new token ids, seconds).
 Runner = Callable[[str, list[int], int], tuple[list[int], float]]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def joey_runner(eng: joey.Engine, method: str = "ar") -> Runner:

@@ -60,3 +60,17 @@ def tiny_folder(request, tmp_path_factory, default_source) -> Path:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_folder) -> joey.Engine:
     return joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False)
+
+
+def first_token_histogram(engine, prompt: str, method: str, n: int, **kw) -> dict[int, int]:
+    """How often each token comes out at the first drafted position (the second new token) over
+    ``n`` seeds: sampled speculative decoding must reproduce AR's histogram."""
+    counts: dict[int, int] = {}
+    for seed in range(n):
+        tok = engine.generate(prompt, method=method, seed=seed, **kw).token_ids[1]
+        counts[tok] = counts.get(tok, 0) + 1
+    return counts
+
+
+def total_variation(a: dict[int, int], b: dict[int, int], n: int) -> float:
+    return 0.5 * sum(abs(a.get(t, 0) - b.get(t, 0)) for t in set(a) | set(b)) / n

@@ -112,18 +112,12 @@ def test_drafter_rollback_matches_fresh_drafter(partial):
 
 
 def test_sampling_first_drafted_position_matches_ar(partial):
-    prompt, n = "alpha beta", 200
-    kw = dict(max_new_tokens=2, temperature=1.0, top_k=4, ignore_eos=True)
+    from conftest import first_token_histogram, total_variation
 
-    def histogram(method):
-        counts: dict[int, int] = {}
-        for seed in range(n):
-            tok = partial.generate(prompt, method=method, seed=seed, **kw).token_ids[1]
-            counts[tok] = counts.get(tok, 0) + 1
-        return counts
-
-    a, b = histogram("ar"), histogram("kangaroo")
-    tv = 0.5 * sum(abs(a.get(t, 0) - b.get(t, 0)) for t in set(a) | set(b)) / n
+    n, kw = 200, dict(max_new_tokens=2, temperature=1.0, top_k=4, ignore_eos=True)
+    a = first_token_histogram(partial, "alpha beta", "ar", n, **kw)
+    b = first_token_histogram(partial, "alpha beta", "kangaroo", n, **kw)
+    tv = total_variation(a, b, n)
     assert tv < 0.2, (a, b)
 
 

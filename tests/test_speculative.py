@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from joey.drafters import PromptLookupDrafter, Proposal
 
@@ -63,16 +62,11 @@ def test_pld_sampling_matches_ar_distribution(tiny_engine):
     kw = dict(max_new_tokens=2, temperature=1.5, ignore_eos=True)
     n = 150
 
-    def histogram(method: str) -> torch.Tensor:
-        counts: dict[int, int] = {}
-        for seed in range(n):
-            tok = tiny_engine.generate(prompt, method=method, seed=seed, **kw).token_ids[1]
-            counts[tok] = counts.get(tok, 0) + 1
-        return counts
+    from conftest import first_token_histogram, total_variation
 
-    a, b = histogram("ar"), histogram("pld")
-    support = set(a) | set(b)
-    tv = 0.5 * sum(abs(a.get(t, 0) - b.get(t, 0)) for t in support) / n
+    a = first_token_histogram(tiny_engine, prompt, "ar", n, **kw)
+    b = first_token_histogram(tiny_engine, prompt, "pld", n, **kw)
+    tv = total_variation(a, b, n)
     assert tv < 0.3, (a, b)
 
 
@@ -116,13 +110,9 @@ def test_sps_sampling_first_token_distribution(tiny_engine, sps_engines):
     prompt, n = "alpha beta", 200
     kw = dict(max_new_tokens=2, temperature=1.0, top_k=4, ignore_eos=True)
 
-    def histogram(eng, method):
-        counts: dict[int, int] = {}
-        for seed in range(n):
-            tok = eng.generate(prompt, method=method, seed=seed, **kw).token_ids[1]
-            counts[tok] = counts.get(tok, 0) + 1
-        return counts
+    from conftest import first_token_histogram, total_variation
 
-    a, b = histogram(tiny_engine, "ar"), histogram(weak, "sps")
-    tv = 0.5 * sum(abs(a.get(t, 0) - b.get(t, 0)) for t in set(a) | set(b)) / n
+    a = first_token_histogram(tiny_engine, prompt, "ar", n, **kw)
+    b = first_token_histogram(weak, prompt, "sps", n, **kw)
+    tv = total_variation(a, b, n)
     assert tv < 0.2, (a, b)
