@@ -267,3 +267,23 @@ def test_end_to_end_outputs_and_resume(default_engine, qfile, tmp_path):
     # other settings in the same folder: a clear error before anything runs
     with pytest.raises(InvalidArgumentError, match="different settings.*max_new_tokens.*--fresh"):
         run_bench(BenchSettings(**{**settings.__dict__, "max_new_tokens": 5}), engine=default_engine)
+
+
+def test_quick_mode_from_the_cli(qfile, tmp_path):
+    """The README's quick mode: --limit 2 --max-new-tokens 32, with Kangaroo (the default model's
+    shipped adapter) and PLD; every output file exists and has the documented schema."""
+    out = tmp_path / "quick"
+    assert main(["bench", "--questions", str(qfile), "--out", str(out), "--limit", "2", "--max-new-tokens", "32",
+                 "--methods", "ar,kangaroo,pld", "--no-progress"]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["schema"] == "joey-bench/1" and saved["methods"] == ["ar", "kangaroo", "pld"]
+    assert saved["settings"]["question_ids"] == [81, 201, 202] and saved["settings"]["threshold"] == 0.6
+    assert {"settings", "environment", "summary", "lossless", "per_question", "timing", "files"} <= saved.keys()
+    for method in ("kangaroo", "pld"):
+        assert saved["lossless"][method]["lossless"] is True
+        assert saved["summary"][method]["overall"]["mean_accepted_tokens"] >= 1.0
+        lines = (out / "answers" / f"{method}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["question_id"] for x in lines] == [81, 201, 202]
+    assert (out / "report.md").read_text().startswith("# joey bench")
+    for name in saved["files"]["plots"]:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
