@@ -391,9 +391,10 @@ class Engine:
         mask = None if uniform and t == 1 else causal_mask(lengths, t, kv_len, self.device)
         if layer:
             hidden = torch.stack([prop.hidden for prop in proposals])
-            return list(self.model.forward_from(hidden, positions, cache, slots, kv_len, mask, layer))
-        tokens = torch.tensor([[row.pending, *prop.tokens] for row, prop in zip(rows, proposals)], device=self.device)
-        return list(self.model(tokens, positions, cache, slots, kv_len, mask))
+        else:
+            tokens = [[row.pending, *prop.tokens] for row, prop in zip(rows, proposals)]
+            hidden = self.model.embed(torch.tensor(tokens, device=self.device))
+        return list(self.model.forward_from(hidden, positions, cache, slots, kv_len, mask, layer))
 
     def _judge(
         self, logits: torch.Tensor, prop: Proposal, params: SamplingParams, generator: torch.Generator | None

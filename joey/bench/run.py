@@ -18,7 +18,15 @@ from typing import Any
 
 from joey.bench import plots, report
 from joey.bench.questions import Question, load_questions, select
-from joey.bench.runners import EXTERNAL, Runner, TurnResult, all_methods, check_available, make_runner
+from joey.bench.runners import (
+    EXTERNAL,
+    Runner,
+    TurnResult,
+    all_methods,
+    check_available,
+    llamacpp_installed,
+    make_runner,
+)
 from joey.bench.store import MethodRun, QuestionRecord, Store, question_key
 from joey.config import SamplingParams
 from joey.drafters.kangaroo import DEFAULT_THRESHOLD
@@ -56,14 +64,8 @@ class BenchSettings:
 def default_methods(draft_model: bool) -> tuple[str, ...]:
     """Every joey method that needs no extra input, then every baseline installed here."""
     joey_methods = [m for m in METHODS if m != "sps" or draft_model]
-    baselines = [m for m in EXTERNAL if m != "llamacpp" or _has_llamacpp()]
+    baselines = [m for m in EXTERNAL if m != "llamacpp" or llamacpp_installed()]
     return (*joey_methods, *baselines)
-
-
-def _has_llamacpp() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def _methods(requested: Sequence[str] | None, draft_model: bool) -> tuple[str, ...]:

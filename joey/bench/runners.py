@@ -54,6 +54,10 @@ class Runner(Protocol):
     def answer(self, messages: Sequence[Message], params: SamplingParams) -> TurnResult: ...
 
 
+def llamacpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def check_available(methods: Sequence[str], has_draft_model: bool) -> None:
     """Fail before any model is loaded if a method cannot run here."""
     known = all_methods()
@@ -62,7 +66,7 @@ def check_available(methods: Sequence[str], has_draft_model: bool) -> None:
         raise InvalidArgumentError(f"unknown method {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
     if "sps" in methods and not has_draft_model:
         raise InvalidArgumentError("method 'sps' needs --draft-model (a smaller model sharing the tokenizer)")
-    if "llamacpp" in methods and importlib.util.find_spec("llama_cpp") is None:
+    if "llamacpp" in methods and not llamacpp_installed():
         raise MissingDependencyError("method 'llamacpp' needs llama-cpp-python: pip install llama-cpp-python")
 
 

@@ -37,6 +37,16 @@ class Proposal:
         return len(self.tokens)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest shared prefix: how much of a drafter's cache still fits the context."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Drafter(Protocol):
     """Anything that can guess the next tokens of a sequence."""
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from joey.config import SamplingParams
-from joey.drafters.base import Proposal
-from joey.models.llama import LlamaModel, causal_mask
+from joey.drafters.base import Proposal, common_prefix
+from joey.models.llama import LlamaModel, prefix_causal_mask
 from joey.sampling import probabilities, sample
 
 
@@ -32,9 +32,7 @@ class DraftModelDrafter:
         dev = self.model.lm_head.weight.device
         x = torch.tensor([tokens], device=dev)
         pos = torch.arange(n, n + len(tokens), device=dev)[None]
-        mask = None
-        if n and len(tokens) > 1:  # new tokens after a cached prefix need an explicit causal mask
-            mask = causal_mask([n], len(tokens), n + len(tokens), dev)
+        mask = prefix_causal_mask(n, len(tokens), dev)
         logits = self.model(x, pos, self.cache, n, n + len(tokens), mask)
         self.cache.advance([len(tokens)])
         self.cached.extend(tokens)
@@ -43,12 +41,7 @@ class DraftModelDrafter:
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
         if max_tokens < 1:
             return Proposal.chain([])
-        common = 0
-        for a, b in zip(self.cached, context):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(context) - 1)  # always feed at least the last token
+        common = min(common_prefix(self.cached, context), len(context) - 1)  # always feed the last token
         self.cache.truncate([common])
         del self.cached[common:]
         logits = self._feed(context[common:])

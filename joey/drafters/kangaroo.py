@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from joey.config import SamplingParams
-from joey.drafters.base import Proposal
+from joey.drafters.base import Proposal, common_prefix
 from joey.models.adapter import KangarooAdapter
 from joey.models.kv_cache import KVCache
-from joey.models.llama import LlamaModel, causal_mask, pack_weight, packed_linear
+from joey.models.llama import LlamaModel, pack_weight, packed_linear, prefix_causal_mask
 from joey.sampling import probabilities, sample
 
 DEFAULT_THRESHOLD = 0.6
@@ -56,15 +56,6 @@ class KangarooDraft:
         if self.packed_head is not None:
             return packed_linear(states, self.packed_head, None).float()
         return (states @ self.head.T).float()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class KangarooDrafter:
@@ -104,7 +95,7 @@ class KangarooDrafter:
         n = len(tokens)
         model = self.draft.model
         x = model.embed(torch.tensor([tokens], device=self.hidden.device))
-        mask = causal_mask([start], n, start + n, x.device) if start and n > 1 else None
+        mask = prefix_causal_mask(start, n, x.device)
         positions = self._positions(start, n)
         h = model.run_layers(x, positions, self.shallow, start, start + n, mask, 0, self.draft.exit_layer)
         self.hidden[start : start + n] = h[0]
@@ -113,7 +104,7 @@ class KangarooDrafter:
         """The adapter on the stored states of positions [start, end) → draft logits of the last one."""
         n = end - start
         cos, sin = self.draft.model.rope(self._positions(start, n))
-        mask = causal_mask([start], n, end, cos.device) if start and n > 1 else None
+        mask = prefix_causal_mask(start, n, cos.device)
         out = self.draft.adapter(self.hidden[start:end], (1, n), cos, sin, self.adapter_cache, start, end, mask)
         return self.draft.logits(out[-1:])[0]
 
@@ -121,9 +112,9 @@ class KangarooDrafter:
         n = len(context)
         # Shallow K/V: keep the prefix shared with the committed context; the last context token
         # (the pending one) is always recomputed, since verification needs its layer-l state.
-        s = min(_common_prefix(self.cached, context), n - 1)
+        s = min(common_prefix(self.cached, context), n - 1)
         self._shallow(context[s:], s)
-        a = min(_common_prefix(self.adapted, context), s, n - 1)
+        a = min(common_prefix(self.adapted, context), s, n - 1)
         self.cached = list(context)
         if max_tokens < 1:
             self.adapted = self.adapted[:a]

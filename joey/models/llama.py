@@ -410,6 +410,12 @@ def causal_mask(lengths: list[int], t: int, kv_len: int, device: torch.device | 
     return (k < start + q + 1).unsqueeze(1)
 
 
+def prefix_causal_mask(start: int, n: int, device: torch.device | str) -> torch.Tensor | None:
+    """Mask for one row's ``n`` new tokens written right after ``start`` cached ones; None where
+    attention's own causal handling is already right (no cached prefix, or a single new token)."""
+    return causal_mask([start], n, start + n, device) if start and n > 1 else None
+
+
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 

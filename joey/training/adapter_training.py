@@ -146,7 +146,6 @@ def evaluate(
     """Held-out top-1 agreement, and mean accepted tokens simulated for greedy Kangaroo."""
     agree = total = 0
     steps = {th: 0 for th in thresholds}
-    tokens = 0
     for i in range(0, len(seqs), 16):
         chunk = seqs[i : i + 16]
         logits = _forward(model, adapter, head, chunk)
@@ -162,7 +161,6 @@ def evaluate(
             offset += n
             agree += sum(hit)
             total += n
-            tokens += n
             for th in thresholds:
                 pos = 0
                 while pos < n:  # one step: drafts from answer position pos; commits accepted + 1
@@ -178,7 +176,7 @@ def evaluate(
                     steps[th] += 1
     return Evaluation(
         agreement=agree / max(1, total),
-        mean_accepted={th: tokens / max(1, steps[th]) for th in thresholds},
+        mean_accepted={th: total / max(1, steps[th]) for th in thresholds},
         max_draft=max_draft,
         positions=total,
     )
@@ -233,6 +231,7 @@ def train_adapter(
     bar = tqdm(total=total_steps, initial=done, desc="adapter training", unit="step", disable=not progress)
     step = 0
     ema = None
+    ev: Evaluation | None = None
     for epoch, batches in enumerate(plan):
         for batch in batches:
             step += 1
@@ -253,6 +252,8 @@ def train_adapter(
             bar.update(1)
             if step % 200 == 0 or step == total_steps:
                 _save_checkpoint(ckpt, adapter, opt, sched, step, s)
+        if step <= done:  # an epoch finished before a resume: its weights are gone, nothing to report
+            continue
         adapter.eval()
         ev = evaluate(model, adapter, head, held)
         adapter.train()
@@ -260,7 +261,8 @@ def train_adapter(
             + ", ".join(f"η={th}: {v:.2f}" for th, v in ev.mean_accepted.items()))
     bar.close()
     adapter.eval()
-    return adapter, evaluate(model, adapter, head, held)
+    # the last epoch's evaluation is of the final weights; only a resume of a finished run lacks one
+    return adapter, ev if ev is not None else evaluate(model, adapter, head, held)
 
 
 def _save_checkpoint(path: Path, adapter, opt, sched, step: int, s: TrainSettings) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,7 +111,7 @@ def answer_batch(
 
 def collect(
     model: LlamaModel,
-    tokenizer,
+    encode: Callable[[str], list[int]],  # prompt → chat-templated ids (Engine.encode)
     prompts: Sequence[str],
     eos_ids: frozenset[int],
     out_dir: Path,
@@ -123,13 +123,7 @@ def collect(
     Shards that already exist are kept (resume); returns every shard's path.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoded = []
-    for p in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        if len(ids) <= s.max_prompt_tokens:
-            encoded.append(list(ids))
+    encoded = [ids for ids in map(encode, prompts) if len(ids) <= s.max_prompt_tokens]
     # Shards are matched to batches by number: refuse to resume data made from other prompts/settings.
     digest = hashlib.sha256(json.dumps([asdict(s), encoded]).encode()).hexdigest()
     manifest = out_dir / "manifest.json"

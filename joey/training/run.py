@@ -47,7 +47,7 @@ def train_from_prompts(
         distill = DistillSettings(**{**asdict(distill), "exit_layers": exits})
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    shards = collect(engine.model, engine.tokenizer, prompts, engine.eos_ids, out / "data", distill, progress)
+    shards = collect(engine.model, engine.encode, prompts, engine.eos_ids, out / "data", distill, progress)
     t1 = time.perf_counter()
     seqs = load_sequences(shards, train.exit_layer)
     adapter, ev = train_adapter(engine.model, seqs, out, train, progress)
