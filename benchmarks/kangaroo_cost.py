@@ -16,9 +16,9 @@ import time
 import torch
 
 import joey
+from joey.batching import causal_mask
 from joey.config import SamplingParams
 from joey.drafters import KangarooDrafter
-from joey.models.llama import causal_mask
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -16,7 +16,8 @@ import time
 import torch
 
 import joey
-from joey.models.llama import LlamaModel, causal_mask
+from joey.batching import causal_mask
+from joey.models.llama import LlamaModel
 
 
 def forward_ms(model: LlamaModel, context: int, k: int, repeats: int) -> float:

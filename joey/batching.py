@@ -1,25 +1,45 @@
-"""Ragged batches (EMS-SD's "unpad input tokens"), built only here.
+"""Ragged batches and token trees (EMS-SD's "unpad input tokens"): positions, cache slots and
+attention masks of a step are built only here.
 
 In a speculative step every row feeds a different number of tokens (its pending token plus its
-own draft). The dense layers, which are most of the cost, run on exactly the rows' tokens packed
-into one ``[num_tokens, hidden]`` matrix; only attention scatters the queries into a padded
-``[rows, max_tokens]`` grid, where each row attends to its own cache slots.
+own draft, a chain or a tree). The dense layers, which are most of the cost, run on exactly the
+rows' tokens packed into one ``[num_tokens, hidden]`` matrix; only attention scatters the queries
+into a padded ``[rows, max_tokens]`` grid, where each row attends to its own cache slots.
+
+A row's step tokens are ``[pending, node 0, node 1, ...]``: token j is written to cache slot
+``lengths[b] + j`` (contiguous, in proposal order) but sits at RoPE position ``lengths[b] + depth``
+(the pending token has depth 0, a node one more than its parent), and attends to the row's cached
+prefix plus its own ancestors and itself. For a chain, depth == j and the mask is causal.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 
+def depths_of(parents: Sequence[int]) -> list[int]:
+    """Depth of every step token [pending, nodes...]: 0 for the pending token, parent's + 1 for a node."""
+    depths = [0]
+    for parent in parents:
+        depths.append(depths[parent + 1] + 1)
+    return depths
+
+
+def is_chain(parents: Sequence[int]) -> bool:
+    return all(p == i - 1 for i, p in enumerate(parents))
+
+
 @dataclass(frozen=True)
 class Packing:
-    """Where each packed token lives: its row, its cache slot, and its cell in the padded grid."""
+    """Where each packed token lives: its row, its cache slot, its position and its cell in the padded grid."""
 
     counts: tuple[int, ...]  # tokens per row
     rows: torch.Tensor  # [N] row of each packed token
-    slots: torch.Tensor  # [N] cache slot (= position) of each packed token
+    slots: torch.Tensor  # [N] cache slot of each packed token
+    positions: torch.Tensor  # [N] RoPE position (== slots for chains)
     to_grid: torch.Tensor  # [B * T] packed index of each grid cell; N (a zero row) for empty cells
     from_grid: torch.Tensor  # [N] grid cell of each packed token
 
@@ -28,14 +48,107 @@ class Packing:
         return len(self.counts), max(self.counts)
 
 
-def pack(lengths: list[int], counts: list[int], device: torch.device | str) -> Packing:
-    """Row b holds ``lengths[b]`` cached tokens and feeds ``counts[b]`` new ones at the next slots."""
+def pack(
+    lengths: list[int],
+    counts: list[int],
+    device: torch.device | str,
+    parents: Sequence[Sequence[int]] | None = None,
+) -> Packing:
+    """Row b holds ``lengths[b]`` cached tokens and feeds ``counts[b]`` new ones at the next slots.
+    ``parents[b]`` (one entry per draft node, ``counts[b] - 1`` of them) makes row b's tokens a tree."""
     b, t = len(counts), max(counts)
     rows = torch.repeat_interleave(torch.arange(b), torch.tensor(counts))
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(counts).cumsum(0)[:-1]])
     within = torch.arange(int(sum(counts))) - offsets[rows]  # index of each token inside its row
     slots = torch.tensor(lengths)[rows] + within
+    positions = slots
+    if parents is not None and not all(is_chain(p) for p in parents):
+        depth = torch.tensor([d for p in parents for d in depths_of(p)])
+        positions = torch.tensor(lengths)[rows] + depth
     from_grid = rows * t + within
     to_grid = torch.full((b * t,), int(sum(counts)), dtype=torch.long)
     to_grid[from_grid] = torch.arange(int(sum(counts)))
-    return Packing(tuple(counts), rows.to(device), slots.to(device), to_grid.to(device), from_grid.to(device))
+    return Packing(
+        tuple(counts), rows.to(device), slots.to(device), positions.to(device), to_grid.to(device), from_grid.to(device)
+    )
+
+
+def grid_positions(lengths: list[int], t: int, parents: Sequence[Sequence[int]] | None, device) -> torch.Tensor:
+    """RoPE positions [B, t] of rows that all feed ``t`` tokens (no packing needed)."""
+    start = torch.tensor(lengths, device=device)[:, None]
+    if parents is None or all(is_chain(p) for p in parents):
+        return start + torch.arange(t, device=device)[None]
+    return start + torch.tensor([depths_of(p) for p in parents], device=device)
+
+
+def causal_mask(lengths: list[int], t: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
+    """Mask for rows whose ``t`` new tokens sit right after each row's cached prefix.
+
+    Row b holds ``lengths[b]`` cached slots and writes its new tokens at the next slots; query j of
+    row b may attend to slots ``< lengths[b] + j + 1``. Returns [B, 1, t, kv_len] bool.
+    """
+    start = torch.tensor(lengths, device=device)[:, None, None]  # [B, 1, 1]
+    q = torch.arange(t, device=device)[None, :, None]  # [1, t, 1]
+    k = torch.arange(kv_len, device=device)[None, None, :]  # [1, 1, kv_len]
+    return (k < start + q + 1).unsqueeze(1)
+
+
+def ancestors(parents: Sequence[int]) -> torch.Tensor:
+    """[1 + k, 1 + k] bool over step tokens [pending, nodes...]: entry (i, j) says j is i or an ancestor of i."""
+    n = len(parents) + 1
+    seen = torch.eye(n, dtype=torch.bool)
+    seen[:, 0] = True  # every node descends from the pending token
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            seen[i + 1] |= seen[parent + 1]
+    return seen
+
+
+def step_mask(
+    lengths: list[int], t: int, kv_len: int, parents: Sequence[Sequence[int]] | None, device: torch.device | str
+) -> torch.Tensor:
+    """Mask [B, 1, t, kv_len] of a step: every token sees its row's cached prefix, its ancestors in
+    the row's tree and itself. Chains (or ``parents`` None) give ``causal_mask``."""
+    if parents is None or all(is_chain(p) for p in parents):
+        return causal_mask(lengths, t, kv_len, device)
+    mask = torch.zeros(len(lengths), 1, t, kv_len, dtype=torch.bool)
+    for b, (start, row_parents) in enumerate(zip(lengths, parents)):
+        n = len(row_parents) + 1
+        mask[b, 0, :n, :start] = True
+        mask[b, 0, :n, start : start + n] = ancestors(row_parents)
+    return mask.to(device)
+
+
+def visible_slots_mask(
+    prefix: int, visible: Sequence[Sequence[int]], kv_len: int, device: torch.device | str
+) -> torch.Tensor:
+    """Mask [1, 1, len(visible), kv_len] for one row whose query i sees slots ``[0, prefix)`` and the
+    slots ``visible[i]`` (a draft node's own and its ancestors', wherever a drafter put them)."""
+    mask = torch.zeros(1, 1, len(visible), kv_len, dtype=torch.bool)
+    mask[..., :prefix] = True
+    for i, slots in enumerate(visible):
+        mask[0, 0, i, list(slots)] = True
+    return mask.to(device)
+
+
+def prefix_causal_mask(start: int, n: int, device: torch.device | str) -> torch.Tensor | None:
+    """Mask for one row's ``n`` new tokens written right after ``start`` cached ones; None where
+    attention's own causal handling is already right (no cached prefix, or a single new token)."""
+    return causal_mask([start], n, start + n, device) if start and n > 1 else None
+
+
+def path_moves(lengths: list[int], paths: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[int]]:
+    """Cache moves that make each row's accepted tree path contiguous after a step.
+
+    Row b's step wrote node i at slot ``lengths[b] + 1 + i``; its accepted nodes ``paths[b]`` must
+    end up at ``lengths[b] + 1, + 2, ...``. Returns (rows, from_slots, to_slots), only for the nodes
+    that actually move (a chain's accepted prefix is already in place).
+    """
+    rows, src, dst = [], [], []
+    for b, (start, path) in enumerate(zip(lengths, paths)):
+        for m, node in enumerate(path):
+            if node != m:
+                rows.append(b)
+                src.append(start + 1 + node)
+                dst.append(start + 1 + m)
+    return rows, src, dst

@@ -7,9 +7,9 @@ import json
 import sys
 from typing import Any, NoReturn
 
-from joey.config import SamplingParams
+from joey.config import MAX_DRAFT_LIMIT, SamplingParams
 from joey.drafters.kangaroo import DEFAULT_THRESHOLD
-from joey.engine import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, METHODS
+from joey.engine import DEFAULT_MAX_DRAFT, METHODS
 from joey.errors import InvalidArgumentError, JoeyError, PromptError
 
 

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from joey.errors import InvalidArgumentError
 
+MAX_DRAFT_LIMIT = 64  # keeps draft positions inside the RoPE table's margin past the context
+MAX_TREE_NODES = 128
+MAX_TREE_TOPK = 16
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -45,18 +49,73 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class SpecConfig:
+    """How a speculative method drafts.
+
+    ``max_draft``: the most draft tokens on one path per step (Kangaroo's γ, the tree's depth).
+    ``threshold``: Kangaroo's η; drafting of a step stops once the most confident new draft token
+    is below it. ``tree_nodes``: the most draft tokens per step in all; 0 drafts a chain, None lets
+    joey choose from the measured cost of verification on this machine (``joey.budget``).
+    ``tree_topk``: children per expanded node and nodes expanded per depth; 0 = joey's choice.
+    ``adaptive``: each step may draft less deep, or not at all, when the row's acceptance so far
+    cannot pay for drafting (``joey.budget``).
+    """
+
+    max_draft: int = 6
+    threshold: float = 0.6
+    tree_nodes: int | None = None
+    tree_topk: int = 0
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not is_int(self.max_draft) or not 1 <= self.max_draft <= MAX_DRAFT_LIMIT:
+            raise InvalidArgumentError(
+                f"max_draft must be an integer in [1, {MAX_DRAFT_LIMIT}], got {self.max_draft!r}"
+            )
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+            0.0 <= self.threshold <= 1.0
+        ):
+            raise InvalidArgumentError(f"threshold must be a number in [0, 1], got {self.threshold!r}")
+        nodes = self.tree_nodes
+        if nodes is not None and (not is_int(nodes) or not 0 <= nodes <= MAX_TREE_NODES):
+            raise InvalidArgumentError(f"tree_nodes must be an integer in [0, {MAX_TREE_NODES}], got {nodes!r}")
+        if not is_int(self.tree_topk) or not 0 <= self.tree_topk <= MAX_TREE_TOPK:
+            raise InvalidArgumentError(f"tree_topk must be an integer in [0, {MAX_TREE_TOPK}], got {self.tree_topk!r}")
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """A drafter's per-step budget as resolved for a run: at most ``nodes`` draft tokens, ``topk``
+    children per expanded node (1 = a chain of up to ``nodes`` tokens)."""
+
+    nodes: int
+    topk: int
+
+
+@dataclass(frozen=True)
 class GenerationStats:
     """Counters of one generation. Autoregressive decoding has steps == new tokens and τ == 1.
 
-    ``acceptance_by_position[i]`` is the fraction of steps with a draft token at position i whose
-    token was accepted (filled by the speculative methods; empty for AR).
+    ``drafted_by_depth[d]`` counts the steps whose draft (chain or tree) reached depth d + 1 and
+    ``accepted_by_depth[d]`` those whose accepted path reached it; counts, so that runs pool
+    exactly. ``draft_tokens`` is the number of draft tokens (tree nodes) proposed in all.
     """
 
     steps: int = 0
     mean_accepted_tokens: float = 1.0
-    acceptance_by_position: tuple[float, ...] = ()
+    drafted_by_depth: tuple[int, ...] = ()
+    accepted_by_depth: tuple[int, ...] = ()
+    draft_tokens: int = 0
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+
+    @property
+    def acceptance_by_position(self) -> tuple[float, ...]:
+        """Per draft depth: the fraction of steps that drafted it whose accepted path reached it."""
+        return tuple(a / d for a, d in zip(self.accepted_by_depth, self.drafted_by_depth))
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,16 @@ from typing import Any, Union
 
 import torch
 
-from joey.batching import pack
-from joey.config import Generation, GenerationStats, SamplingParams
+from joey.batching import depths_of, grid_positions, pack, path_moves, step_mask
+from joey.budget import PROBE_EVERY, CostCurve, best_depth, cached_curve
+from joey.config import Generation, GenerationStats, SamplingParams, SpecConfig, TreeShape
 from joey.detokenize import IncrementalText
 from joey.drafters import Drafter, DraftModelDrafter, KangarooDraft, KangarooDrafter, PromptLookupDrafter, Proposal
 from joey.drafters.kangaroo import DEFAULT_THRESHOLD
 from joey.errors import InvalidArgumentError, PromptError
 from joey.models.adapter import KangarooAdapter
 from joey.models.kv_cache import KVCache
-from joey.models.llama import LlamaModel, causal_mask
+from joey.models.llama import LlamaModel
 from joey.models.registry import ModelSource
 from joey.models.weights import read_config
 from joey.sampling import next_tokens, probabilities
@@ -32,7 +33,8 @@ Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
 METHODS = ("ar", "pld", "sps", "kangaroo")
 DEFAULT_MAX_DRAFT = 6
-MAX_DRAFT_LIMIT = 64  # keeps draft positions inside the RoPE table's margin past the context
+KANGAROO_TOPK = 3  # children per expanded node of Kangaroo's tree (benchmarks/tree_sweep.py)
+PLD_BRANCHES = 3  # distinct continuations prompt lookup may offer at once, when asked for a tree
 
 
 @dataclass(frozen=True)
@@ -58,25 +60,32 @@ class _Row:
         self.pending: int | None = None  # committed token whose K/V is not in the cache yet
         self.drafter: Drafter | None = None
         self.steps = 0
-        self.tries: list[int] = []  # per draft position: how many steps drafted a token there
-        self.hits: list[int] = []  # ... and how many of those were accepted
+        self.drafted: list[int] = []  # per draft depth: steps whose draft reached that depth
+        self.accepted: list[int] = []  # ... and steps whose accepted path reached it
+        self.draft_tokens = 0
+        self.draft_ms: float | None = None  # running estimate of one draft depth's cost
+        self.idle = 0  # consecutive steps the budget chose not to draft
         self.draft_time = 0.0
         self.verify_time = 0.0
 
-    def record(self, drafted: int, accepted: int) -> None:
+    def record(self, prop: Proposal, verdict: Verdict) -> None:
         self.steps += 1
-        for i in range(drafted):
-            if i == len(self.tries):
-                self.tries.append(0)
-                self.hits.append(0)
-            self.tries[i] += 1
-            self.hits[i] += i < accepted
+        self.draft_tokens += len(prop)
+        deepest = max(depths_of(prop.parents))
+        for d in range(deepest):
+            if d == len(self.drafted):
+                self.drafted.append(0)
+                self.accepted.append(0)
+            self.drafted[d] += 1
+            self.accepted[d] += d < verdict.accepted
 
     def stats(self) -> GenerationStats:
         return GenerationStats(
             steps=self.steps,
             mean_accepted_tokens=len(self.new_ids) / self.steps if self.steps else 1.0,
-            acceptance_by_position=tuple(h / t for h, t in zip(self.hits, self.tries)),
+            drafted_by_depth=tuple(self.drafted),
+            accepted_by_depth=tuple(self.accepted),
+            draft_tokens=self.draft_tokens,
             draft_time_s=self.draft_time,
             verify_time_s=self.verify_time,
         )
@@ -109,6 +118,7 @@ class Engine:
         self.source = source
         self.name = source.name if source else "model"
         self.eos_ids = self._eos_ids()
+        self._curve: CostCurve | None = None
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -178,24 +188,28 @@ class Engine:
         chat: bool = True,
         max_draft: int = DEFAULT_MAX_DRAFT,
         threshold: float = DEFAULT_THRESHOLD,
+        tree_nodes: int | None = None,
+        tree_topk: int = 0,
+        adaptive: bool = True,
         **overrides: Any,
     ) -> Iterator[StreamEvent]:
         """Generate for one prompt or a batch, yielding text deltas as tokens are committed.
 
         ``method``: "ar", "pld", "sps" or "kangaroo" (default: ``default_method``). ``max_draft`` is
-        the most draft tokens per step (Kangaroo's γ); ``threshold`` is Kangaroo's η, the draft
-        confidence below which drafting of a step stops. ``overrides`` are SamplingParams fields
+        the most draft tokens on one path per step (Kangaroo's γ); ``threshold`` is Kangaroo's η, the
+        draft confidence below which drafting of a step stops; ``tree_nodes`` (0 = chain, None =
+        chosen from the measured verification cost) and ``tree_topk`` shape a draft tree (see
+        ``SpecConfig``); ``adaptive`` lets each step draft less, or nothing, when the row's acceptance
+        so far cannot pay for drafting (``joey.budget``). ``overrides`` are SamplingParams fields
         (``max_new_tokens=64, temperature=0.7, ...``).
         """
         method = method or self.default_method
         params = replace(params or SamplingParams(), **overrides) if overrides else (params or SamplingParams())
         if method not in METHODS:
             raise InvalidArgumentError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
-        if isinstance(max_draft, bool) or not isinstance(max_draft, int) or not 1 <= max_draft <= MAX_DRAFT_LIMIT:
-            raise InvalidArgumentError(f"max_draft must be an integer in [1, {MAX_DRAFT_LIMIT}], got {max_draft!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-            raise InvalidArgumentError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        drafter_factory = self._drafter_factory(method, params, float(threshold))
+        spec = SpecConfig(max_draft, threshold, tree_nodes, tree_topk, adaptive)
+        shape = self.tree_shape(method, spec) if method != "ar" else TreeShape(0, 1)
+        drafter_factory = self._drafter_factory(method, params, spec, shape)
         batch, _ = self._as_batch(prompts)
         encoded = [self.encode(p, chat=chat) for p in batch]
         longest = max(len(ids) for ids in encoded)
@@ -208,7 +222,7 @@ class Engine:
         start = time.perf_counter()
         rows = [_Row(i, ids, IncrementalText(self.tokenizer, params.stop), start) for i, ids in enumerate(encoded)]
         with torch.inference_mode():
-            yield from self._decode(rows, params, generator, drafter_factory, max_draft, method)
+            yield from self._decode(rows, params, generator, drafter_factory, spec, shape, method)
 
     def generate(
         self,
@@ -225,12 +239,36 @@ class Engine:
         results = [done[i] for i in sorted(done)]
         return results if is_batch else results[0]
 
+    def cost_curve(self) -> CostCurve:
+        """What verifying k tokens costs on this machine (measured once, then cached; joey.budget)."""
+        if self._curve is None:
+            from joey.models.adapter import model_fingerprint
+            from joey.models.registry import cache_dir
+
+            self._curve = cached_curve(self.model, f"{self.name}:{model_fingerprint(self.model)}", cache_dir())
+        return self._curve
+
+    def tree_shape(self, method: str, spec: SpecConfig) -> TreeShape:
+        """How a method drafts under ``spec``: chain or tree, its node budget and branching."""
+        if method == "kangaroo":
+            topk = spec.tree_topk or KANGAROO_TOPK
+            nodes = spec.tree_nodes if spec.tree_nodes is not None else self.cost_curve().tree_nodes()
+        elif method == "pld":
+            topk, nodes = spec.tree_topk or PLD_BRANCHES, spec.tree_nodes or 0
+        else:
+            if method == "sps" and spec.tree_nodes:
+                raise InvalidArgumentError("method 'sps' drafts chains only; use --tree-nodes 0")
+            topk, nodes = 1, 0
+        if nodes == 0 or topk == 1:
+            return TreeShape(nodes=spec.max_draft, topk=1)
+        return TreeShape(nodes=nodes, topk=topk)
+
     def _drafter_factory(
-        self, method: str, params: SamplingParams, threshold: float = DEFAULT_THRESHOLD
+        self, method: str, params: SamplingParams, spec: SpecConfig, shape: TreeShape
     ) -> Callable[..., Drafter] | None:
         """What makes each row's drafter: f(max_len, generator) -> Drafter; None for AR."""
         if method == "pld":
-            return lambda max_len, generator: PromptLookupDrafter()
+            return lambda max_len, generator: PromptLookupDrafter(branches=shape.topk)
         if method == "sps":
             if self.draft_model is None:
                 raise InvalidArgumentError("method 'sps' needs a draft model: joey.load(..., draft_model=...)")
@@ -242,7 +280,9 @@ class Engine:
                     "method 'kangaroo' needs an adapter for this model: joey.load(..., adapter=...)"
                 )
             kd = self.kangaroo
-            return lambda max_len, generator: KangarooDrafter(kd, params, generator, max_len, threshold)
+            return lambda max_len, generator: KangarooDrafter(
+                kd, params, generator, max_len, spec.threshold, shape.topk
+            )
         return None
 
     # -- the decoding loop -----------------------------------------------------------------------
@@ -304,14 +344,18 @@ class Engine:
         params: SamplingParams,
         generator: torch.Generator | None,
         drafter_factory: Callable[..., Drafter] | None,
-        max_draft: int,
+        spec: SpecConfig,
+        shape: TreeShape,
         method: str,
     ) -> Iterator[StreamEvent]:
         """Prefill, then repeat: draft → one target pass over [pending token + draft] → verify →
         commit ``accepted + 1`` tokens per row. Without a drafter this is plain autoregressive
         decoding (one token per row per step)."""
         budget = self._budget(rows, params)
-        extra = max_draft + 2 if drafter_factory else 2
+        # room past the last committed slot for a step's draft: a tree's nodes, and in a drafter's
+        # own caches also the expanded nodes that did not make it into the tree
+        extra = spec.max_draft + shape.nodes + shape.topk * spec.max_draft + 2 if drafter_factory else 2
+        curve = self.cost_curve() if drafter_factory and spec.adaptive else None
         cache = self.model.new_cache(len(rows), max(len(r.prompt_ids) for r in rows) + budget + extra)
         for row in rows:
             if drafter_factory is not None:
@@ -328,16 +372,18 @@ class Engine:
         cache.keep_rows([i for i, r in enumerate(rows) if r.finish_reason is None])
         while active:
             t0 = time.perf_counter()
-            proposals = [self._propose(row, budget, max_draft) for row in active]
+            proposals = [self._propose(row, budget, spec, shape, curve) for row in active]
             t1 = time.perf_counter()
             logits = self._verify_pass(cache, active, proposals)  # per row: [1 + draft, vocab]
             still: list[int] = []
             counts: list[int] = []
+            paths: list[tuple[int, ...]] = []
             for i, (row, prop) in enumerate(zip(active, proposals)):
                 verdict = self._judge(logits[i], prop, params, generator)
-                row.record(len(prop), verdict.accepted)
-                tokens = list(prop.tokens[: verdict.accepted]) + [verdict.bonus]
+                row.record(prop, verdict)
+                tokens = [prop.tokens[j] for j in verdict.path] + [verdict.bonus]
                 counts.append(1 + verdict.accepted)  # pending + accepted drafts now have K/V
+                paths.append(verdict.path)
                 yield self._commit(row, tokens, budget, params, method)
                 if row.finish_reason is None:
                     row.pending = verdict.bonus
@@ -346,17 +392,33 @@ class Engine:
             for row in active:
                 row.draft_time += t1 - t0
                 row.verify_time += t2 - t1
+            cache.move(*path_moves(cache.lengths, paths))  # a tree's accepted path → contiguous slots
             cache.advance(counts)
             if len(still) < len(active):
                 cache.keep_rows(still)
                 active = [active[i] for i in still]
 
-    def _propose(self, row: _Row, budget: int, max_draft: int) -> Proposal:
+    def _propose(
+        self, row: _Row, budget: int, spec: SpecConfig, shape: TreeShape, curve: CostCurve | None
+    ) -> Proposal:
         room = budget - len(row.new_ids) - 1  # the bonus token always comes on top of the draft
         if row.drafter is None:
             return Proposal.chain([])
+        depth = spec.max_draft
+        if curve is not None and row.draft_ms is not None:
+            if row.idle >= PROBE_EVERY:  # re-measure acceptance now and then after a fallback
+                row.idle = 0
+            else:
+                nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
+                depth = best_depth(curve, row.drafted, row.accepted, spec.max_draft, nodes_at, row.draft_ms)
+                row.idle = row.idle + 1 if depth == 0 else 0
+        start = time.perf_counter()
         # asked even with no room: a self-speculative drafter still supplies the pending token's state
-        return row.drafter.propose(row.prompt_ids + row.new_ids, max(0, min(max_draft, room)))
+        prop = row.drafter.propose(row.prompt_ids + row.new_ids, max(0, min(depth, room)), shape.nodes)
+        if len(prop):
+            ms = 1000 * (time.perf_counter() - start) / max(depths_of(prop.parents))
+            row.draft_ms = ms if row.draft_ms is None else 0.8 * row.draft_ms + 0.2 * ms
+        return prop
 
     def _verify_pass(self, cache: KVCache, rows: list[_Row], proposals: list[Proposal]) -> list[torch.Tensor]:
         """One target forward over each row's pending token followed by its draft; returns each
@@ -367,28 +429,30 @@ class Engine:
         """
         lengths = cache.lengths
         counts = [1 + len(p) for p in proposals]
+        parents = [p.parents for p in proposals]
         t = max(counts)
         kv_len = max(lengths) + t
         # Self-speculative drafts (Kangaroo) come with their layer-l states: the target runs only
         # layers [l, L) on them. Every row of a batch uses the same drafter, so all or none do.
         layer = proposals[0].start_layer if proposals[0].hidden is not None else 0
         if any(c != t for c in counts):
-            packing = pack(lengths, counts, self.device)
+            packing = pack(lengths, counts, self.device, parents)
             if layer:
                 inputs = torch.cat([prop.hidden for prop in proposals])
             else:
                 inputs = torch.tensor(
                     [tok for row, prop in zip(rows, proposals) for tok in (row.pending, *prop.tokens)]
                 )
-            mask = causal_mask(lengths, t, kv_len, self.device)
+            mask = step_mask(lengths, t, kv_len, parents, self.device)
             logits = self.model.forward_packed(inputs.to(self.device), cache, packing, kv_len, mask, layer)
             return list(logits.split(counts))
-        start = torch.tensor(lengths, device=self.device)[:, None]
-        positions = start + torch.arange(t, device=self.device)[None]
+        positions = grid_positions(lengths, t, parents, self.device)
         uniform = all(n == lengths[0] for n in lengths)
-        slots = lengths[0] if uniform else positions
+        slots = lengths[0] if uniform else torch.tensor(lengths, device=self.device)[:, None] + torch.arange(
+            t, device=self.device
+        )
         # plain decoding: the one new token may see every cached slot, no mask needed
-        mask = None if uniform and t == 1 else causal_mask(lengths, t, kv_len, self.device)
+        mask = None if uniform and t == 1 else step_mask(lengths, t, kv_len, parents, self.device)
         if layer:
             hidden = torch.stack([prop.hidden for prop in proposals])
         else:
@@ -400,7 +464,6 @@ class Engine:
         self, logits: torch.Tensor, prop: Proposal, params: SamplingParams, generator: torch.Generator | None
     ) -> Verdict:
         """logits [len(prop) + 1, vocab] of one row → Verdict."""
-        draft = torch.tensor(prop.tokens, dtype=torch.long, device=logits.device)
         if params.greedy:
-            return verify_greedy(draft, logits)
-        return verify_sampled(draft, probabilities(logits, params), prop.draft_probs, generator)
+            return verify_greedy(prop.tokens, prop.parents, logits)
+        return verify_sampled(prop.tokens, prop.parents, probabilities(logits, params), prop.draft_probs, generator)

@@ -1,15 +1,30 @@
 """Verification of draft tokens against the target: the only place where drafts are accepted.
 
-Pure functions over probabilities, shared by every drafter. Greedy: accept the longest prefix on
-which the target's argmax agrees, then emit the target's own token (the *bonus*). Sampling:
-speculative sampling (Leviathan et al. 2023, arXiv 2211.17192, Alg. 1; Chen et al. 2023,
-arXiv 2302.01318): accept draft token x with probability min(1, p(x)/q(x)); on rejection sample
-from norm(max(0, p - q)); after a fully accepted draft sample the bonus from p. The committed
-tokens are then distributed exactly as the target's own samples.
+Pure functions over probabilities, shared by every drafter. A draft is a *tree* given by parent
+indices (``parents[i] = -1``: child of the last committed token); a chain is the tree with one
+branch everywhere, so there is one code path for both.
+
+Row 0 of the target's distributions scores the token after the last committed one (the root);
+row ``i + 1`` scores the token after draft node ``i``.
+
+Greedy: follow the root-to-node path whose every token equals the target's argmax at its parent;
+the *bonus* is the target's argmax after the last accepted node.
+
+Sampling: recursive rejection over the children of each node (multi-candidate speculative
+sampling: SpecInfer, Miao et al. 2024, arXiv 2305.09781, Alg. 2; for one child per node it is
+Leviathan et al. 2023, arXiv 2211.17192, Alg. 1). At a node with target distribution p, try its
+children in order; child c carries token x_c drawn from q_c (a point mass for deterministic
+drafters: top-k candidates, prompt lookup). Accept x_c with probability min(1, p(x_c) / q_c(x_c));
+on rejection replace p by norm(max(0, p − q_c)) and try the next child — for a point mass that is
+"set p(x_c) = 0 and renormalise". If every child is rejected, sample from what is left of p; after
+an accepted leaf the bonus is sampled from the target's processed distribution at the leaf. Each
+child's trial is one speculative-sampling step whose "else" branch samples exactly from the
+residual, so the committed tokens are distributed exactly as the target's own samples.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,56 +34,88 @@ from joey.sampling import sample
 
 @dataclass(frozen=True)
 class Verdict:
-    """How many draft tokens were accepted, and the token the target adds after them."""
+    """The accepted root-to-node path (draft node indices, in order) and the token the target adds
+    after it."""
 
-    accepted: int
+    path: tuple[int, ...]
     bonus: int
+
+    @property
+    def accepted(self) -> int:
+        return len(self.path)
+
+
+def children_of(parents: Sequence[int]) -> list[list[int]]:
+    """Children of every node in proposal order: entry 0 is the root's, entry ``i + 1`` node i's."""
+    children: list[list[int]] = [[] for _ in range(len(parents) + 1)]
+    for i, parent in enumerate(parents):
+        if not -1 <= parent < i:
+            raise ValueError(f"node {i} has parent {parent}; a parent must come before its child")
+        children[parent + 1].append(i)
+    return children
+
+
+def chain_parents(k: int) -> tuple[int, ...]:
+    """Parent indices of a chain of k draft tokens: [-1, 0, 1, ...]."""
+    return tuple(range(-1, k - 1))
 
 
 def verify_greedy(
-    draft: torch.Tensor,  # [k] draft token ids
-    target_logits: torch.Tensor,  # [k + 1, vocab]: row i scores the token after draft[:i]
+    tokens: Sequence[int],  # [k] draft token ids
+    parents: Sequence[int],  # [k] parent index of each node (-1 = root)
+    target_logits: torch.Tensor,  # [k + 1, vocab]: row 0 at the root, row i + 1 after node i
 ) -> Verdict:
-    """Accept the longest prefix equal to the target's argmax; bonus = argmax after it."""
-    choice = target_logits.argmax(-1)  # [k + 1]
-    k = draft.shape[0]
-    mismatch = (draft != choice[:k]).nonzero()
-    n = int(mismatch[0, 0]) if mismatch.numel() else k
-    return Verdict(n, int(choice[n]))
+    """Longest path on which every draft token equals the target's argmax at its parent."""
+    choice = target_logits.argmax(-1).tolist()  # [k + 1]
+    children = children_of(parents)
+    node, path = -1, []
+    while True:
+        want = choice[node + 1]
+        nxt = next((c for c in children[node + 1] if tokens[c] == want), None)
+        if nxt is None:
+            return Verdict(tuple(path), int(want))
+        path.append(nxt)
+        node = nxt
 
 
 def verify_sampled(
-    draft: torch.Tensor,  # [k] draft token ids
+    tokens: Sequence[int],  # [k] draft token ids
+    parents: Sequence[int],  # [k] parent index of each node (-1 = root)
     p: torch.Tensor,  # [k + 1, vocab] target probabilities (after temperature / top-k / top-p)
-    q: torch.Tensor | None,  # [k, vocab] the distributions the drafts were sampled from; None = point mass
+    q: torch.Tensor | None,  # [k, vocab] the distribution each node was drawn from; None = point masses
     generator: torch.Generator | None,
 ) -> Verdict:
-    """Speculative sampling over a chain; exact in distribution for any q (eq. in Alg. 1 of 2211.17192)."""
-    k = draft.shape[0]
-    if k:
-        idx = torch.arange(k, device=p.device)
-        p_x = p[idx, draft]  # [k]
-        q_x = q[idx, draft] if q is not None else torch.ones_like(p_x)
-        u = torch.rand(k, generator=generator, device=p.device, dtype=torch.float64)
-        # accept while u < p(x)/q(x), written as u * q(x) < p(x) so q(x) = 0 needs no special case
-        rejected = (u * q_x.double() >= p_x.double()).nonzero()
-        if rejected.numel():
-            n = int(rejected[0, 0])
-            fallback = residual(p[n], q[n] if q is not None else None, int(draft[n]))
-            return Verdict(n, int(sample(fallback[None], generator)))
-    return Verdict(k, int(sample(p[k][None], generator)))
+    """Recursive rejection sampling over the tree (SpecInfer Alg. 2); exact in distribution."""
+    children = children_of(parents)
+    node, path = -1, []
+    while True:
+        dist = p[node + 1].double()  # p at this node; shrinks as children are rejected
+        for c in children[node + 1]:
+            x = tokens[c]
+            q_c = q[c].double() if q is not None else None
+            q_x = q_c[x] if q_c is not None else 1.0
+            u = torch.rand((), generator=generator, device=p.device, dtype=torch.float64)
+            # accept while u < p(x)/q(x), written as u * q(x) < p(x) so q(x) = 0 needs no special case
+            if u * q_x < dist[x]:
+                path.append(c)
+                node = c
+                break
+            dist = residual(dist, q_c, x)
+        else:
+            return Verdict(tuple(path), int(sample(dist[None], generator)[0]))
 
 
 def residual(
-    p: torch.Tensor,  # [vocab] target probabilities at the rejected position
-    q: torch.Tensor | None,  # [vocab] draft distribution there; None = point mass on ``token``
+    p: torch.Tensor,  # [vocab] target probabilities at the node (what is left of them)
+    q: torch.Tensor | None,  # [vocab] the rejected child's draft distribution; None = point mass on ``token``
     token: int,  # the rejected draft token
 ) -> torch.Tensor:
-    """norm(max(0, p - q)): what to sample from after a rejection. Falls back to p if it is empty
+    """norm(max(0, p − q)): what to sample from after a rejection. Falls back to p if it is empty
     (only possible through rounding when p == q, where rejection has probability ~0)."""
     if q is None:
-        q = torch.zeros_like(p)
-        q[token] = 1.0
-    r = (p - q).clamp_min(0)
+        r = p.clone()
+        r[token] = 0.0
+    else:
+        r = (p - q).clamp_min(0)
     total = r.sum()
     return r / total if total > 0 else p

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from joey.models.llama import causal_mask
+from joey.batching import causal_mask
 from joey.models.weights import load_model
 
 

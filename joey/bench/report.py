@@ -23,6 +23,7 @@ import torch
 from joey.bench import metrics
 from joey.bench.runners import EXTERNAL, TurnResult
 from joey.bench.store import MethodRun, QuestionRecord
+from joey.budget import cpu_name
 
 OVERALL = "overall"
 SCHEMA = "joey-bench/1"
@@ -158,16 +159,6 @@ def _version(dist: str) -> str | None:
         return md.version(dist)
     except md.PackageNotFoundError:
         return None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def environment(engine: Any) -> dict[str, Any]:

@@ -28,9 +28,9 @@ from joey.bench.runners import (
     make_runner,
 )
 from joey.bench.store import MethodRun, QuestionRecord, Store, question_key
-from joey.config import SamplingParams
+from joey.config import MAX_DRAFT_LIMIT, SamplingParams
 from joey.drafters.kangaroo import DEFAULT_THRESHOLD
-from joey.engine import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, METHODS, Engine, Message
+from joey.engine import DEFAULT_MAX_DRAFT, METHODS, Engine, Message
 from joey.errors import InvalidArgumentError, PromptError
 
 WARMUP_TOKENS = 16

@@ -52,6 +52,10 @@ class Drafter(Protocol):
 
     name: str
 
-    def propose(self, context: list[int], max_tokens: int) -> Proposal:
-        """Propose up to ``max_tokens`` tokens to follow ``context`` (prompt + committed tokens)."""
+    def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
+        """Propose tokens to follow ``context`` (prompt + committed tokens): no path deeper than
+        ``max_tokens``, at most ``max_nodes`` tokens in all (None: ``max_tokens``, a chain's worth).
+
+        A tree drafter may keep per-node state between calls (its own caches): the next call's
+        context tells which path the target committed."""
         ...

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from joey.batching import prefix_causal_mask
 from joey.config import SamplingParams
 from joey.drafters.base import Proposal, common_prefix
-from joey.models.llama import LlamaModel, prefix_causal_mask
+from joey.models.llama import LlamaModel
 from joey.sampling import probabilities, sample
 
 
@@ -38,7 +39,8 @@ class DraftModelDrafter:
         self.cached.extend(tokens)
         return logits[0, -1]
 
-    def propose(self, context: list[int], max_tokens: int) -> Proposal:
+    def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
+        """A chain of up to ``max_tokens`` (this drafter does not build trees; ``max_nodes`` is ignored)."""
         if max_tokens < 1:
             return Proposal.chain([])
         common = min(common_prefix(self.cached, context), len(context) - 1)  # always feed the last token

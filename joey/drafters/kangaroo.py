@@ -12,6 +12,16 @@ exactly what the target would compute) and one for the adapter; the target's cac
 touched. Both are rolled back to the longest prefix shared with the committed context, so a step
 after a fully accepted draft feeds the adapter two positions (the last draft, which the adapter has
 not seen yet, and the bonus token).
+
+With ``topk > 1`` the draft is a dynamic token tree (EAGLE-2's expansion, as in Kangaroo's later
+version): every expanded node proposes its ``topk`` most likely children, each scored by its path's
+cumulative log-probability; the ``topk`` best new nodes of a depth are expanded next (one forward
+of the shallow layers and the adapter for all of them), until the depth budget is spent or the most
+confident new node falls below η; finally the ``max_nodes`` best candidates form the tree (a parent
+always outranks its children, so they form a tree). Candidates that were never expanded get their
+layer-l states in one last shallow pass. Tree nodes sit in this drafter's caches at their own slots
+after the context; at the next step the accepted path is found by the committed tokens and its
+entries are moved to contiguous slots. ``topk == 1`` is the chain.
 """
 
 from __future__ import annotations
@@ -20,11 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from joey.batching import prefix_causal_mask, visible_slots_mask
 from joey.config import SamplingParams
 from joey.drafters.base import Proposal, common_prefix
 from joey.models.adapter import KangarooAdapter
 from joey.models.kv_cache import KVCache
-from joey.models.llama import LlamaModel, pack_weight, packed_linear, prefix_causal_mask
+from joey.models.llama import LlamaModel, pack_weight, packed_linear
 from joey.sampling import probabilities, sample
 
 DEFAULT_THRESHOLD = 0.6
@@ -59,7 +70,7 @@ class KangarooDraft:
 
 
 class KangarooDrafter:
-    """Drafts a chain for one sequence; one instance per row of a batch."""
+    """Drafts a chain (``topk == 1``) or a dynamic tree for one sequence; one instance per row."""
 
     name = "kangaroo"
 
@@ -70,11 +81,13 @@ class KangarooDrafter:
         generator: torch.Generator | None,
         max_len: int,
         threshold: float = DEFAULT_THRESHOLD,
+        topk: int = 1,
     ) -> None:
         self.draft = draft
         self.params = params
         self.generator = generator
         self.threshold = threshold
+        self.topk = topk
         model = draft.model
         cfg = model.cfg
         w = model.lm_head.weight
@@ -82,70 +95,220 @@ class KangarooDrafter:
             draft.exit_layer, 1, cfg.num_kv_heads, max_len, cfg.head_dim, dtype=w.dtype, device=w.device
         )
         self.adapter_cache = draft.adapter.new_cache(1, max_len)
-        # the layer-l state of every position: the adapter's input and the verification's input
+        # the layer-l state of every slot: the adapter's input and the verification's input
         self.hidden = torch.zeros(max_len, cfg.hidden_size, dtype=w.dtype, device=w.device)
-        self.cached: list[int] = []  # tokens whose shallow K/V and layer-l state are stored
+        self.cached: list[int] = []  # tokens whose shallow K/V and layer-l state are stored, in order
         self.adapted: list[int] = []  # tokens whose adapter K/V are stored (a prefix of ``cached``)
+        self._tree: _Tree | None = None  # the last proposal, until the committed tokens say which path won
 
-    def _positions(self, start: int, n: int) -> torch.Tensor:
-        return torch.arange(start, start + n, device=self.hidden.device)[None]  # [1, n]
-
-    def _shallow(self, tokens: list[int], start: int) -> None:
-        """Layers [0, l) on tokens at positions start..; stores their K/V and layer-l states."""
-        n = len(tokens)
+    # -- the target's shallow layers and the adapter, on slots of this drafter's caches ----------
+    def _shallow(self, tokens: list[int], slots: list[int], positions: list[int], mask: torch.Tensor | None) -> None:
+        """Layers [0, l) on tokens at the given slots / RoPE positions; stores their K/V and layer-l states."""
         model = self.draft.model
-        x = model.embed(torch.tensor([tokens], device=self.hidden.device))
-        mask = prefix_causal_mask(start, n, x.device)
-        positions = self._positions(start, n)
-        h = model.run_layers(x, positions, self.shallow, start, start + n, mask, 0, self.draft.exit_layer)
-        self.hidden[start : start + n] = h[0]
+        dev = self.hidden.device
+        x = model.embed(torch.tensor([tokens], device=dev))
+        pos = torch.tensor([positions], device=dev)
+        slot: int | torch.Tensor = slots[0] if _contiguous(slots) else torch.tensor([slots], device=dev)
+        h = model.run_layers(x, pos, self.shallow, slot, max(slots) + 1, mask, 0, self.draft.exit_layer)
+        if _contiguous(slots):
+            self.hidden[slots[0] : slots[-1] + 1] = h[0]
+        else:
+            self.hidden[torch.tensor(slots, device=dev)] = h[0]
 
-    def _adapt(self, start: int, end: int) -> torch.Tensor:
-        """The adapter on the stored states of positions [start, end) → draft logits of the last one."""
-        n = end - start
-        cos, sin = self.draft.model.rope(self._positions(start, n))
-        mask = prefix_causal_mask(start, n, cos.device)
-        out = self.draft.adapter(self.hidden[start:end], (1, n), cos, sin, self.adapter_cache, start, end, mask)
-        return self.draft.logits(out[-1:])[0]
+    def _adapt(self, slots: list[int], positions: list[int], mask: torch.Tensor | None) -> torch.Tensor:
+        """The adapter on the stored states of ``slots`` → draft logits [len(slots), draft_vocab]."""
+        dev = self.hidden.device
+        n = len(slots)
+        cos, sin = self.draft.model.rope(torch.tensor([positions], device=dev))
+        slot: int | torch.Tensor = slots[0] if _contiguous(slots) else torch.tensor([slots], device=dev)
+        states = self.hidden[slots[0] : slots[-1] + 1] if _contiguous(slots) else self.hidden[torch.tensor(slots)]
+        out = self.draft.adapter(states, (1, n), cos, sin, self.adapter_cache, slot, max(slots) + 1, mask)
+        return self.draft.logits(out)
 
-    def propose(self, context: list[int], max_tokens: int) -> Proposal:
+    def _run_prefix(self, start: int, end: int, adapt_from: int | None) -> torch.Tensor | None:
+        """Context slots [start, end): shallow layers, then the adapter on [adapt_from, end) → the
+        draft logits after the last one ([draft_vocab]); None when ``adapt_from`` is None."""
+        if end > start:
+            self._shallow(self.cached[start:end], list(range(start, end)), list(range(start, end)),
+                          prefix_causal_mask(start, end - start, self.hidden.device))
+        if adapt_from is None:
+            return None
+        slots = list(range(adapt_from, end))
+        return self._adapt(slots, slots, prefix_causal_mask(adapt_from, len(slots), self.hidden.device))[-1]
+
+    # -- following the committed path through the last tree --------------------------------------
+    def _follow(self, context: list[int]) -> None:
+        """Keep the cache entries of the last tree's nodes that the target committed, moved to the
+        contiguous slots right after the context they were drafted from."""
+        tree, self._tree = self._tree, None
+        if tree is None or context[: tree.base] != self.cached[: tree.base]:
+            return
+        path = tree.follow(context[tree.base :])
+        moves = [(tree.slots[node], tree.base + m) for m, node in enumerate(path)]
+        src = [a for a, b in moves if a != b]
+        if src:
+            dst = [b for a, b in moves if a != b]
+            self.shallow.move([0] * len(src), src, dst)
+            self.hidden[torch.tensor(dst)] = self.hidden[torch.tensor(src)]
+        adapted = 0
+        while adapted < len(path) and path[adapted] in tree.expanded:
+            adapted += 1
+        a_src = [tree.slots[node] for node in path[:adapted]]
+        a_dst = [tree.base + m for m in range(adapted)]
+        pairs = [(x, y) for x, y in zip(a_src, a_dst) if x != y]
+        if pairs:
+            self.adapter_cache.move([0] * len(pairs), [x for x, _ in pairs], [y for _, y in pairs])
+        tokens = [tree.tokens[node] for node in path]
+        self.cached = self.cached[: tree.base] + tokens
+        self.adapted = self.cached[: tree.base + adapted]  # the adapter ran on the whole context
+
+    # -- proposing -----------------------------------------------------------------------------
+    def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
+        """Up to ``max_tokens`` deep and ``max_nodes`` tokens in all (default: a chain's worth)."""
+        self._follow(context)
         n = len(context)
         # Shallow K/V: keep the prefix shared with the committed context; the last context token
         # (the pending one) is always recomputed, since verification needs its layer-l state.
         s = min(common_prefix(self.cached, context), n - 1)
-        self._shallow(context[s:], s)
         a = min(common_prefix(self.adapted, context), s, n - 1)
         self.cached = list(context)
+        exit_layer = self.draft.exit_layer
         if max_tokens < 1:
+            self._run_prefix(s, n, None)
             self.adapted = self.adapted[:a]
-            hidden = self.hidden[n - 1 : n].clone()
-            return Proposal(tokens=(), parents=(), hidden=hidden, start_layer=self.draft.exit_layer)
-        logits = self._adapt(a, n)
-        vocab = self.draft.adapter.vocab
-        tokens: list[int] = []
-        dists: list[torch.Tensor] = []
-        for i in range(max_tokens):
-            if self.params.greedy:
-                conf, local = torch.softmax(logits, -1).max(-1)
-                local = int(local)
-            else:
-                q = probabilities(logits[None], self.params)[0]  # [draft_vocab]
-                local = int(sample(q[None], self.generator)[0])
-                conf = q.max()
-                full = torch.zeros(self.draft.model.cfg.vocab_size, dtype=q.dtype, device=q.device)
-                dists.append(full.index_copy_(0, vocab, q))
-            tokens.append(int(vocab[local]))
-            self._shallow(tokens[-1:], n + i)  # verification needs every draft token's layer-l state
-            if i + 1 == max_tokens or float(conf) < self.threshold:
-                break
-            logits = self._adapt(n + i, n + i + 1)
-        self.cached = list(context) + tokens
-        self.adapted = list(context) + tokens[:-1]  # the adapter has not seen the last draft token
-        k = len(tokens)
+            return Proposal(tokens=(), parents=(), hidden=self.hidden[n - 1 : n].clone(), start_layer=exit_layer)
+        logits = self._run_prefix(s, n, a)
+        self.adapted = list(context)
+        tree = _Tree(base=n)
+        grow = self._grow_sampled if not self.params.greedy and self.topk == 1 else self._grow
+        grow(tree, logits, max_tokens, max_nodes or max_tokens)
+        self._tree = tree
+        order = tree.final
+        index = {node: i for i, node in enumerate(order)}
+        slots = [n - 1] + [tree.slots[node] for node in order]
         return Proposal(
-            tokens=tuple(tokens),
-            parents=tuple(range(-1, k - 1)),
-            draft_probs=torch.stack(dists) if dists else None,
-            hidden=self.hidden[n - 1 : n + k].clone(),  # [1 + k, hidden]: pending token + drafts
-            start_layer=self.draft.exit_layer,
+            tokens=tuple(tree.tokens[node] for node in order),
+            parents=tuple(index.get(tree.parents[node], -1) for node in order),
+            draft_probs=torch.stack([tree.dists[node] for node in order]) if tree.dists else None,
+            hidden=self.hidden[torch.tensor(slots, device=self.hidden.device)],  # [1 + k, hidden]
+            start_layer=exit_layer,
         )
+
+    def _expand(self, tree: _Tree, nodes: list[int], adapt: bool) -> torch.Tensor | None:
+        """One forward for ``nodes``: shallow layers (and the adapter when ``adapt``) at fresh slots;
+        each node sees the context and its own ancestors. → draft logits [len(nodes), draft_vocab]."""
+        slots = [tree.assign_slot(node) for node in nodes]
+        positions = [tree.base - 1 + tree.depths[node] for node in nodes]
+        mask = visible_slots_mask(tree.base, [tree.path_slots(node) for node in nodes], max(slots) + 1,
+                                  self.hidden.device)
+        self._shallow([tree.tokens[node] for node in nodes], slots, positions, mask)
+        if not adapt:
+            return None
+        tree.expanded.update(nodes)
+        return self._adapt(slots, positions, mask)
+
+    def _grow(self, tree: _Tree, logits: torch.Tensor, max_depth: int, max_nodes: int) -> None:
+        """Deterministic top-k expansion (greedy, or sampling with point-mass candidates)."""
+        vocab = self.draft.adapter.vocab
+        frontier, rows = [-1], logits[None]  # [len(frontier), draft_vocab]
+        for depth in range(1, max_depth + 1):
+            logp = self._log_probs(rows)
+            top = logp.topk(min(self.topk, logp.shape[-1]), dim=-1)
+            scores = (top.values + torch.tensor([tree.score(f) for f in frontier])[:, None]).tolist()
+            ids = vocab[top.indices].tolist()
+            new = [tree.add(int(ids[r][c]), frontier[r], scores[r][c], depth)
+                   for r in range(len(frontier)) for c in range(len(ids[r])) if scores[r][c] > float("-inf")]
+            if depth == max_depth or float(top.values[:, 0].max().exp()) < self.threshold:
+                break
+            new.sort(key=lambda node: -tree.scores[node])
+            frontier = new[: self.topk]
+            rows = self._expand(tree, frontier, adapt=True)
+        tree.select(max_nodes)
+        missing = [node for node in tree.final if node not in tree.slots]
+        if missing:
+            self._expand(tree, missing, adapt=False)
+
+    def _grow_sampled(self, tree: _Tree, logits: torch.Tensor, max_depth: int, max_nodes: int) -> None:
+        """A chain of tokens sampled from the draft distribution q (speculative sampling's proposal)."""
+        vocab = self.draft.adapter.vocab
+        full_vocab = self.draft.model.cfg.vocab_size
+        parent = -1
+        for depth in range(1, min(max_depth, max_nodes) + 1):
+            q = probabilities(logits[None], self.params)[0]  # [draft_vocab]
+            local = int(sample(q[None], self.generator)[0])
+            full = torch.zeros(full_vocab, dtype=q.dtype, device=q.device)
+            parent = tree.add(int(vocab[local]), parent, 0.0, depth, full.index_copy_(0, vocab, q))
+            if depth == min(max_depth, max_nodes) or float(q.max()) < self.threshold:
+                break
+            logits = self._expand(tree, [parent], adapt=True)[0]
+        tree.select(len(tree.tokens))
+        missing = [node for node in tree.final if node not in tree.slots]
+        if missing:
+            self._expand(tree, missing, adapt=False)
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scores of candidate children: the draft's log-probabilities (after the sampling warps when sampling)."""
+        if self.params.greedy:
+            return torch.log_softmax(logits.float(), -1)
+        return probabilities(logits, self.params).log()
+
+
+def _contiguous(slots: list[int]) -> bool:
+    return slots == list(range(slots[0], slots[0] + len(slots)))
+
+
+class _Tree:
+    """A draft tree under construction: nodes in creation order with parents, scores and slots."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base  # slot (and length) of the context; the pending token sits at base - 1
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.scores: list[float] = []  # cumulative log-probability of the node's path
+        self.depths: list[int] = []
+        self.dists: list[torch.Tensor] = []  # sampled chains: the distribution each token was drawn from
+        self.slots: dict[int, int] = {}  # node → slot in the drafter's caches
+        self.expanded: set[int] = set()  # nodes the adapter has run on
+        self.final: list[int] = []  # the proposed nodes, parents first
+
+    def add(self, token: int, parent: int, score: float, depth: int, dist: torch.Tensor | None = None) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.scores.append(score)
+        self.depths.append(depth)
+        if dist is not None:
+            self.dists.append(dist)
+        return len(self.tokens) - 1
+
+    def score(self, node: int) -> float:
+        return 0.0 if node < 0 else self.scores[node]
+
+    def assign_slot(self, node: int) -> int:
+        self.slots[node] = self.base + len(self.slots)
+        return self.slots[node]
+
+    def select(self, max_nodes: int) -> None:
+        """The best ``max_nodes`` nodes by score; ties go to the shallower (so parents come first)."""
+        ranked = sorted(range(len(self.tokens)), key=lambda node: (-self.scores[node], self.depths[node], node))
+        keep = set(ranked[:max_nodes])
+        self.final = sorted(keep, key=lambda node: (self.depths[node], node))
+
+    def path_slots(self, node: int) -> list[int]:
+        """Slots of a node and its ancestors (what it may attend to besides the context)."""
+        slots = []
+        while node >= 0:
+            slots.append(self.slots[node])
+            node = self.parents[node]
+        return slots
+
+    def follow(self, committed: list[int]) -> list[int]:
+        """The nodes whose tokens the target committed after the context, root first."""
+        path: list[int] = []
+        parent = -1
+        for token in committed:
+            nxt = next((c for c in self.final if self.parents[c] == parent and self.tokens[c] == token), None)
+            if nxt is None:
+                break
+            path.append(nxt)
+            parent = nxt
+        return path

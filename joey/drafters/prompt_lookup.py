@@ -3,6 +3,10 @@
 If the last n tokens occurred earlier in the prompt or the output, the tokens that followed that
 earlier occurrence are proposed (longest n first, most recent match first). Strong on tasks that
 copy from the input: summarization, retrieval QA, code editing.
+
+Asked for a tree (``max_nodes`` above the depth), it merges the continuations of up to
+``branches`` different matches into one trie, so that when the context repeats with variations
+each variant is verified in the same step.
 """
 
 from __future__ import annotations
@@ -15,19 +19,44 @@ class PromptLookupDrafter:
 
     name = "pld"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1) -> None:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        self.branches = branches
 
-    def propose(self, context: list[int], max_tokens: int) -> Proposal:
-        if max_tokens < 1:
-            return Proposal.chain([])
+    def _continuations(self, context: list[int], depth: int):
+        """Continuations of earlier occurrences of the context's tail, best first."""
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
             tail = context[-n:]
             # scan backwards so the most recent earlier occurrence wins
             for start in range(len(context) - n - 1, -1, -1):
                 if context[start : start + n] == tail:
-                    follow = context[start + n : start + n + max_tokens]
+                    follow = context[start + n : start + n + depth]
                     if follow:
-                        return Proposal.chain(follow)
-        return Proposal.chain([])
+                        yield follow
+
+    def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
+        if max_tokens < 1:
+            return Proposal.chain([])
+        budget = max_nodes or max_tokens
+        if self.branches == 1 or budget <= max_tokens:
+            return Proposal.chain(next(self._continuations(context, max_tokens), []))
+        tokens: list[int] = []
+        parents: list[int] = []
+        child: dict[tuple[int, int], int] = {}  # (parent, token) → node: the trie
+        used = 0
+        for follow in self._continuations(context, max_tokens):
+            parent = -1
+            for tok in follow:
+                node = child.get((parent, tok))
+                if node is None:
+                    if len(tokens) == budget:
+                        break
+                    node = child[(parent, tok)] = len(tokens)
+                    tokens.append(tok)
+                    parents.append(parent)
+                parent = node
+            used += 1
+            if used == self.branches or len(tokens) == budget:
+                break
+        return Proposal(tuple(tokens), tuple(parents))

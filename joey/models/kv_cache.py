@@ -3,7 +3,11 @@
 Rows of a batch hold sequences of different lengths without padding (EMS-SD's "unpad KV cache"):
 row ``b`` owns slots ``[0, lengths[b])`` of every layer; new keys are written at the slots the
 caller names, and rolling back a row is just lowering its length (stale slots are overwritten
-later). Lengths are kept on the host as a list, so bookkeeping never forces a device sync.
+later). After a tree step the accepted path's keys/values are moved to contiguous slots
+(``move``). Lengths are kept on the host as a list, so bookkeeping never forces a device sync.
+
+All layers live in one tensor per keys and values, so a compaction moves every layer in one op;
+``k[i]`` / ``v[i]`` are views of layer i.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self._set(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         self.max_len = max_len
         self.lengths: list[int] = [0] * batch
+
+    def _set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values  # [layers, B, kv_heads, max_len, head_dim]
+        self.k = list(keys.unbind(0))
+        self.v = list(values.unbind(0))
 
     @property
     def batch(self) -> int:
@@ -45,11 +53,20 @@ class KVCache:
             raise ValueError("truncate() can only shorten rows")
         self.lengths = list(lengths)
 
+    def move(self, rows: list[int], src: list[int], dst: list[int]) -> None:
+        """Copy every layer's K/V of (rows[i], src[i]) to (rows[i], dst[i]) — the compaction of an
+        accepted tree path. All sources are read before any destination is written."""
+        if not rows:
+            return
+        dev = self.keys.device
+        r, s, d = (torch.tensor(x, device=dev) for x in (rows, src, dst))
+        self.keys[:, r, :, d] = self.keys[:, r, :, s]
+        self.values[:, r, :, d] = self.values[:, r, :, s]
+
     def keep_rows(self, rows: list[int]) -> None:
         """Drop every row not in ``rows`` (finished sequences), so they stop costing compute."""
         if rows == list(range(self.batch)):
             return
-        index = torch.tensor(rows, device=self.k[0].device, dtype=torch.long)
-        self.k = [k.index_select(0, index) for k in self.k]
-        self.v = [v.index_select(0, index) for v in self.v]
+        index = torch.tensor(rows, device=self.keys.device, dtype=torch.long)
+        self._set(self.keys.index_select(1, index), self.values.index_select(1, index))
         self.lengths = [self.lengths[r] for r in rows]

@@ -360,12 +360,12 @@ class LlamaModel(nn.Module):
         cache: KVCache,
         packing: Packing,  # from joey.batching.pack
         kv_len: int,
-        mask: torch.Tensor,  # [B, 1, T, kv_len] over the padded grid (see causal_mask)
+        mask: torch.Tensor,  # [B, 1, T, kv_len] over the padded grid (joey.batching.step_mask)
         start: int = 0,  # first layer to run (hidden-state inputs come from layer ``start``)
     ) -> torch.Tensor:
         """Ragged rows without padding in the dense layers (EMS-SD) → logits [N, vocab]."""
         x = self.embed(inputs) if inputs.dtype == torch.long else inputs
-        x = self._layers(x, packing.grid, packing.slots, cache, packing.slots, kv_len, mask, start, None, packing)
+        x = self._layers(x, packing.grid, packing.positions, cache, packing.slots, kv_len, mask, start, None, packing)
         return self.logits(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -396,24 +396,6 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Layers [start, L) + head → logits [B, T, vocab]; layers below ``start`` are not touched."""
         return self.logits(self.run_layers(hidden, positions, cache, slots, kv_len, mask, start=start))
-
-
-def causal_mask(lengths: list[int], t: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
-    """Mask for rows whose ``t`` new tokens sit right after each row's cached prefix.
-
-    Row b holds ``lengths[b]`` cached slots and writes its new tokens at the next slots; query j of
-    row b may attend to slots ``< lengths[b] + j + 1``. Returns [B, 1, t, kv_len] bool.
-    """
-    start = torch.tensor(lengths, device=device)[:, None, None]  # [B, 1, 1]
-    q = torch.arange(t, device=device)[None, :, None]  # [1, t, 1]
-    k = torch.arange(kv_len, device=device)[None, None, :]  # [1, 1, kv_len]
-    return (k < start + q + 1).unsqueeze(1)
-
-
-def prefix_causal_mask(start: int, n: int, device: torch.device | str) -> torch.Tensor | None:
-    """Mask for one row's ``n`` new tokens written right after ``start`` cached ones; None where
-    attention's own causal handling is already right (no cached prefix, or a single new token)."""
-    return causal_mask([start], n, start + n, device) if start and n > 1 else None
 
 
 def param_count(model: nn.Module) -> int:

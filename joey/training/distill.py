@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from joey.batching import causal_mask
 from joey.errors import InvalidArgumentError
-from joey.models.llama import LlamaModel, causal_mask
+from joey.models.llama import LlamaModel
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,164 @@
+"""The budget: what a verification of k tokens costs on this machine, and how much to draft.
+
+Speculative decoding pays only while a step's extra cost stays below what its accepted tokens
+save, and that cost is a property of the hardware: on a 2-core CPU a target forward of 16 tokens
+costs ~2x one token, on a GPU 60 tokens cost about the same as one. So joey measures the curve
+once per model, device, dtype and thread count (about two seconds, then cached in ``JOEY_CACHE``),
+sizes draft trees from it, and each step picks the draft depth that maximises expected tokens per
+second from the row's own acceptance so far (SpecDec++ / vLLM's dynamic speculation do the same),
+falling back to no draft at all when drafting cannot pay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from joey.batching import causal_mask
+from joey.models.llama import LlamaModel
+
+MEASURED_TOKENS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CONTEXT = 128  # cached tokens before the measured forward: a typical mid-generation state
+SLACK = 0.3  # a tree may cost up to 30 % more to verify than one token ("nearly free")
+PROBE_EVERY = 16  # steps without drafting before drafting is tried again
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for figures and cache keys); the platform's string where /proc lacks it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Median milliseconds of one target forward of k new tokens after ``CONTEXT`` cached ones."""
+
+    tokens: tuple[int, ...]
+    ms: tuple[float, ...]
+    device: str
+    dtype: str
+    threads: int
+
+    def cost(self, k: int) -> float:
+        """Interpolated ms for k tokens (linear between measured points, extrapolated past the last)."""
+        ks, ms = self.tokens, self.ms
+        if k <= ks[0]:
+            return ms[0]
+        for (k0, m0), (k1, m1) in zip(zip(ks, ms), zip(ks[1:], ms[1:])):
+            if k <= k1:
+                return m0 + (m1 - m0) * (k - k0) / (k1 - k0)
+        slope = (ms[-1] - ms[-2]) / (ks[-1] - ks[-2])
+        return ms[-1] + slope * (k - ks[-1])
+
+    def ratio(self, k: int) -> float:
+        return self.cost(k) / self.cost(1)
+
+    def tree_nodes(self, slack: float = SLACK) -> int:
+        """The largest number of draft tokens whose verification (with the pending token) costs at
+        most ``1 + slack`` times a plain decoding step; at least 1."""
+        nodes = 1
+        for k in range(2, self.tokens[-1] + 1):
+            if self.ratio(k) <= 1.0 + slack:
+                nodes = k - 1
+        return nodes
+
+
+def measure(model: LlamaModel, tokens: Sequence[int] = MEASURED_TOKENS, repeats: int = 5) -> CostCurve:
+    """Time one forward of k new tokens after ``CONTEXT`` cached (the median of ``repeats``, after warm-up)."""
+    dev = model.lm_head.weight.device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, model.cfg.vocab_size - 1, (1, CONTEXT + max(tokens)), generator=gen).to(dev)
+    cache = model.new_cache(1, CONTEXT + max(tokens))
+    ms = []
+    with torch.inference_mode():
+        model(ids[:, :CONTEXT], torch.arange(CONTEXT, device=dev)[None], cache, 0, CONTEXT, None)
+        for k in tokens:
+            mask = None if k == 1 else causal_mask([CONTEXT], k, CONTEXT + k, dev)
+            pos = torch.arange(CONTEXT, CONTEXT + k, device=dev)[None]
+            times = []
+            for i in range(repeats + 2):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(ids[:, CONTEXT : CONTEXT + k], pos, cache, CONTEXT, CONTEXT + k, mask)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= 2:  # the first calls of a shape warm up its kernels
+                    times.append(1000 * (time.perf_counter() - start))
+            ms.append(statistics.median(times))
+    return CostCurve(tuple(tokens), tuple(ms), str(dev), str(model.lm_head.weight.dtype).replace("torch.", ""),
+                     torch.get_num_threads())
+
+
+def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCurve:
+    """The cost curve of this model on this device/dtype/thread count, measured once and then read
+    from ``cache_root/budget``. A corrupt or foreign cache file is measured again."""
+    w = model.lm_head.weight
+    hw = cpu_name() if w.device.type == "cpu" else torch.cuda.get_device_name(w.device)
+    packed = getattr(model.lm_head, "_packed", None) is not None
+    key = json.dumps([model_key, str(w.device), str(w.dtype), packed, torch.get_num_threads(), hw, MEASURED_TOKENS])
+    path = cache_root / "budget" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") == key:
+            d = data["curve"]
+            return CostCurve(tuple(d["tokens"]), tuple(d["ms"]), d["device"], d["dtype"], d["threads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    curve = measure(model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "hardware": hw, "curve": asdict(curve)}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+    return curve
+
+
+def expected_tokens(drafted: Sequence[int], accepted: Sequence[int], depth: int) -> float:
+    """Expected committed tokens of a step drafted ``depth`` deep, from a row's counts so far: the
+    bonus plus, per depth, the observed rate at which accepted paths reached it (a Beta(1, 1) prior
+    keeps one unlucky step from ruling a depth out)."""
+    total = 1.0
+    for d in range(depth):
+        n = drafted[d] if d < len(drafted) else 0
+        a = accepted[d] if d < len(accepted) else 0
+        total += (a + 1) / (n + 2)
+    return total
+
+
+def best_depth(
+    curve: CostCurve,
+    drafted: Sequence[int],
+    accepted: Sequence[int],
+    max_depth: int,
+    nodes_at: Sequence[int],
+    draft_ms_per_depth: float,
+) -> int:
+    """The draft depth (0 = no draft) with the most expected tokens per millisecond.
+
+    ``nodes_at[d]``: draft tokens in a tree of depth d (d for a chain); a step drafted d deep costs
+    d draft forwards plus verifying ``1 + nodes_at[d]`` tokens; no draft costs one plain step.
+    """
+    best, best_rate = 0, 1.0 / curve.cost(1)
+    for d in range(1, max_depth + 1):
+        step_ms = d * draft_ms_per_depth + curve.cost(1 + nodes_at[d])
+        rate = expected_tokens(drafted, accepted, d) / step_ms
+        if rate > best_rate:
+            best, best_rate = d, rate
+    return best
