@@ -55,10 +55,13 @@ def test_mean_accepted_tokens_pools_steps():
     assert metrics.mean_accepted_tokens([], []) == 0.0
 
 
-def test_acceptance_by_position_weights_and_ragged_depth():
-    assert metrics.acceptance_by_position([[1.0, 0.5], [0.0]], [3, 1]) == pytest.approx((0.75, 0.5))
-    assert metrics.acceptance_by_position([[], []], [1, 1]) == ()
-    assert metrics.acceptance_by_position([[0.5]], [0]) == (0.0,)
+def test_acceptance_by_position_pools_counts_and_ragged_depth():
+    # generation 1: 3 steps drafted depth 1 (3 reached it), 2 drafted depth 2 (1 reached it); generation 2: 1 and 0
+    assert metrics.acceptance_by_position([[3, 2], [1]], [[3, 1], [0]]) == pytest.approx((0.75, 0.5))
+    assert metrics.acceptance_by_position([[], []], [[], []]) == ()
+    assert metrics.acceptance_by_position([[0]], [[0]]) == (0.0,)
+    with pytest.raises(ValueError):
+        metrics.acceptance_by_position([[1]], [])
 
 
 def test_spread_agreement_first_difference():
@@ -70,14 +73,14 @@ def test_spread_agreement_first_difference():
     assert metrics.first_difference([1, 2], [1, 2, 3]) == 2
 
 
-def _turn(ids, seconds, steps, accept=None, acc=()):
-    return TurnResult("x", tuple(ids), len(ids), seconds, "length", steps, accept, acc)
+def _turn(ids, seconds, steps, accept=None, drafted=(), accepted=()):
+    return TurnResult("x", tuple(ids), len(ids), seconds, "length", steps, accept, drafted, accepted)
 
 
 def test_summary_and_lossless_on_hand_made_records():
     ar = (_turn([1, 2, 3, 4], 2.0, 4, (1, 1, 1, 1)),)
-    fast = (_turn([1, 2, 3, 4], 1.0, 2, (3, 1), (1.0, 0.5)),)
-    wrong = (_turn([1, 2, 9, 4], 1.0, 2, (3, 1), (1.0, 0.5)),)
+    fast = (_turn([1, 2, 3, 4], 1.0, 2, (3, 1), (2, 2), (2, 1)),)
+    wrong = (_turn([1, 2, 9, 4], 1.0, 2, (3, 1), (2, 2), (2, 1)),)
     recs = [
         QuestionRecord(1, "writing", MT_BENCH, (MethodRun("ar", 0, 0, ar), MethodRun("pld", 0, 1, fast))),
         QuestionRecord(2, "rag", "rag", (MethodRun("ar", 0, 1, ar), MethodRun("pld", 0, 0, wrong))),

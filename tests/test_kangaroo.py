@@ -80,14 +80,29 @@ def test_partial_drafts_are_partly_accepted(partial):
 def test_all_accepted_steps(exact):
     """Every draft is accepted: the next step must feed the adapter the last draft and the bonus."""
     ar = exact.generate(PROMPTS[0], max_new_tokens=31, ignore_eos=True, method="ar")
-    g = exact.generate(PROMPTS[0], max_new_tokens=31, ignore_eos=True, method="kangaroo", threshold=0.0, max_draft=4)
+    g = exact.generate(PROMPTS[0], max_new_tokens=31, ignore_eos=True, method="kangaroo", threshold=0.0,
+                       max_draft=4, tree_nodes=0, adaptive=False)
     assert g.token_ids == ar.token_ids
     assert g.stats.acceptance_by_position == (1.0, 1.0, 1.0, 1.0)
     assert g.stats.steps == 7  # the prefill's token, then 6 steps of 4 drafts + 1 bonus
+    assert g.stats.draft_tokens == 6 * 4
+
+
+def test_tree_follows_accepted_paths_off_the_first_branch(exact):
+    """A top-3 tree: accepted paths run through nodes that are not the tree's first ones, so the
+    target's and the drafter's caches must be compacted, and the output stays AR's."""
+    ar = exact.generate(PROMPTS[0], max_new_tokens=31, ignore_eos=True, method="ar")
+    g = exact.generate(PROMPTS[0], max_new_tokens=31, ignore_eos=True, method="kangaroo", threshold=0.0,
+                       max_draft=4, tree_nodes=12, tree_topk=3, adaptive=False)
+    assert g.token_ids == ar.token_ids
+    assert g.stats.draft_tokens == 12 * (g.stats.steps - 1)  # every step drafted a full tree
+    assert g.stats.acceptance_by_position[0] == 1.0  # an exact drafter's top-1 child is the target's
+    assert g.stats.mean_accepted_tokens > 2.0
 
 
 def test_confidence_threshold_stops_drafting(exact):
-    never = exact.generate(PROMPTS[0], max_new_tokens=20, ignore_eos=True, method="kangaroo", threshold=1.0)
+    never = exact.generate(PROMPTS[0], max_new_tokens=20, ignore_eos=True, method="kangaroo", threshold=1.0,
+                           adaptive=False)
     assert never.stats.acceptance_by_position[0] == 1.0
     assert len(never.stats.acceptance_by_position) == 1  # stopped after the first draft every step
 

@@ -98,7 +98,8 @@ def test_sps_greedy_equals_ar(tiny_engine, sps_engines):
 def test_sps_with_the_target_as_draft_accepts_everything(sps_engines):
     """The all-accepted path: every draft token is accepted and the bonus comes on top."""
     _, perfect = sps_engines
-    g = perfect.generate(COPY_PROMPTS[1], max_new_tokens=31, ignore_eos=True, method="sps", max_draft=4)
+    g = perfect.generate(COPY_PROMPTS[1], max_new_tokens=31, ignore_eos=True, method="sps", max_draft=4,
+                          adaptive=False)
     assert g.new_tokens == 31
     assert g.stats.acceptance_by_position == (1.0, 1.0, 1.0, 1.0)
     assert g.stats.steps == 7  # 1 (after prefill) + 6 steps of 4 drafts + bonus

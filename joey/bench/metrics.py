@@ -46,22 +46,15 @@ def mean_accepted_tokens(committed: Sequence[int], steps: Sequence[int]) -> floa
     return sum(committed) / total_steps if total_steps > 0 else 0.0
 
 
-def acceptance_by_position(rates: Sequence[Sequence[float]], weights: Sequence[float]) -> tuple[float, ...]:
-    """Pool per-generation acceptance rates by draft position into one rate per position.
-
-    Each generation reports only its rates, not how many drafts it made at each position, so the
-    rates are averaged with a weight per generation (its number of steps, the best available proxy
-    for its number of drafts); a generation counts only at the positions it drafted.
-    """
-    if len(rates) != len(weights):
-        raise ValueError("rates and weights need one entry per generation")
-    depth = max((len(r) for r in rates), default=0)
-    pooled = []
-    for i in range(depth):
-        pairs = [(r[i], w) for r, w in zip(rates, weights) if i < len(r) and w > 0]
-        total = sum(w for _, w in pairs)
-        pooled.append(sum(r * w for r, w in pairs) / total if total > 0 else 0.0)
-    return tuple(pooled)
+def acceptance_by_position(drafted: Sequence[Sequence[int]], accepted: Sequence[Sequence[int]]) -> tuple[float, ...]:
+    """Pool per-generation counts by draft depth into one rate per depth: all steps whose accepted
+    path reached the depth ÷ all steps whose draft reached it (exact pooling, no weights)."""
+    if len(drafted) != len(accepted):
+        raise ValueError("drafted and accepted need one entry per generation")
+    depth = max((len(d) for d in drafted), default=0)
+    tried = [sum(d[i] for d in drafted if i < len(d)) for i in range(depth)]
+    hits = [sum(a[i] for a in accepted if i < len(a)) for i in range(depth)]
+    return tuple(h / t if t else 0.0 for h, t in zip(hits, tried))
 
 
 def spread(values: Sequence[float]) -> Spread:

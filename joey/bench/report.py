@@ -94,7 +94,7 @@ def _cell(recs: Sequence[QuestionRecord], method: str, repeats: int) -> CellSumm
     if turns and all(t.steps is not None and t.accept_lengths is not None for t in turns):
         tau = metrics.mean_accepted_tokens([sum(t.accept_lengths or ()) for t in turns], [t.steps or 0 for t in turns])
     acceptance = metrics.acceptance_by_position(
-        [t.acceptance_by_position for t in turns], [t.steps or 0 for t in turns]
+        [t.drafted_by_depth for t in turns], [t.accepted_by_depth for t in turns]
     )
     return CellSummary(
         questions=len(recs),

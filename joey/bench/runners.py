@@ -44,7 +44,8 @@ class TurnResult:
     finish_reason: str
     steps: int | None
     accept_lengths: tuple[int, ...] | None
-    acceptance_by_position: tuple[float, ...] = ()
+    drafted_by_depth: tuple[int, ...] = ()  # steps whose draft reached each depth (GenerationStats)
+    accepted_by_depth: tuple[int, ...] = ()  # ... and whose accepted path reached it
 
 
 class Runner(Protocol):
@@ -106,7 +107,7 @@ class JoeyRunner:
         return TurnResult(
             text=gen.text, token_ids=gen.token_ids, new_tokens=gen.new_tokens, wall_time_s=gen.wall_time_s,
             finish_reason=gen.finish_reason, steps=gen.stats.steps, accept_lengths=tuple(lengths),
-            acceptance_by_position=gen.stats.acceptance_by_position,
+            drafted_by_depth=gen.stats.drafted_by_depth, accepted_by_depth=gen.stats.accepted_by_depth,
         )
 
 

@@ -50,7 +50,7 @@ def question_key(question_id: int | str) -> str:
 
 def _turn_from(d: dict[str, Any]) -> TurnResult:
     d = dict(d)
-    for name in ("token_ids", "acceptance_by_position"):
+    for name in ("token_ids", "drafted_by_depth", "accepted_by_depth"):
         d[name] = tuple(d[name])
     if d["accept_lengths"] is not None:
         d["accept_lengths"] = tuple(d["accept_lengths"])

@@ -36,8 +36,9 @@ class KVCache:
 
     def _set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys, self.values = keys, values  # [layers, B, kv_heads, max_len, head_dim]
-        self.k = list(keys.unbind(0))
-        self.v = list(values.unbind(0))
+        # plain indexing (not unbind) so training, with autograd on, may write into the views
+        self.k = [keys[i] for i in range(keys.shape[0])]
+        self.v = [values[i] for i in range(values.shape[0])]
 
     @property
     def batch(self) -> int:

@@ -1,0 +1,76 @@
+"""Choose Kangaroo's drafting defaults by measurement: speed and mean accepted tokens for a grid of
+tree shapes (children per node k, node budget N; N = 0 is the chain), the confidence threshold η and
+the depth γ, against AR in the same run, with the prompts' order of methods rotating.
+
+Prompts are held-out training-style prompts (never Spec-Bench, never the adapter's own training prompts).
+
+    python benchmarks/tree_sweep.py [--prompts 6] [--max-new-tokens 96] \
+        [--configs 0:0:0.6:6,3:8:0.6:6,...]     # k:N:η:γ each; N "auto" = the budget's choice
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import statistics
+
+import joey
+from joey.budget import cpu_name
+from joey.training.prompts import read_prompts
+
+DATA = "../shared/data/"
+
+
+def heldout_prompts(n: int) -> list[str]:
+    files = [DATA + "alpaca_5000/alpaca_5000.json", DATA + "gsm8k/train.jsonl",
+             DATA + "gpteacher/codegen-instruct.json", DATA + "self_instruct_seed/seed_tasks.jsonl",
+             DATA + "gpteacher/roleplay-simple-deduped-roleplay-instruct.json",
+             *sorted(glob.glob(DATA + "instructionwild_v2/user_*.jsonl"))]
+    used = set(read_prompts(files, limit=960, derived=240, seed=0))  # the shipped adapter's training prompts
+    pool = [p for p in read_prompts(files, derived=30, seed=1) if p not in used and len(p) < 1500]
+    return pool[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--adapter", default=None)
+    ap.add_argument("--method", default="kangaroo")
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--configs", default="1:0:0.6:6,2:auto:0.6:6,3:auto:0.6:6,3:auto:0.4:6,4:auto:0.4:6,3:12:0.4:6")
+    ap.add_argument("--fixed", action="store_true", help="turn off the per-step adaptive depth")
+    args = ap.parse_args()
+    eng = joey.load(adapter=args.adapter, progress=False)
+    prompts = heldout_prompts(args.prompts)
+    configs: list[tuple] = [("ar", 1, 0, 0.0, 1)]
+    for c in args.configs.split(","):
+        k, n, th, g = c.split(":")
+        configs.append((args.method, int(k), None if n == "auto" else int(n), float(th), int(g)))
+    eng.generate(prompts[0], max_new_tokens=8, method=args.method)  # warm-up (and the cost curve)
+    speed: dict[tuple, list[float]] = {c: [] for c in configs}
+    tau: dict[tuple, list[float]] = {c: [] for c in configs}
+    same: dict[tuple, int] = {c: 0 for c in configs}
+    for i, p in enumerate(prompts):
+        ref = eng.generate(p, max_new_tokens=args.max_new_tokens, method="ar").token_ids
+        order = configs[i % len(configs):] + configs[: i % len(configs)]
+        for c in order:
+            method, k, n, th, g = c
+            gen = eng.generate(p, max_new_tokens=args.max_new_tokens, method=method, threshold=th, max_draft=g,
+                               tree_topk=k, tree_nodes=n, adaptive=not args.fixed)
+            same[c] += gen.token_ids == ref
+            speed[c].append(gen.tokens_per_s)
+            tau[c].append(gen.stats.mean_accepted_tokens)
+    base = statistics.mean(speed[configs[0]])
+    print(f"{len(prompts)} held-out prompts, {args.max_new_tokens} new tokens, greedy; AR {base:.1f} tok/s; "
+          f"{cpu_name()}; budget's tree size {eng.cost_curve().tree_nodes()}")
+    print("| method | k | N | η | γ | tok/s | speedup | τ | identical |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for c in configs:
+        s = statistics.mean(speed[c])
+        n = "auto" if c[2] is None else c[2]
+        print(f"| {c[0]} | {c[1]} | {n} | {c[3]} | {c[4]} | {s:.1f} | {s / base:.2f}× | "
+              f"{statistics.mean(tau[c]):.2f} | {same[c]}/{len(prompts)} |")
+
+
+if __name__ == "__main__":
+    main()
