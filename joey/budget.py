@@ -133,12 +133,15 @@ def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCur
 def expected_tokens(drafted: Sequence[int], accepted: Sequence[int], depth: int) -> float:
     """Expected committed tokens of a step drafted ``depth`` deep, from a row's counts so far: the
     bonus plus, per depth, the observed rate at which accepted paths reached it (a Beta(1, 1) prior
-    keeps one unlucky step from ruling a depth out)."""
-    total = 1.0
+    keeps one unlucky step from ruling a depth out). A path reaches depth d + 1 only through depth d,
+    so a rate never exceeds the one above it (this also keeps the prior of rarely drafted deep levels
+    from outweighing what the shallow ones measured)."""
+    total, rate = 1.0, 1.0
     for d in range(depth):
         n = drafted[d] if d < len(drafted) else 0
         a = accepted[d] if d < len(accepted) else 0
-        total += (a + 1) / (n + 2)
+        rate = min(rate, (a + 1) / (n + 2))
+        total += rate
     return total
 
 

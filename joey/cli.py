@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any, NoReturn
 
-from joey.config import MAX_DRAFT_LIMIT, SamplingParams
+from joey.config import MAX_DRAFT_LIMIT, SamplingParams, SpecConfig
 from joey.drafters.kangaroo import DEFAULT_THRESHOLD
 from joey.engine import DEFAULT_MAX_DRAFT, METHODS
 from joey.errors import InvalidArgumentError, JoeyError, PromptError
@@ -43,6 +43,22 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"Kangaroo: stop drafting a step when the draft's confidence is below this (η, default "
                         f"{DEFAULT_THRESHOLD})")
+    _tree_args(p)
+
+def _tree_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tree-nodes", type=int, default=None,
+                   help="most draft tokens per step in a token tree; 0 = a chain (default: chosen from the "
+                        "measured cost of verification on this machine, see 'joey info')")
+    p.add_argument("--tree-topk", type=int, default=0, help="children per expanded tree node (default: joey's choice)")
+    p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+                   help="always draft the full depth (default: each step drafts only as deep as pays off)")
+
+
+def _spec_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The drafting options, validated (SpecConfig raises a one-line error)."""
+    spec = SpecConfig(args.max_draft, args.threshold, args.tree_nodes, args.tree_topk, args.adaptive)
+    return dict(max_draft=spec.max_draft, threshold=spec.threshold, tree_nodes=spec.tree_nodes,
+                tree_topk=spec.tree_topk, adaptive=spec.adaptive)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +92,7 @@ def _params(args: argparse.Namespace) -> SamplingParams:
         raise InvalidArgumentError(f"--threshold must be in [0, 1], got {args.threshold}")
     if not 1 <= args.max_draft <= MAX_DRAFT_LIMIT:
         raise InvalidArgumentError(f"--max-draft must be in [1, {MAX_DRAFT_LIMIT}], got {args.max_draft}")
+    _spec_kwargs(args)
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -108,8 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     batch = prompts if len(prompts) > 1 else prompts[0]
     stream_text = not args.json and len(prompts) == 1
     results = {}
-    for event in engine.stream(batch, params, method=args.method, chat=not args.raw, max_draft=args.max_draft,
-                               threshold=args.threshold):
+    for event in engine.stream(batch, params, method=args.method, chat=not args.raw, **_spec_kwargs(args)):
         if stream_text and event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -155,8 +171,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         reply = None
-        for event in engine.stream(history, params, method=args.method, max_draft=args.max_draft,
-                                   threshold=args.threshold):
+        for event in engine.stream(history, params, method=args.method, **_spec_kwargs(args)):
             sys.stdout.write(event.text)
             sys.stdout.flush()
             reply = event.generation or reply
@@ -186,6 +201,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "dtype": str(engine.dtype).replace("torch.", ""),
         "cache": str(cache_dir()),
     }
+    curve = engine.cost_curve()
+    info["verify cost (ms)"] = "  ".join(f"k={k}: {ms:.1f}" for k, ms in zip(curve.tokens, curve.ms))
+    info["verify cost (×k=1)"] = "  ".join(f"k={k}: {ms / curve.ms[0]:.2f}" for k, ms in zip(curve.tokens, curve.ms))
+    info["tree nodes (auto)"] = f"{curve.tree_nodes()} (largest draft whose verification costs <= 1.3x one token)"
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
@@ -208,6 +227,7 @@ def _bench_parser(sub: Any) -> None:
     bench.add_argument("--repeats", type=int, default=1, help="run every question R times (speedup spread)")
     bench.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most draft tokens per step (γ)")
     bench.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="Kangaroo's confidence stop η")
+    _tree_args(bench)
     bench.add_argument("--adapter", default=None, help="Kangaroo adapter file (default: the one shipped)")
     _model_args(bench)
     bench.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for method sps)")
@@ -229,7 +249,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         methods=split([args.methods]) if args.methods is not None else None,
         categories=split(args.categories), limit=args.limit, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, seed=args.seed, repeats=args.repeats, max_draft=args.max_draft,
-        threshold=args.threshold, adapter=args.adapter,
+        threshold=args.threshold, tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, adaptive=args.adaptive,
+        adapter=args.adapter,
         model=args.model, draft_model=args.draft_model, device=args.device, dtype=args.dtype, threads=args.threads,
         fresh=args.fresh, progress=not args.no_progress,
     ))

@@ -31,7 +31,7 @@ from joey.verify import Verdict, verify_greedy, verify_sampled
 
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
-METHODS = ("ar", "pld", "sps", "kangaroo")
+METHODS = ("ar", "pld", "sps", "kangaroo", "kangaroo+pld")
 DEFAULT_MAX_DRAFT = 6
 KANGAROO_TOPK = 3  # children per expanded node of Kangaroo's tree (benchmarks/tree_sweep.py)
 PLD_BRANCHES = 3  # distinct continuations prompt lookup may offer at once, when asked for a tree
@@ -250,7 +250,7 @@ class Engine:
 
     def tree_shape(self, method: str, spec: SpecConfig) -> TreeShape:
         """How a method drafts under ``spec``: chain or tree, its node budget and branching."""
-        if method == "kangaroo":
+        if method.startswith("kangaroo"):
             topk = spec.tree_topk or KANGAROO_TOPK
             nodes = spec.tree_nodes if spec.tree_nodes is not None else self.cost_curve().tree_nodes()
         elif method == "pld":
@@ -274,14 +274,15 @@ class Engine:
                 raise InvalidArgumentError("method 'sps' needs a draft model: joey.load(..., draft_model=...)")
             draft = self.draft_model
             return lambda max_len, generator: DraftModelDrafter(draft, params, generator, max_len)
-        if method == "kangaroo":
+        if method.startswith("kangaroo"):
             if self.kangaroo is None:
                 raise InvalidArgumentError(
-                    "method 'kangaroo' needs an adapter for this model: joey.load(..., adapter=...)"
+                    f"method '{method}' needs an adapter for this model: joey.load(..., adapter=...)"
                 )
             kd = self.kangaroo
+            lookup = method == "kangaroo+pld"
             return lambda max_len, generator: KangarooDrafter(
-                kd, params, generator, max_len, spec.threshold, shape.topk
+                kd, params, generator, max_len, spec.threshold, shape.topk, PromptLookupDrafter() if lookup else None
             )
         return None
 
@@ -353,8 +354,8 @@ class Engine:
         decoding (one token per row per step)."""
         budget = self._budget(rows, params)
         # room past the last committed slot for a step's draft: a tree's nodes, and in a drafter's
-        # own caches also the expanded nodes that did not make it into the tree
-        extra = spec.max_draft + shape.nodes + shape.topk * spec.max_draft + 2 if drafter_factory else 2
+        # own caches also the expanded nodes that did not make it into the tree, and a lookup branch
+        extra = 2 * spec.max_draft + shape.nodes + shape.topk * spec.max_draft + 2 if drafter_factory else 2
         curve = self.cost_curve() if drafter_factory and spec.adaptive else None
         cache = self.model.new_cache(len(rows), max(len(r.prompt_ids) for r in rows) + budget + extra)
         for row in rows:

@@ -26,6 +26,8 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["generate", "hi", "--method", "magic"], "invalid choice"),
         (["generate", "hi", "--max-new-tokens", "ten"], "invalid int"),
         (["generate", "hi", "--method", "pld", "--max-draft", "0"], "max-draft"),
+        (["generate", "hi", "--tree-nodes", "-1"], "tree_nodes"),
+        (["generate", "hi", "--tree-topk", "99"], "tree_topk"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -64,6 +66,7 @@ def test_info_on_default_model(default_source):
     proc = run("info")
     assert proc.returncode == 0, proc.stderr
     assert "smollm2-135m" in proc.stdout and "float32" in proc.stdout and "llama" in proc.stdout
+    assert "verify cost (ms)" in proc.stdout and "k=64" in proc.stdout and "tree nodes (auto)" in proc.stdout
 
 
 def test_chat_keeps_history_and_quits(default_source):

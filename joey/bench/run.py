@@ -28,7 +28,7 @@ from joey.bench.runners import (
     make_runner,
 )
 from joey.bench.store import MethodRun, QuestionRecord, Store, question_key
-from joey.config import MAX_DRAFT_LIMIT, SamplingParams
+from joey.config import MAX_DRAFT_LIMIT, SamplingParams, SpecConfig
 from joey.drafters.kangaroo import DEFAULT_THRESHOLD
 from joey.engine import DEFAULT_MAX_DRAFT, METHODS, Engine, Message
 from joey.errors import InvalidArgumentError, PromptError
@@ -51,6 +51,9 @@ class BenchSettings:
     repeats: int = 1
     max_draft: int = DEFAULT_MAX_DRAFT
     threshold: float = DEFAULT_THRESHOLD  # Kangaroo's η
+    tree_nodes: int | None = None  # draft tree size (0 = chain, None = the budget's choice)
+    tree_topk: int = 0  # children per tree node (0 = joey's choice)
+    adaptive: bool = True  # per-step draft depth from the row's acceptance and the measured costs
     adapter: str | None = None  # Kangaroo adapter file (None: the one shipped for the model)
     model: str | None = None
     draft_model: str | None = None
@@ -109,6 +112,9 @@ def _settings_record(s: BenchSettings, methods: Sequence[str], questions: Sequen
         "repeats": s.repeats,
         "max_draft": s.max_draft,
         "threshold": s.threshold,
+        "tree_nodes": s.tree_nodes,
+        "tree_topk": s.tree_topk,
+        "adaptive": s.adaptive,
         "adapter": s.adapter,
         "model": model,
         "draft_model": s.draft_model,
@@ -185,7 +191,8 @@ def _run(s: BenchSettings, engine: Engine | None) -> dict[str, Any]:
     runners: dict[str, Runner] = {}
     if todo:  # a finished run only rewrites its outputs: no baseline model to load, nothing to warm up
         _check_lengths(engine, todo, s.max_new_tokens)
-        runners = {m: make_runner(m, engine, s.max_draft, s.threshold) for m in methods}
+        spec = SpecConfig(s.max_draft, s.threshold, s.tree_nodes, s.tree_topk, s.adaptive)
+        runners = {m: make_runner(m, engine, spec) for m in methods}
         # Warm-up (untimed): first calls pay for lazy initialisation, kernel selection, allocations.
         warm = replace(params, max_new_tokens=min(WARMUP_TOKENS, params.max_new_tokens))
         for runner in runners.values():

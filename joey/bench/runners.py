@@ -18,8 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from joey.config import SamplingParams
-from joey.drafters.kangaroo import DEFAULT_THRESHOLD
+from joey.config import SamplingParams, SpecConfig
 from joey.engine import METHODS, Engine, Message
 from joey.errors import InvalidArgumentError, MissingDependencyError
 
@@ -71,14 +70,15 @@ def check_available(methods: Sequence[str], has_draft_model: bool) -> None:
         raise MissingDependencyError("method 'llamacpp' needs llama-cpp-python: pip install llama-cpp-python")
 
 
-def make_runner(method: str, engine: Engine, max_draft: int, threshold: float = DEFAULT_THRESHOLD) -> Runner:
+def make_runner(method: str, engine: Engine, spec: SpecConfig | None = None) -> Runner:
+    spec = spec or SpecConfig()
     if method == "hf":
         return HFRunner(engine, prompt_lookup=None)
     if method == "hf-pld":
-        return HFRunner(engine, prompt_lookup=max_draft)
+        return HFRunner(engine, prompt_lookup=spec.max_draft)
     if method == "llamacpp":
         return LlamaCppRunner(engine)
-    return JoeyRunner(engine, method, max_draft, threshold)
+    return JoeyRunner(engine, method, spec)
 
 
 def _ended_by_eos(reason: str) -> int:
@@ -91,14 +91,16 @@ class JoeyRunner:
 
     external = False
 
-    def __init__(self, engine: Engine, method: str, max_draft: int, threshold: float = DEFAULT_THRESHOLD) -> None:
-        self.engine, self.name, self.max_draft, self.threshold = engine, method, max_draft, threshold
+    def __init__(self, engine: Engine, method: str, spec: SpecConfig | None = None) -> None:
+        self.engine, self.name, self.spec = engine, method, spec or SpecConfig()
 
     def answer(self, messages: Sequence[Message], params: SamplingParams) -> TurnResult:
         lengths: list[int] = []
         gen = None
-        for event in self.engine.stream(list(messages), params, method=self.name, max_draft=self.max_draft,
-                                        threshold=self.threshold):
+        spec = self.spec
+        for event in self.engine.stream(list(messages), params, method=self.name, max_draft=spec.max_draft,
+                                        threshold=spec.threshold, tree_nodes=spec.tree_nodes,
+                                        tree_topk=spec.tree_topk, adaptive=spec.adaptive):
             lengths.append(len(event.token_ids))
             gen = event.generation or gen
         assert gen is not None  # the last event of a row always carries its Generation

@@ -22,10 +22,16 @@ always outranks its children, so they form a tree). Candidates that were never e
 layer-l states in one last shallow pass. Tree nodes sit in this drafter's caches at their own slots
 after the context; at the next step the accepted path is found by the committed tokens and its
 entries are moved to contiguous slots. ``topk == 1`` is the chain.
+
+Optionally (method ``kangaroo+pld``) prompt lookup's continuation joins the tree as one more branch
+from the root, a retrieval branch in the spirit of SAM-Decoding; it costs one shallow pass.
 """
 
 from __future__ import annotations
 
+import copy
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +39,7 @@ import torch
 from joey.batching import prefix_causal_mask, visible_slots_mask
 from joey.config import SamplingParams
 from joey.drafters.base import Proposal, common_prefix
+from joey.drafters.prompt_lookup import PromptLookupDrafter
 from joey.models.adapter import KangarooAdapter
 from joey.models.kv_cache import KVCache
 from joey.models.llama import LlamaModel, pack_weight, packed_linear
@@ -43,24 +50,56 @@ DEFAULT_THRESHOLD = 0.6
 
 @dataclass(frozen=True)
 class KangarooDraft:
-    """What every row's drafter shares: the target, its adapter and the draft-vocabulary head."""
+    """What every row's drafter shares: the target, its adapter and the draft-vocabulary head.
+
+    The adapter and head only *propose*, so their precision cannot change the output: on a CPU
+    whose bf16 matrix units make a bf16 copy faster (measured at build time, e.g. AMX), they draft
+    in bf16. The shallow layers are the target's own and always run in the target's dtype.
+    """
 
     model: LlamaModel
-    adapter: KangarooAdapter
-    head: torch.Tensor  # [draft_vocab, hidden] rows of the target's LM head
-    packed_head: torch.Tensor | None  # the same, pre-packed for oneDNN (fp32 CPU)
+    adapter: KangarooAdapter  # the module that drafts (possibly a bf16 copy of the loaded one)
+    head: torch.Tensor  # [draft_vocab, hidden] rows of the target's LM head, in the adapter's dtype
+    packed_head: torch.Tensor | None  # the same, pre-packed for oneDNN (CPU)
 
     @classmethod
     def build(cls, model: LlamaModel, adapter: KangarooAdapter) -> KangarooDraft:
         head = model.lm_head.weight.detach()[adapter.vocab].contiguous()
-        packed = None
-        if head.device.type == "cpu" and head.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            packed = pack_weight(head)
-        return cls(model, adapter, head, packed)
+        if head.device.type != "cpu" or head.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return cls(model, adapter, head, None)
+        fp32 = cls(model, adapter, head, pack_weight(head))
+        try:
+            low = copy.deepcopy(adapter).to(torch.bfloat16)
+            low.self_attn.prepack()
+            if low.mlp is not None:
+                low.mlp.prepack()
+            bf16 = cls(model, low, head.to(torch.bfloat16), pack_weight(head.to(torch.bfloat16)))
+        except RuntimeError:  # no bf16 packing in this build of oneDNN
+            return fp32
+        return bf16 if bf16._step_ms() < 0.8 * fp32._step_ms() else fp32
+
+    def _step_ms(self, rows: int = 3, repeats: int = 5) -> float:
+        """Median ms of one adapter + head forward on ``rows`` fresh tokens after 64 cached."""
+        cfg = self.model.cfg
+        cache = self.adapter.new_cache(1, 64 + rows)
+        x = torch.randn(rows, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+        cos, sin = self.model.rope(torch.arange(64, 64 + rows)[None])
+        times = []
+        with torch.inference_mode():
+            for i in range(repeats + 2):
+                start = time.perf_counter()
+                self.logits(self.adapter(x.to(self.head.dtype), (1, rows), cos, sin, cache, 64, 64 + rows, None))
+                if i >= 2:
+                    times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
 
     @property
     def exit_layer(self) -> int:
         return self.adapter.exit_layer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.dtype
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Normalised adapter states [N, hidden] → draft logits over the draft vocabulary [N, draft_vocab]."""
@@ -82,12 +121,14 @@ class KangarooDrafter:
         max_len: int,
         threshold: float = DEFAULT_THRESHOLD,
         topk: int = 1,
+        lookup: PromptLookupDrafter | None = None,
     ) -> None:
         self.draft = draft
         self.params = params
         self.generator = generator
         self.threshold = threshold
         self.topk = topk
+        self.lookup = lookup  # a retrieval branch: prompt lookup's continuation joins the tree
         model = draft.model
         cfg = model.cfg
         w = model.lm_head.weight
@@ -122,6 +163,7 @@ class KangarooDrafter:
         cos, sin = self.draft.model.rope(torch.tensor([positions], device=dev))
         slot: int | torch.Tensor = slots[0] if _contiguous(slots) else torch.tensor([slots], device=dev)
         states = self.hidden[slots[0] : slots[-1] + 1] if _contiguous(slots) else self.hidden[torch.tensor(slots)]
+        states = states.to(self.draft.dtype)
         out = self.draft.adapter(states, (1, n), cos, sin, self.adapter_cache, slot, max(slots) + 1, mask)
         return self.draft.logits(out)
 
@@ -182,6 +224,11 @@ class KangarooDrafter:
         tree = _Tree(base=n)
         grow = self._grow_sampled if not self.params.greedy and self.topk == 1 else self._grow
         grow(tree, logits, max_tokens, max_nodes or max_tokens)
+        if self.lookup is not None:
+            tree.graft(self.lookup.propose(context, max_tokens).tokens, self.draft.model.cfg.vocab_size)
+        missing = [node for node in tree.final if node not in tree.slots]
+        if missing:  # candidates never expanded: verification still needs their layer-l states
+            self._expand(tree, missing, adapt=False)
         self._tree = tree
         order = tree.final
         index = {node: i for i, node in enumerate(order)}
@@ -224,9 +271,6 @@ class KangarooDrafter:
             frontier = new[: self.topk]
             rows = self._expand(tree, frontier, adapt=True)
         tree.select(max_nodes)
-        missing = [node for node in tree.final if node not in tree.slots]
-        if missing:
-            self._expand(tree, missing, adapt=False)
 
     def _grow_sampled(self, tree: _Tree, logits: torch.Tensor, max_depth: int, max_nodes: int) -> None:
         """A chain of tokens sampled from the draft distribution q (speculative sampling's proposal)."""
@@ -242,9 +286,6 @@ class KangarooDrafter:
                 break
             logits = self._expand(tree, [parent], adapt=True)[0]
         tree.select(len(tree.tokens))
-        missing = [node for node in tree.final if node not in tree.slots]
-        if missing:
-            self._expand(tree, missing, adapt=False)
 
     def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Scores of candidate children: the draft's log-probabilities (after the sampling warps when sampling)."""
@@ -292,6 +333,22 @@ class _Tree:
         ranked = sorted(range(len(self.tokens)), key=lambda node: (-self.scores[node], self.depths[node], node))
         keep = set(ranked[:max_nodes])
         self.final = sorted(keep, key=lambda node: (self.depths[node], node))
+
+    def graft(self, tokens: tuple[int, ...], vocab_size: int) -> None:
+        """Add a chain from the root (prompt lookup's continuation), sharing the nodes that already
+        hold its tokens. In a sampled chain the grafted tokens are point masses (one-hot q)."""
+        parent = -1
+        for token in tokens:
+            node = next((c for c in self.final if self.parents[c] == parent and self.tokens[c] == token), None)
+            if node is None:
+                dist = None
+                if self.dists:
+                    dist = torch.zeros(vocab_size, dtype=self.dists[0].dtype, device=self.dists[0].device)
+                    dist[token] = 1.0
+                node = self.add(token, parent, float("-inf"), 1 + (self.depths[parent] if parent >= 0 else 0), dist)
+                self.final.append(node)
+            parent = node
+        self.final.sort(key=lambda node: (self.depths[node], node))
 
     def path_slots(self, node: int) -> list[int]:
         """Slots of a node and its ancestors (what it may attend to besides the context)."""

@@ -1,0 +1,184 @@
+"""Token trees: tree attention and cache compaction on a real (tiny) decoder, tree drafting by every
+tree-capable drafter at batch 1 and in ragged batches, sampled trees against AR's distribution,
+and the budget that sizes trees from the measured verification cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from joey.batching import depths_of, grid_positions, pack, path_moves, step_mask
+from joey.budget import CostCurve, best_depth, cached_curve, expected_tokens
+from joey.drafters import PromptLookupDrafter
+
+TREE = (-1, -1, 0, 0, 1, 2, 4)  # parents: two root children, branching below both, depth 4
+
+
+def _fresh_last_logits(model, tokens: list[int]) -> torch.Tensor:
+    """Logits after the last of ``tokens``, from a fresh cache (the reference)."""
+    cache = model.new_cache(1, len(tokens))
+    n = len(tokens)
+    return model(torch.tensor([tokens]), torch.arange(n)[None], cache, 0, n, None)[0, -1]
+
+
+def _path_to(node: int, parents=TREE) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+def test_depths_and_tree_mask():
+    assert depths_of(TREE) == [0, 1, 1, 2, 2, 2, 3, 3]
+    mask = step_mask([2], 8, 10, [TREE], "cpu")[0, 0]  # 2 cached slots, then [pending, 7 nodes]
+    assert mask[:, :2].all()  # every token sees the cached prefix
+    # node 6 (step token 7) sees pending, node 1, node 4 and itself: slots 2, 4, 7, 9
+    assert mask[7].nonzero().flatten().tolist() == [0, 1, 2, 4, 7, 9]
+    assert mask[1].nonzero().flatten().tolist() == [0, 1, 2, 3]  # node 0: pending + itself
+    chain = step_mask([2], 3, 5, [(-1, 0)], "cpu")
+    assert torch.equal(chain, step_mask([2], 3, 5, None, "cpu"))  # a chain is causal
+
+
+def test_packed_positions_follow_depth_and_slots_stay_contiguous():
+    p = pack([5, 3], [1 + len(TREE), 3], "cpu", [TREE, (-1, 0)])
+    assert p.slots.tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 3, 4, 5]
+    assert p.positions.tolist() == [5, 6, 6, 7, 7, 7, 8, 8, 3, 4, 5]
+    assert grid_positions([5], 8, [TREE], "cpu").tolist() == [[5, 6, 6, 7, 7, 7, 8, 8]]
+
+
+def test_path_moves_only_move_what_is_out_of_place():
+    rows, src, dst = path_moves([10, 4], [(0, 2), (1, 4, 6)])
+    # row 0: node 0 is in place, node 2 (slot 13) → slot 12; row 1: 1→0, 4→1, 6→2 after the pending slot 4
+    assert (rows, src, dst) == ([0, 1, 1, 1], [13, 6, 9, 11], [12, 5, 6, 7])
+
+
+def test_tree_forward_matches_each_path_and_compaction_matches_fresh_prefill(tiny_engine):
+    """Every tree node's logits equal a plain forward of its own path; after moving an accepted
+    path into place, continuing gives a fresh prefill's logits."""
+    model = tiny_engine.model
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(100, 5000, (9,), generator=gen).tolist()
+    pending = 77
+    nodes = torch.randint(100, 5000, (len(TREE),), generator=gen).tolist()
+    with torch.inference_mode():
+        cache = model.new_cache(1, 64)
+        model(torch.tensor([prefix]), torch.arange(9)[None], cache, 0, 9, None)
+        cache.advance([9])
+        t = 1 + len(TREE)
+        pos = grid_positions(cache.lengths, t, [TREE], "cpu")
+        mask = step_mask(cache.lengths, t, 9 + t, [TREE], "cpu")
+        logits = model(torch.tensor([[pending, *nodes]]), pos, cache, 9, 9 + t, mask)[0]
+        for node in range(len(TREE)):
+            want = _fresh_last_logits(model, prefix + [pending] + [nodes[i] for i in _path_to(node)])
+            torch.testing.assert_close(logits[node + 1], want, rtol=1e-4, atol=1e-4)
+        path = _path_to(6)  # nodes 1, 4, 6: none of them at its chain slot
+        cache.move(*path_moves(cache.lengths, [path]))
+        cache.advance([1 + len(path)])
+        n = cache.lengths[0]
+        nxt = model(torch.tensor([[123]]), torch.tensor([[n]]), cache, n, n + 1, None)[0, -1]
+        want = _fresh_last_logits(model, prefix + [pending] + [nodes[i] for i in path] + [123])
+        torch.testing.assert_close(nxt, want, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_lookup_tree_merges_matches_into_a_trie():
+    d = PromptLookupDrafter(max_ngram=2, branches=3)
+    ctx = [1, 2, 3, 4, 9, 1, 2, 3, 5, 8, 1, 2, 7, 1, 2]
+    prop = d.propose(ctx, 3, max_nodes=8)
+    # matches of [1, 2], most recent first: 7 1 2 | 3 5 8 | 3 4 9 → a trie sharing the "3" node
+    assert prop.tokens == (7, 1, 2, 3, 5, 8, 4, 9)
+    assert prop.parents == (-1, 0, 1, -1, 3, 4, 3, 6)
+    assert d.propose(ctx, 3, max_nodes=4).tokens == (7, 1, 2, 3)  # the node budget cuts the trie
+    assert d.propose(ctx, 3).tokens == (7, 1, 2)  # no node budget: the chain
+
+
+COPY = ["the cat sat on the mat and the cat sat on the hat and the cat", "a b c d a b c e a b c d a b"]
+
+
+def test_pld_tree_greedy_equals_ar_single_and_ragged_batch(tiny_engine):
+    ar = [g.token_ids for g in tiny_engine.generate(COPY, max_new_tokens=30, ignore_eos=True)]
+    for prompt, want in zip(COPY, ar):
+        g = tiny_engine.generate(prompt, max_new_tokens=30, ignore_eos=True, method="pld", tree_nodes=8,
+                                 adaptive=False)
+        assert g.token_ids == want
+    batch = tiny_engine.generate(COPY, max_new_tokens=30, ignore_eos=True, method="pld", tree_nodes=8,
+                                 adaptive=False)
+    assert [g.token_ids for g in batch] == ar
+
+
+@pytest.fixture(scope="module")
+def partial_kangaroo(tiny_folder):
+    from test_kangaroo import _engine
+
+    return _engine(tiny_folder, 0.3)
+
+
+PROMPTS = ["Hello there, how are you today?", "Write a poem about cats and dogs.", "Hi"]
+
+
+@pytest.mark.parametrize("topk,nodes", [(2, 5), (3, 10)])
+def test_kangaroo_tree_greedy_equals_ar_single_and_ragged_batch(partial_kangaroo, topk, nodes):
+    eng = partial_kangaroo
+    ar = [g.token_ids for g in eng.generate(PROMPTS, max_new_tokens=25, ignore_eos=True, method="ar")]
+    kw = dict(max_new_tokens=25, ignore_eos=True, method="kangaroo", threshold=0.0, tree_topk=topk,
+              tree_nodes=nodes, adaptive=False)
+    for prompt, want in zip(PROMPTS, ar):
+        assert eng.generate(prompt, **kw).token_ids == want
+    batch = eng.generate(PROMPTS, **kw)
+    assert [g.token_ids for g in batch] == ar
+    assert sum(g.stats.draft_tokens for g in batch) > 0
+
+
+def test_kangaroo_tree_sampling_matches_ar_distribution(partial_kangaroo):
+    """Top-k candidates are point masses: the second token's histogram over seeds must be AR's."""
+    from conftest import first_token_histogram, total_variation
+
+    n, kw = 200, dict(max_new_tokens=2, temperature=0.7, top_k=4, ignore_eos=True)
+    a = first_token_histogram(partial_kangaroo, "alpha beta", "ar", n, **kw)
+    b = first_token_histogram(partial_kangaroo, "alpha beta", "kangaroo", n, tree_nodes=6, tree_topk=3,
+                              adaptive=False, **kw)
+    assert total_variation(a, b, n) < 0.2, (a, b)
+
+
+def test_default_model_kangaroo_tree_is_lossless(default_engine):
+    prompts = ["Explain in three sentences why the sky is blue.", "What is 17 times 3? Think step by step."]
+    ar = [g.token_ids for g in default_engine.generate(prompts, max_new_tokens=32, method="ar")]
+    for prompt, want in zip(prompts, ar):
+        g = default_engine.generate(prompt, max_new_tokens=32, tree_nodes=8, tree_topk=3, adaptive=False)
+        assert g.token_ids == want
+        assert g.stats.draft_tokens > g.stats.steps - 1  # it drafted trees, not chains
+    assert [g.token_ids for g in default_engine.generate(prompts, max_new_tokens=32, tree_nodes=8)] == ar
+
+
+# -- the budget ----------------------------------------------------------------------------------
+CURVE = CostCurve((1, 2, 4, 8, 16), (10.0, 10.5, 11.0, 13.0, 20.0), "cpu", "float32", 2)
+
+
+def test_cost_curve_interpolates_and_sizes_trees():
+    assert CURVE.cost(1) == 10.0 and CURVE.cost(3) == pytest.approx(10.75)
+    assert CURVE.cost(12) == pytest.approx(16.5)
+    assert CURVE.cost(24) == pytest.approx(27.0)  # extrapolated with the last slope
+    assert CURVE.tree_nodes(slack=0.3) == 7  # 8 tokens cost 1.3x one; 9 would cost more
+    assert CURVE.tree_nodes(slack=0.0) == 1
+
+
+def test_best_depth_drafts_when_it_pays_and_falls_back_when_it_cannot():
+    nodes_at = list(range(7))
+    # accepted almost always at every depth: drafting deep pays
+    assert best_depth(CURVE, [50] * 6, [49] * 6, 6, nodes_at, 0.5) >= 4
+    # never accepted and drafting is expensive: no draft at all
+    assert best_depth(CURVE, [50] * 6, [0] * 6, 6, nodes_at, 5.0) == 0
+    # the prior alone (no data) gives 1.5 tokens at depth 1
+    assert expected_tokens([], [], 1) == pytest.approx(1.5)
+
+
+def test_cost_curve_is_cached_and_a_corrupt_cache_is_remeasured(tiny_engine, tmp_path):
+    first = cached_curve(tiny_engine.model, "tiny", tmp_path)
+    files = list((tmp_path / "budget").glob("*.json"))
+    assert len(files) == 1 and first.ms[0] > 0 and len(first.ms) == len(first.tokens)
+    assert cached_curve(tiny_engine.model, "tiny", tmp_path) == first  # read back, not re-measured
+    files[0].write_text("{not json")
+    again = cached_curve(tiny_engine.model, "tiny", tmp_path)
+    assert json.loads(files[0].read_text())["curve"]["tokens"] == list(again.tokens)
