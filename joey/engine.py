@@ -373,7 +373,13 @@ class Engine:
         cache.keep_rows([i for i, r in enumerate(rows) if r.finish_reason is None])
         while active:
             t0 = time.perf_counter()
-            proposals = [self._propose(row, budget, spec, shape, curve) for row in active]
+            # the bonus token always comes on top of the draft, so a row drafts at most its room - 1
+            rooms = [budget - len(row.new_ids) - 1 for row in active]
+            depths = [min(room, self._depth(row, room, spec, shape, curve)) for row, room in zip(active, rooms)]
+            # No row drafts: a plain decoding step, and drafters catch up on the skipped tokens later.
+            # Not for a self-speculative drafter: the target's own cache lacks the layers it runs.
+            skip = not any(depths) and not any(getattr(row.drafter, "self_speculative", False) for row in active)
+            proposals = [Proposal.chain([]) if skip else self._propose(row, d, shape) for row, d in zip(active, depths)]
             t1 = time.perf_counter()
             logits = self._verify_pass(cache, active, proposals)  # per row: [1 + draft, vocab]
             still: list[int] = []
@@ -399,23 +405,29 @@ class Engine:
                 cache.keep_rows(still)
                 active = [active[i] for i in still]
 
-    def _propose(
-        self, row: _Row, budget: int, spec: SpecConfig, shape: TreeShape, curve: CostCurve | None
-    ) -> Proposal:
-        room = budget - len(row.new_ids) - 1  # the bonus token always comes on top of the draft
+    def _depth(self, row: _Row, room: int, spec: SpecConfig, shape: TreeShape, curve: CostCurve | None) -> int:
+        """How deep this row drafts this step: the most the budget expects to pay (joey.budget), the
+        full depth before anything is measured and, after a fallback to no draft, every
+        ``PROBE_EVERY`` steps to measure acceptance again."""
+        if row.drafter is None or room <= 0:
+            return 0
+        if curve is None or row.draft_ms is None:
+            return spec.max_draft
+        if row.idle >= PROBE_EVERY:
+            row.idle = 0
+            return spec.max_draft
+        nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
+        depth = best_depth(curve, row.drafted, row.accepted, spec.max_draft, nodes_at, row.draft_ms)
+        row.idle = row.idle + 1 if depth == 0 else 0
+        return depth
+
+    def _propose(self, row: _Row, depth: int, shape: TreeShape) -> Proposal:
         if row.drafter is None:
             return Proposal.chain([])
-        depth = spec.max_draft
-        if curve is not None and row.draft_ms is not None:
-            if row.idle >= PROBE_EVERY:  # re-measure acceptance now and then after a fallback
-                row.idle = 0
-            else:
-                nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
-                depth = best_depth(curve, row.drafted, row.accepted, spec.max_draft, nodes_at, row.draft_ms)
-                row.idle = row.idle + 1 if depth == 0 else 0
         start = time.perf_counter()
-        # asked even with no room: a self-speculative drafter still supplies the pending token's state
-        prop = row.drafter.propose(row.prompt_ids + row.new_ids, max(0, min(depth, room)), shape.nodes)
+        # asked even for depth 0 while other rows draft: a self-speculative drafter still supplies
+        # the pending token's state, since one verification pass starts from one layer for all rows
+        prop = row.drafter.propose(row.prompt_ids + row.new_ids, depth, shape.nodes)
         if len(prop):
             ms = 1000 * (time.perf_counter() - start) / max(depths_of(prop.parents))
             row.draft_ms = ms if row.draft_ms is None else 0.8 * row.draft_ms + 0.2 * ms

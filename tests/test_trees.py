@@ -182,3 +182,22 @@ def test_cost_curve_is_cached_and_a_corrupt_cache_is_remeasured(tiny_engine, tmp
     files[0].write_text("{not json")
     again = cached_curve(tiny_engine.model, "tiny", tmp_path)
     assert json.loads(files[0].read_text())["curve"]["tokens"] == list(again.tokens)
+
+
+def test_kangaroo_with_lookup_branch_is_lossless_greedy_and_sampled(partial_kangaroo):
+    """The lookup branch joins the tree (greedy: point masses beside top-k candidates; sampled:
+    point masses beside a chain sampled from q) and the output stays AR's."""
+    from conftest import first_token_histogram, total_variation
+
+    eng = partial_kangaroo
+    ar = [g.token_ids for g in eng.generate(COPY, max_new_tokens=25, ignore_eos=True, method="ar")]
+    kw = dict(max_new_tokens=25, ignore_eos=True, method="kangaroo+pld", threshold=0.0, adaptive=False)
+    for prompt, want in zip(COPY, ar):
+        assert eng.generate(prompt, tree_nodes=6, **kw).token_ids == want
+        assert eng.generate(prompt, tree_nodes=0, **kw).token_ids == want  # chain + branch
+    assert [g.token_ids for g in eng.generate(COPY, tree_nodes=6, **kw)] == ar
+    n, skw = 200, dict(max_new_tokens=2, temperature=0.9, ignore_eos=True)
+    prompt = "one two one two one two one two"
+    a = first_token_histogram(eng, prompt, "ar", n, **skw)
+    b = first_token_histogram(eng, prompt, "kangaroo+pld", n, tree_nodes=0, adaptive=False, **skw)
+    assert total_variation(a, b, n) < 0.2, (a, b)

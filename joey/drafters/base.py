@@ -51,6 +51,9 @@ class Drafter(Protocol):
     """Anything that can guess the next tokens of a sequence."""
 
     name: str
+    # True for a drafter that runs the target's own first layers in its place (Kangaroo): it must be
+    # asked every step, even to draft nothing, because the target's cache lacks those layers
+    self_speculative: bool = False
 
     def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
         """Propose tokens to follow ``context`` (prompt + committed tokens): no path deeper than

@@ -112,6 +112,7 @@ class KangarooDrafter:
     """Drafts a chain (``topk == 1``) or a dynamic tree for one sequence; one instance per row."""
 
     name = "kangaroo"
+    self_speculative = True  # runs the target's layers [0, l) itself: it must see every step
 
     def __init__(
         self,
