@@ -100,6 +100,9 @@ def measure(model: LlamaModel, tokens: Sequence[int] = MEASURED_TOKENS, repeats:
                 if i >= 2:  # the first calls of a shape warm up its kernels
                     times.append(1000 * (time.perf_counter() - start))
             ms.append(statistics.median(times))
+    # More tokens never cost less: a point above a later one was disturbed (another process on a
+    # shared machine), so each point is capped by every later one.
+    ms = [min(ms[i:]) for i in range(len(ms))]
     return CostCurve(tuple(tokens), tuple(ms), str(dev), str(model.lm_head.weight.dtype).replace("torch.", ""),
                      torch.get_num_threads())
 

@@ -65,6 +65,7 @@ class _Row:
         self.draft_tokens = 0
         self.draft_ms: float | None = None  # running estimate of one draft depth's cost
         self.idle = 0  # consecutive steps the budget chose not to draft
+        self.probe_every = PROBE_EVERY  # idle steps before drafting again; doubles after each probe
         self.draft_time = 0.0
         self.verify_time = 0.0
 
@@ -245,7 +246,9 @@ class Engine:
             from joey.models.adapter import model_fingerprint
             from joey.models.registry import cache_dir
 
-            self._curve = cached_curve(self.model, f"{self.name}:{model_fingerprint(self.model)}", cache_dir())
+            cfg = self.model.cfg
+            key = f"{cfg.architecture}-{cfg.num_layers}x{cfg.hidden_size}:{model_fingerprint(self.model)}"
+            self._curve = cached_curve(self.model, key, cache_dir())
         return self._curve
 
     def tree_shape(self, method: str, spec: SpecConfig) -> TreeShape:
@@ -407,18 +410,22 @@ class Engine:
 
     def _depth(self, row: _Row, room: int, spec: SpecConfig, shape: TreeShape, curve: CostCurve | None) -> int:
         """How deep this row drafts this step: the most the budget expects to pay (joey.budget), the
-        full depth before anything is measured and, after a fallback to no draft, every
-        ``PROBE_EVERY`` steps to measure acceptance again."""
+        full depth before anything is measured and, after a fallback to no draft, once more after
+        ``PROBE_EVERY`` steps (then 2x, 4x, 8x as long while drafting keeps not paying) to measure
+        acceptance again."""
         if row.drafter is None or room <= 0:
             return 0
         if curve is None or row.draft_ms is None:
             return spec.max_draft
-        if row.idle >= PROBE_EVERY:
+        if row.idle >= row.probe_every:  # probes that keep failing come less and less often
             row.idle = 0
+            row.probe_every = min(8 * PROBE_EVERY, 2 * row.probe_every)
             return spec.max_draft
         nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
         depth = best_depth(curve, row.drafted, row.accepted, spec.max_draft, nodes_at, row.draft_ms)
         row.idle = row.idle + 1 if depth == 0 else 0
+        if depth:
+            row.probe_every = PROBE_EVERY
         return depth
 
     def _propose(self, row: _Row, depth: int, shape: TreeShape) -> Proposal:

@@ -178,6 +178,7 @@ def test_cost_curve_is_cached_and_a_corrupt_cache_is_remeasured(tiny_engine, tmp
     first = cached_curve(tiny_engine.model, "tiny", tmp_path)
     files = list((tmp_path / "budget").glob("*.json"))
     assert len(files) == 1 and first.ms[0] > 0 and len(first.ms) == len(first.tokens)
+    assert all(a <= b for a, b in zip(first.ms, first.ms[1:]))  # more tokens never cost less
     assert cached_curve(tiny_engine.model, "tiny", tmp_path) == first  # read back, not re-measured
     files[0].write_text("{not json")
     again = cached_curve(tiny_engine.model, "tiny", tmp_path)
