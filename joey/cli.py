@@ -35,7 +35,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--method", default=None, choices=list(METHODS),
                    help="kangaroo = early-exit self-drafting (default when the model has an adapter, as the default "
-                        "model does); ar = autoregressive; pld = prompt lookup; sps = separate draft model. "
+                        "model does); kangaroo+pld = Kangaroo's tree plus a prompt-lookup branch; "
+                        "ar = autoregressive; pld = prompt lookup; sps = separate draft model. "
                         "All are lossless.")
     p.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for --method sps)")
     p.add_argument("--adapter", default=None, help="Kangaroo adapter file (default: the one shipped for the model)")

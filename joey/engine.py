@@ -196,7 +196,7 @@ class Engine:
     ) -> Iterator[StreamEvent]:
         """Generate for one prompt or a batch, yielding text deltas as tokens are committed.
 
-        ``method``: "ar", "pld", "sps" or "kangaroo" (default: ``default_method``). ``max_draft`` is
+        ``method``: "ar", "pld", "sps", "kangaroo" or "kangaroo+pld" (default: ``default_method``). ``max_draft`` is
         the most draft tokens on one path per step (Kangaroo's γ); ``threshold`` is Kangaroo's η, the
         draft confidence below which drafting of a step stops; ``tree_nodes`` (0 = chain, None =
         chosen from the measured verification cost) and ``tree_topk`` shape a draft tree (see
@@ -220,10 +220,12 @@ class Engine:
         if not params.greedy:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        # measured once per model and machine (then read from the cache): before the clock starts
+        curve = self.cost_curve() if drafter_factory is not None and spec.adaptive else None
         start = time.perf_counter()
         rows = [_Row(i, ids, IncrementalText(self.tokenizer, params.stop), start) for i, ids in enumerate(encoded)]
         with torch.inference_mode():
-            yield from self._decode(rows, params, generator, drafter_factory, spec, shape, method)
+            yield from self._decode(rows, params, generator, drafter_factory, spec, shape, curve, method)
 
     def generate(
         self,
@@ -350,6 +352,7 @@ class Engine:
         drafter_factory: Callable[..., Drafter] | None,
         spec: SpecConfig,
         shape: TreeShape,
+        curve: CostCurve | None,
         method: str,
     ) -> Iterator[StreamEvent]:
         """Prefill, then repeat: draft → one target pass over [pending token + draft] → verify →
@@ -359,7 +362,6 @@ class Engine:
         # room past the last committed slot for a step's draft: a tree's nodes, and in a drafter's
         # own caches also the expanded nodes that did not make it into the tree, and a lookup branch
         extra = 2 * spec.max_draft + shape.nodes + shape.topk * spec.max_draft + 2 if drafter_factory else 2
-        curve = self.cost_curve() if drafter_factory and spec.adaptive else None
         cache = self.model.new_cache(len(rows), max(len(r.prompt_ids) for r in rows) + budget + extra)
         for row in rows:
             if drafter_factory is not None:
