@@ -19,7 +19,10 @@ on rejection replace p by norm(max(0, p − q_c)) and try the next child — for
 "set p(x_c) = 0 and renormalise". If every child is rejected, sample from what is left of p; after
 an accepted leaf the bonus is sampled from the target's processed distribution at the leaf. Each
 child's trial is one speculative-sampling step whose "else" branch samples exactly from the
-residual, so the committed tokens are distributed exactly as the target's own samples.
+residual, so the committed tokens are distributed exactly as the target's own samples. This needs
+each q_c to be the distribution x_c was really drawn from given what came before it: siblings
+drawn i.i.d. from one q, or point masses chosen without looking at the target; siblings sampled
+*without replacement* would need their conditional q.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def verify_greedy(
     parents: Sequence[int],  # [k] parent index of each node (-1 = root)
     target_logits: torch.Tensor,  # [k + 1, vocab]: row 0 at the root, row i + 1 after node i
 ) -> Verdict:
-    """Longest path on which every draft token equals the target's argmax at its parent."""
+    """The path on which every draft token equals the target's argmax at its parent. At each node
+    the first child holding that token is followed (drafters never propose equal siblings)."""
     choice = target_logits.argmax(-1).tolist()  # [k + 1]
     children = children_of(parents)
     node, path = -1, []

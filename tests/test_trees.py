@@ -202,3 +202,12 @@ def test_kangaroo_with_lookup_branch_is_lossless_greedy_and_sampled(partial_kang
     a = first_token_histogram(eng, prompt, "ar", n, **skw)
     b = first_token_histogram(eng, prompt, "kangaroo+pld", n, tree_nodes=0, adaptive=False, **skw)
     assert total_variation(a, b, n) < 0.2, (a, b)
+
+
+def test_tree_of_one_node_and_chain_match_ar(partial_kangaroo):
+    ar = partial_kangaroo.generate(PROMPTS[1], max_new_tokens=20, ignore_eos=True, method="ar").token_ids
+    for nodes in (0, 1):
+        g = partial_kangaroo.generate(PROMPTS[1], max_new_tokens=20, ignore_eos=True, method="kangaroo",
+                                      tree_nodes=nodes, threshold=0.0, adaptive=False)
+        assert g.token_ids == ar
+        assert g.stats.draft_tokens <= (g.stats.steps - 1) * (6 if nodes == 0 else 1)

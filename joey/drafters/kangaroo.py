@@ -29,9 +29,6 @@ from the root, a retrieval branch in the spirit of SAM-Decoding; it costs one sh
 
 from __future__ import annotations
 
-import copy
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -50,56 +47,24 @@ DEFAULT_THRESHOLD = 0.6
 
 @dataclass(frozen=True)
 class KangarooDraft:
-    """What every row's drafter shares: the target, its adapter and the draft-vocabulary head.
-
-    The adapter and head only *propose*, so their precision cannot change the output: on a CPU
-    whose bf16 matrix units make a bf16 copy faster (measured at build time, e.g. AMX), they draft
-    in bf16. The shallow layers are the target's own and always run in the target's dtype.
-    """
+    """What every row's drafter shares: the target, its adapter and the draft-vocabulary head."""
 
     model: LlamaModel
-    adapter: KangarooAdapter  # the module that drafts (possibly a bf16 copy of the loaded one)
-    head: torch.Tensor  # [draft_vocab, hidden] rows of the target's LM head, in the adapter's dtype
-    packed_head: torch.Tensor | None  # the same, pre-packed for oneDNN (CPU)
+    adapter: KangarooAdapter
+    head: torch.Tensor  # [draft_vocab, hidden] rows of the target's LM head
+    packed_head: torch.Tensor | None  # the same, pre-packed for oneDNN (fp32 CPU)
 
     @classmethod
     def build(cls, model: LlamaModel, adapter: KangarooAdapter) -> KangarooDraft:
         head = model.lm_head.weight.detach()[adapter.vocab].contiguous()
-        if head.device.type != "cpu" or head.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-            return cls(model, adapter, head, None)
-        fp32 = cls(model, adapter, head, pack_weight(head))
-        try:
-            low = copy.deepcopy(adapter).to(torch.bfloat16)
-            low.self_attn.prepack()
-            if low.mlp is not None:
-                low.mlp.prepack()
-            bf16 = cls(model, low, head.to(torch.bfloat16), pack_weight(head.to(torch.bfloat16)))
-        except RuntimeError:  # no bf16 packing in this build of oneDNN
-            return fp32
-        return bf16 if bf16._step_ms() < 0.8 * fp32._step_ms() else fp32
-
-    def _step_ms(self, rows: int = 3, repeats: int = 5) -> float:
-        """Median ms of one adapter + head forward on ``rows`` fresh tokens after 64 cached."""
-        cfg = self.model.cfg
-        cache = self.adapter.new_cache(1, 64 + rows)
-        x = torch.randn(rows, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-        cos, sin = self.model.rope(torch.arange(64, 64 + rows)[None])
-        times = []
-        with torch.inference_mode():
-            for i in range(repeats + 2):
-                start = time.perf_counter()
-                self.logits(self.adapter(x.to(self.head.dtype), (1, rows), cos, sin, cache, 64, 64 + rows, None))
-                if i >= 2:
-                    times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times)
+        packed = None
+        if head.device.type == "cpu" and head.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            packed = pack_weight(head)
+        return cls(model, adapter, head, packed)
 
     @property
     def exit_layer(self) -> int:
         return self.adapter.exit_layer
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.head.dtype
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Normalised adapter states [N, hidden] → draft logits over the draft vocabulary [N, draft_vocab]."""
@@ -164,7 +129,6 @@ class KangarooDrafter:
         cos, sin = self.draft.model.rope(torch.tensor([positions], device=dev))
         slot: int | torch.Tensor = slots[0] if _contiguous(slots) else torch.tensor([slots], device=dev)
         states = self.hidden[slots[0] : slots[-1] + 1] if _contiguous(slots) else self.hidden[torch.tensor(slots)]
-        states = states.to(self.draft.dtype)
         out = self.draft.adapter(states, (1, n), cos, sin, self.adapter_cache, slot, max(slots) + 1, mask)
         return self.draft.logits(out)
 
