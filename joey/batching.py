@@ -75,10 +75,14 @@ def pack(
 
 def grid_positions(lengths: list[int], t: int, parents: Sequence[Sequence[int]] | None, device) -> torch.Tensor:
     """RoPE positions [B, t] of rows that all feed ``t`` tokens (no packing needed)."""
-    start = torch.tensor(lengths, device=device)[:, None]
     if parents is None or all(is_chain(p) for p in parents):
-        return start + torch.arange(t, device=device)[None]
-    return start + torch.tensor([depths_of(p) for p in parents], device=device)
+        return grid_slots(lengths, t, device)  # a chain's positions are its slots
+    return torch.tensor(lengths, device=device)[:, None] + torch.tensor([depths_of(p) for p in parents], device=device)
+
+
+def grid_slots(lengths: list[int], t: int, device: torch.device | str) -> torch.Tensor:
+    """Cache slots [B, t] of rows that all feed ``t`` tokens: right after each row's cached prefix."""
+    return torch.tensor(lengths, device=device)[:, None] + torch.arange(t, device=device)[None]
 
 
 def causal_mask(lengths: list[int], t: int, kv_len: int, device: torch.device | str) -> torch.Tensor:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from typing import Any, NoReturn
 
-from joey.config import MAX_DRAFT_LIMIT, SamplingParams, SpecConfig
-from joey.drafters.kangaroo import DEFAULT_THRESHOLD
-from joey.engine import DEFAULT_MAX_DRAFT, METHODS
+from joey.config import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD, MAX_DRAFT_LIMIT, SamplingParams, SpecConfig
+from joey.engine import METHODS
 from joey.errors import InvalidArgumentError, JoeyError, PromptError
 
 
@@ -46,6 +46,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_THRESHOLD})")
     _tree_args(p)
 
+
 def _tree_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-nodes", type=int, default=None,
                    help="most draft tokens per step in a token tree; 0 = a chain (default: chosen from the "
@@ -57,9 +58,7 @@ def _tree_args(p: argparse.ArgumentParser) -> None:
 
 def _spec_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The drafting options, validated (SpecConfig raises a one-line error)."""
-    spec = SpecConfig(args.max_draft, args.threshold, args.tree_nodes, args.tree_topk, args.adaptive)
-    return dict(max_draft=spec.max_draft, threshold=spec.threshold, tree_nodes=spec.tree_nodes,
-                tree_topk=spec.tree_topk, adaptive=spec.adaptive)
+    return asdict(SpecConfig(args.max_draft, args.threshold, args.tree_nodes, args.tree_topk, args.adaptive))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from joey.errors import InvalidArgumentError
 
+DEFAULT_MAX_DRAFT = 6  # most draft tokens on one path per step (Kangaroo's γ)
+DEFAULT_THRESHOLD = 0.6  # Kangaroo's confidence stop η (the paper's single-sequence value)
 MAX_DRAFT_LIMIT = 64  # keeps draft positions inside the RoPE table's margin past the context
 MAX_TREE_NODES = 128
 MAX_TREE_TOPK = 16
@@ -58,11 +60,12 @@ class SpecConfig:
     joey choose from the measured cost of verification on this machine (``joey.budget``).
     ``tree_topk``: children per expanded node and nodes expanded per depth; 0 = joey's choice.
     ``adaptive``: each step may draft less deep, or not at all, when the row's acceptance so far
-    cannot pay for drafting (``joey.budget``).
+    cannot pay for drafting (``joey.budget``). The fields are ``Engine.stream()``'s keywords of the
+    same names, so ``stream(..., **asdict(spec))`` passes a whole config.
     """
 
-    max_draft: int = 6
-    threshold: float = 0.6
+    max_draft: int = DEFAULT_MAX_DRAFT
+    threshold: float = DEFAULT_THRESHOLD
     tree_nodes: int | None = None
     tree_topk: int = 0
     adaptive: bool = True

@@ -14,12 +14,19 @@ from typing import Any, Union
 
 import torch
 
-from joey.batching import depths_of, grid_positions, pack, path_moves, step_mask
+from joey.batching import depths_of, grid_positions, grid_slots, pack, path_moves, step_mask
 from joey.budget import PROBE_EVERY, CostCurve, best_depth, cached_curve
-from joey.config import Generation, GenerationStats, SamplingParams, SpecConfig, TreeShape
+from joey.config import (
+    DEFAULT_MAX_DRAFT,
+    DEFAULT_THRESHOLD,
+    Generation,
+    GenerationStats,
+    SamplingParams,
+    SpecConfig,
+    TreeShape,
+)
 from joey.detokenize import IncrementalText
 from joey.drafters import Drafter, DraftModelDrafter, KangarooDraft, KangarooDrafter, PromptLookupDrafter, Proposal
-from joey.drafters.kangaroo import DEFAULT_THRESHOLD
 from joey.errors import InvalidArgumentError, PromptError
 from joey.models.adapter import KangarooAdapter
 from joey.models.kv_cache import KVCache
@@ -32,7 +39,6 @@ from joey.verify import Verdict, verify_greedy, verify_sampled
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
 METHODS = ("ar", "pld", "sps", "kangaroo", "kangaroo+pld")
-DEFAULT_MAX_DRAFT = 6
 KANGAROO_TOPK = 3  # children per expanded node of Kangaroo's tree (benchmarks/tree_sweep.py)
 PLD_BRANCHES = 3  # distinct continuations prompt lookup may offer at once, when asked for a tree
 
@@ -470,9 +476,7 @@ class Engine:
             return list(logits.split(counts))
         positions = grid_positions(lengths, t, parents, self.device)
         uniform = all(n == lengths[0] for n in lengths)
-        slots = lengths[0] if uniform else torch.tensor(lengths, device=self.device)[:, None] + torch.arange(
-            t, device=self.device
-        )
+        slots = lengths[0] if uniform else grid_slots(lengths, t, self.device)
         # plain decoding: the one new token may see every cached slot, no mask needed
         mask = None if uniform and t == 1 else step_mask(lengths, t, kv_len, parents, self.device)
         if layer:

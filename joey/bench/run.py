@@ -28,9 +28,8 @@ from joey.bench.runners import (
     make_runner,
 )
 from joey.bench.store import MethodRun, QuestionRecord, Store, question_key
-from joey.config import MAX_DRAFT_LIMIT, SamplingParams, SpecConfig
-from joey.drafters.kangaroo import DEFAULT_THRESHOLD
-from joey.engine import DEFAULT_MAX_DRAFT, METHODS, Engine, Message
+from joey.config import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD, MAX_DRAFT_LIMIT, SamplingParams, SpecConfig
+from joey.engine import METHODS, Engine, Message
 from joey.errors import InvalidArgumentError, PromptError
 
 WARMUP_TOKENS = 16

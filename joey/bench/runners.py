@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
@@ -97,10 +97,7 @@ class JoeyRunner:
     def answer(self, messages: Sequence[Message], params: SamplingParams) -> TurnResult:
         lengths: list[int] = []
         gen = None
-        spec = self.spec
-        for event in self.engine.stream(list(messages), params, method=self.name, max_draft=spec.max_draft,
-                                        threshold=spec.threshold, tree_nodes=spec.tree_nodes,
-                                        tree_topk=spec.tree_topk, adaptive=spec.adaptive):
+        for event in self.engine.stream(list(messages), params, method=self.name, **asdict(self.spec)):
             lengths.append(len(event.token_ids))
             gen = event.generation or gen
         assert gen is not None  # the last event of a row always carries its Generation

@@ -34,15 +34,13 @@ from dataclasses import dataclass
 import torch
 
 from joey.batching import prefix_causal_mask, visible_slots_mask
-from joey.config import SamplingParams
+from joey.config import DEFAULT_THRESHOLD, SamplingParams
 from joey.drafters.base import Proposal, common_prefix
 from joey.drafters.prompt_lookup import PromptLookupDrafter
 from joey.models.adapter import KangarooAdapter
 from joey.models.kv_cache import KVCache
 from joey.models.llama import LlamaModel, pack_weight, packed_linear
 from joey.sampling import probabilities, sample
-
-DEFAULT_THRESHOLD = 0.6
 
 
 @dataclass(frozen=True)
@@ -151,20 +149,14 @@ class KangarooDrafter:
         if tree is None or context[: tree.base] != self.cached[: tree.base]:
             return
         path = tree.follow(context[tree.base :])
-        moves = [(tree.slots[node], tree.base + m) for m, node in enumerate(path)]
-        src = [a for a, b in moves if a != b]
-        if src:
-            dst = [b for a, b in moves if a != b]
-            self.shallow.move([0] * len(src), src, dst)
-            self.hidden[torch.tensor(dst)] = self.hidden[torch.tensor(src)]
-        adapted = 0
+        src = [tree.slots[node] for node in path]
+        dst = list(range(tree.base, tree.base + len(path)))
+        self.shallow.move([0] * len(path), src, dst)
+        self.hidden[dst] = self.hidden[src]
+        adapted = 0  # the adapter ran on the path's nodes up to the first one that was never expanded
         while adapted < len(path) and path[adapted] in tree.expanded:
             adapted += 1
-        a_src = [tree.slots[node] for node in path[:adapted]]
-        a_dst = [tree.base + m for m in range(adapted)]
-        pairs = [(x, y) for x, y in zip(a_src, a_dst) if x != y]
-        if pairs:
-            self.adapter_cache.move([0] * len(pairs), [x for x, _ in pairs], [y for _, y in pairs])
+        self.adapter_cache.move([0] * adapted, src[:adapted], dst[:adapted])
         tokens = [tree.tokens[node] for node in path]
         self.cached = self.cached[: tree.base] + tokens
         self.adapted = self.cached[: tree.base + adapted]  # the adapter ran on the whole context
@@ -304,7 +296,7 @@ class _Tree:
         hold its tokens. In a sampled chain the grafted tokens are point masses (one-hot q)."""
         parent = -1
         for token in tokens:
-            node = next((c for c in self.final if self.parents[c] == parent and self.tokens[c] == token), None)
+            node = self.child(parent, token)
             if node is None:
                 dist = None
                 if self.dists:
@@ -314,6 +306,10 @@ class _Tree:
                 self.final.append(node)
             parent = node
         self.final.sort(key=lambda node: (self.depths[node], node))
+
+    def child(self, parent: int, token: int) -> int | None:
+        """The proposed child of ``parent`` holding ``token``, if any."""
+        return next((c for c in self.final if self.parents[c] == parent and self.tokens[c] == token), None)
 
     def path_slots(self, node: int) -> list[int]:
         """Slots of a node and its ancestors (what it may attend to besides the context)."""
@@ -328,7 +324,7 @@ class _Tree:
         path: list[int] = []
         parent = -1
         for token in committed:
-            nxt = next((c for c in self.final if self.parents[c] == parent and self.tokens[c] == token), None)
+            nxt = self.child(parent, token)
             if nxt is None:
                 break
             path.append(nxt)
