@@ -56,6 +56,7 @@ def load(
     progress: bool = True,
     draft_model: str | os.PathLike | None = None,
     adapter: str | os.PathLike | bool | None = None,
+    head: str | os.PathLike | bool | None = None,
 ) -> Engine:
     """Load a model (default: the embedded SmolLM2-135M-Instruct) and return an ``Engine``.
 
@@ -63,10 +64,12 @@ def load(
     ``draft_model`` (same kinds of source) is a smaller model sharing the tokenizer, for method "sps".
     ``adapter`` is a Kangaroo adapter file (``joey train-adapter``); None picks the adapter shipped
     with joey for this model when there is one (the default model has one); False loads none.
+    ``head`` is a Jakiro draft head file (``joey train-drafter``), found and refused the same way.
     ``prepack`` (fp32 on CPU only) re-lays the weights out for oneDNN's fast small-batch GEMMs
     (about 1 s, and a second copy of the weights in memory).
     """
     from joey.models.adapter import find_adapter, load_adapter
+    from joey.models.jakiro_head import find_head, load_head
     from joey.models.registry import resolve
     from joey.models.weights import load_model, load_tokenizer
 
@@ -82,5 +85,7 @@ def load(
             draft.prepack()
     path = find_adapter(net) if adapter is None else (None if adapter is False else adapter)
     kangaroo = load_adapter(path, net) if path else None
+    path = find_head(net) if head is None else (None if head is False else head)
+    jakiro = load_head(path, net) if path else None
     tokenizer = load_tokenizer(source.folder)
-    return Engine(net, tokenizer, source, draft_model=draft, adapter=kangaroo)
+    return Engine(net, tokenizer, source, draft_model=draft, adapter=kangaroo, head=jakiro)

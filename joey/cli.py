@@ -1,4 +1,5 @@
-"""The ``joey`` command line: generate, chat, info, bench, train-adapter. The only module that parses arguments."""
+"""The ``joey`` command line: generate, chat, info, bench, train-adapter, train-drafter. The only module that
+parses arguments."""
 
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--method", default=None, choices=list(METHODS),
-                   help="kangaroo = early-exit self-drafting (default when the model has an adapter, as the default "
-                        "model does); kangaroo+pld = Kangaroo's tree plus a prompt-lookup branch; "
+                   help="jakiro = a trained MoE head drafting token trees from the target's features; "
+                        "kangaroo = early-exit self-drafting; X+pld = X's tree plus a prompt-lookup branch; "
                         "ar = autoregressive; pld = prompt lookup; sps = separate draft model. "
-                        "All are lossless.")
+                        "All are lossless. Default: the model's default method (see 'joey info').")
     p.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for --method sps)")
     p.add_argument("--adapter", default=None, help="Kangaroo adapter file (default: the one shipped for the model)")
+    p.add_argument("--head", default=None, help="Jakiro head file (default: the one shipped for the model)")
     p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most draft tokens per step (γ)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"Kangaroo: stop drafting a step when the draft's confidence is below this (η, default "
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(info)
     _bench_parser(sub)
     _train_parser(sub)
+    _train_drafter_parser(sub)
     return parser
 
 
@@ -107,8 +110,8 @@ def _load(args: argparse.Namespace):
     import joey
 
     draft = getattr(args, "draft_model", None)
-    adapter = getattr(args, "adapter", None)
-    return joey.load(args.model, device=args.device, dtype=args.dtype, draft_model=draft, adapter=adapter)
+    adapter, head = getattr(args, "adapter", None), getattr(args, "head", None)
+    return joey.load(args.model, device=args.device, dtype=args.dtype, draft_model=draft, adapter=adapter, head=head)
 
 
 def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
@@ -229,6 +232,7 @@ def _bench_parser(sub: Any) -> None:
     bench.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="Kangaroo's confidence stop η")
     _tree_args(bench)
     bench.add_argument("--adapter", default=None, help="Kangaroo adapter file (default: the one shipped)")
+    bench.add_argument("--head", default=None, help="Jakiro head file (default: the one shipped)")
     _model_args(bench)
     bench.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for method sps)")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp")
@@ -250,7 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         categories=split(args.categories), limit=args.limit, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, seed=args.seed, repeats=args.repeats, max_draft=args.max_draft,
         threshold=args.threshold, tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, adaptive=args.adaptive,
-        adapter=args.adapter,
+        adapter=args.adapter, head=args.head,
         model=args.model, draft_model=args.draft_model, device=args.device, dtype=args.dtype, threads=args.threads,
         fresh=args.fresh, progress=not args.no_progress,
     ))
@@ -281,16 +285,20 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def cmd_train_adapter(args: argparse.Namespace) -> int:
-    from joey.training.run import train_from_prompts
-
-    for name in ("num_prompts", "max_new_tokens", "batch_size", "exit_layer", "draft_vocab", "epochs"):
+def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    for name in names:
         if getattr(args, name) < 1:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.derived <= args.num_prompts:
         raise InvalidArgumentError("--derived must be between 0 and --num-prompts")
     if args.lr <= 0:
         raise InvalidArgumentError("--lr must be positive")
+
+
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    from joey.training.run import train_from_prompts
+
+    _check_counts(args, ("num_prompts", "max_new_tokens", "batch_size", "exit_layer", "draft_vocab", "epochs"))
     from joey.training.adapter_training import TrainSettings
     from joey.training.distill import DistillSettings
 
@@ -305,10 +313,60 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_drafter_parser(sub: Any) -> None:
+    from joey.training.distill import DistillSettings
+    from joey.training.jakiro_training import HeadTrainSettings
+
+    t, d = HeadTrainSettings(), DistillSettings()
+    p = sub.add_parser("train-drafter", help="train a Jakiro draft head by self-distillation (resumable)")
+    p.add_argument("--kind", choices=["jakiro"], default="jakiro",
+                   help="the draft network (Kangaroo adapters: `joey train-adapter`)")
+    p.add_argument("--prompts", nargs="+", required=True, metavar="FILE",
+                   help="prompt files (.json list or .jsonl; alpaca/gsm8k/gpteacher/self-instruct/plain 'prompt')")
+    p.add_argument("--out", "-o", required=True, help="run folder: data shards, checkpoint, head.safetensors")
+    _model_args(p)
+    p.add_argument("--num-prompts", type=int, default=14000, help="prompts to distill (default 14000)")
+    p.add_argument("--derived", type=int, default=3000,
+                   help="of which summarization / passage-QA / translation prompts derived from the files' answers")
+    p.add_argument("--distill-minutes", type=float, default=None,
+                   help="stop answering after this long and train on what exists (run again to continue)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of the target's answers")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts answered at once")
+    p.add_argument("--draft-vocab", type=int, default=t.draft_vocab, help="tokens in the draft's LM head")
+    p.add_argument("--experts", type=int, default=t.experts, help="SwiGLU experts in the head's mixture")
+    p.add_argument("--intermediate", type=int, default=t.intermediate, help="each expert's width (0 = the target's)")
+    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast while training (fast on CPUs with AMX)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_train_drafter(args: argparse.Namespace) -> int:
+    from joey.training.distill import DistillSettings
+    from joey.training.jakiro_training import HeadTrainSettings
+    from joey.training.run import train_from_prompts
+
+    _check_counts(args, ("num_prompts", "max_new_tokens", "batch_size", "draft_vocab", "epochs"))
+    if args.experts < 2:
+        raise InvalidArgumentError("--experts must be at least 2 (the contrastive branch needs two)")
+    if args.intermediate < 0:
+        raise InvalidArgumentError("--intermediate must be 0 (the target's width) or positive")
+    if args.distill_minutes is not None and args.distill_minutes <= 0:
+        raise InvalidArgumentError("--distill-minutes must be positive")
+    train_from_prompts(
+        args.model, args.prompts, args.out, num_prompts=args.num_prompts, derived=args.derived,
+        distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+        train=HeadTrainSettings(draft_vocab=args.draft_vocab, experts=args.experts, intermediate=args.intermediate,
+                                epochs=args.epochs, lr=args.lr, bf16=args.bf16, seed=args.seed),
+        device=args.device, dtype=args.dtype, seed=args.seed, distill_minutes=args.distill_minutes,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench,
-                "train-adapter": cmd_train_adapter}
+                "train-adapter": cmd_train_adapter, "train-drafter": cmd_train_drafter}
     try:
         return handlers[args.command](args)
     except JoeyError as exc:

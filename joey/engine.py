@@ -26,9 +26,19 @@ from joey.config import (
     TreeShape,
 )
 from joey.detokenize import IncrementalText
-from joey.drafters import Drafter, DraftModelDrafter, KangarooDraft, KangarooDrafter, PromptLookupDrafter, Proposal
+from joey.drafters import (
+    Drafter,
+    DraftModelDrafter,
+    JakiroDraft,
+    JakiroDrafter,
+    KangarooDraft,
+    KangarooDrafter,
+    PromptLookupDrafter,
+    Proposal,
+)
 from joey.errors import InvalidArgumentError, PromptError
 from joey.models.adapter import KangarooAdapter
+from joey.models.jakiro_head import JakiroHead
 from joey.models.kv_cache import KVCache
 from joey.models.llama import LlamaModel
 from joey.models.registry import ModelSource
@@ -38,8 +48,9 @@ from joey.verify import Verdict, verify_greedy, verify_sampled
 
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
-METHODS = ("ar", "pld", "sps", "kangaroo", "kangaroo+pld")
+METHODS = ("ar", "pld", "sps", "kangaroo", "kangaroo+pld", "jakiro", "jakiro+pld")
 KANGAROO_TOPK = 3  # children per expanded node of Kangaroo's tree (benchmarks/tree_sweep.py)
+JAKIRO_TOPK = 3  # children per expanded node of Jakiro's tree (benchmarks/tree_sweep.py)
 PLD_BRANCHES = 3  # distinct continuations prompt lookup may offer at once, when asked for a tree
 
 
@@ -112,6 +123,7 @@ class Engine:
         source: ModelSource | None = None,
         draft_model: LlamaModel | None = None,
         adapter: KangarooAdapter | None = None,
+        head: JakiroHead | None = None,
     ) -> None:
         if draft_model is not None and draft_model.cfg.vocab_size != model.cfg.vocab_size:
             raise InvalidArgumentError(
@@ -121,6 +133,7 @@ class Engine:
         self.model = model
         self.draft_model = draft_model
         self.kangaroo = KangarooDraft.build(model, adapter) if adapter is not None else None
+        self.jakiro = JakiroDraft.build(model, head) if head is not None else None
         self.tokenizer = tokenizer
         self.source = source
         self.name = source.name if source else "model"
@@ -251,7 +264,7 @@ class Engine:
     def cost_curve(self) -> CostCurve:
         """What verifying k tokens costs on this machine (measured once, then cached; joey.budget)."""
         if self._curve is None:
-            from joey.models.adapter import model_fingerprint
+            from joey.models.draft_files import model_fingerprint
             from joey.models.registry import cache_dir
 
             cfg = self.model.cfg
@@ -261,8 +274,8 @@ class Engine:
 
     def tree_shape(self, method: str, spec: SpecConfig) -> TreeShape:
         """How a method drafts under ``spec``: chain or tree, its node budget and branching."""
-        if method.startswith("kangaroo"):
-            topk = spec.tree_topk or KANGAROO_TOPK
+        if method.startswith(("kangaroo", "jakiro")):
+            topk = spec.tree_topk or (KANGAROO_TOPK if method.startswith("kangaroo") else JAKIRO_TOPK)
             nodes = spec.tree_nodes if spec.tree_nodes is not None else self.cost_curve().tree_nodes()
         elif method == "pld":
             topk, nodes = spec.tree_topk or PLD_BRANCHES, spec.tree_nodes or 0
@@ -285,6 +298,17 @@ class Engine:
                 raise InvalidArgumentError("method 'sps' needs a draft model: joey.load(..., draft_model=...)")
             draft = self.draft_model
             return lambda max_len, generator: DraftModelDrafter(draft, params, generator, max_len)
+        if method.startswith("jakiro"):
+            if self.jakiro is None:
+                raise InvalidArgumentError(
+                    f"method '{method}' needs a Jakiro head for this model: joey.load(..., head=...); "
+                    "train one with `joey train-drafter`"
+                )
+            jd = self.jakiro
+            lookup = method == "jakiro+pld"
+            return lambda max_len, generator: JakiroDrafter(
+                jd, params, max_len, shape.topk, PromptLookupDrafter() if lookup else None
+            )
         if method.startswith("kangaroo"):
             if self.kangaroo is None:
                 raise InvalidArgumentError(
@@ -301,22 +325,28 @@ class Engine:
     def _budget(self, rows: list[_Row], params: SamplingParams) -> int:
         return min(params.max_new_tokens, self.context_length - max(len(r.prompt_ids) for r in rows))
 
-    def _prefill(self, cache: KVCache, prompts: list[list[int]]) -> torch.Tensor:
-        """Run the prompts (right-padded into one forward) and return each row's last logits [B, vocab].
+    def _prefill(self, cache: KVCache, rows: list[_Row]) -> torch.Tensor:
+        """Run the prompts (right-padded into one forward) and return each row's last logits [B, vocab];
+        drafters that read the target's features get those of every prompt position.
 
         Causal attention alone is right for right padding: a real token never sees a later slot,
         and the padding's K/V lie past the row's length, where the next writes overwrite them.
         """
+        prompts = [r.prompt_ids for r in rows]
         lengths = [len(p) for p in prompts]
         t = max(lengths)
         tokens = torch.zeros(len(prompts), t, dtype=torch.long, device=self.device)
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = torch.tensor(p, device=self.device)
         positions = torch.arange(t, device=self.device).expand(len(prompts), t)
-        logits = self.model(tokens, positions, cache, 0, t, None)
+        # features of every position, but the LM head only where a token is chosen
+        features = self.model.forward_from(self.model.embed(tokens), positions, cache, 0, t, None, 0, head=False)
         cache.advance(lengths)
+        for b, row in enumerate(rows):
+            if getattr(row.drafter, "wants_features", False):
+                row.drafter.observe(features[b, : lengths[b]])
         last = torch.tensor(lengths, device=self.device) - 1
-        return logits[torch.arange(len(prompts), device=self.device), last]
+        return self.model.head(features[torch.arange(len(prompts), device=self.device), last])
 
     def _commit(
         self, row: _Row, tokens: list[int], budget: int, params: SamplingParams, method: str = "ar"
@@ -372,7 +402,7 @@ class Engine:
         for row in rows:
             if drafter_factory is not None:
                 row.drafter = drafter_factory(len(row.prompt_ids) + budget + extra, generator)
-        logits = self._prefill(cache, [r.prompt_ids for r in rows])
+        logits = self._prefill(cache, rows)
         first = next_tokens(logits, params, generator).tolist()
         active: list[_Row] = []
         for row, tok in zip(rows, first):
@@ -392,13 +422,15 @@ class Engine:
             skip = not any(depths) and not any(getattr(row.drafter, "self_speculative", False) for row in active)
             proposals = [Proposal.chain([]) if skip else self._propose(row, d, shape) for row, d in zip(active, depths)]
             t1 = time.perf_counter()
-            logits = self._verify_pass(cache, active, proposals)  # per row: [1 + draft, vocab]
+            features = self._verify_pass(cache, active, proposals)  # per row: [1 + draft, hidden]
             still: list[int] = []
             counts: list[int] = []
             paths: list[tuple[int, ...]] = []
             for i, (row, prop) in enumerate(zip(active, proposals)):
-                verdict = self._judge(logits[i], prop, params, generator)
+                verdict = self._judge(self.model.head(features[i]), prop, params, generator)
                 row.record(prop, verdict)
+                if getattr(row.drafter, "wants_features", False):  # pending token + accepted path
+                    row.drafter.observe(features[i][[0, *(1 + j for j in verdict.path)]])
                 tokens = [prop.tokens[j] for j in verdict.path] + [verdict.bonus]
                 counts.append(1 + verdict.accepted)  # pending + accepted drafts now have K/V
                 paths.append(verdict.path)
@@ -450,7 +482,8 @@ class Engine:
 
     def _verify_pass(self, cache: KVCache, rows: list[_Row], proposals: list[Proposal]) -> list[torch.Tensor]:
         """One target forward over each row's pending token followed by its draft; returns each
-        row's logits [1 + len(draft), vocab].
+        row's final-norm features [1 + len(draft), hidden] (``model.head`` makes the logits; feature
+        drafters read them).
 
         When rows feed different numbers of tokens they are packed (joey.batching): the dense
         layers run on exactly the real tokens, with no padding.
@@ -472,8 +505,8 @@ class Engine:
                     [tok for row, prop in zip(rows, proposals) for tok in (row.pending, *prop.tokens)]
                 )
             mask = step_mask(lengths, t, kv_len, parents, self.device)
-            logits = self.model.forward_packed(inputs.to(self.device), cache, packing, kv_len, mask, layer)
-            return list(logits.split(counts))
+            features = self.model.forward_packed(inputs.to(self.device), cache, packing, kv_len, mask, layer, False)
+            return list(features.split(counts))
         positions = grid_positions(lengths, t, parents, self.device)
         uniform = all(n == lengths[0] for n in lengths)
         slots = lengths[0] if uniform else grid_slots(lengths, t, self.device)
@@ -484,7 +517,7 @@ class Engine:
         else:
             tokens = [[row.pending, *prop.tokens] for row, prop in zip(rows, proposals)]
             hidden = self.model.embed(torch.tensor(tokens, device=self.device))
-        return list(self.model.forward_from(hidden, positions, cache, slots, kv_len, mask, layer))
+        return list(self.model.forward_from(hidden, positions, cache, slots, kv_len, mask, layer, head=False))
 
     def _judge(
         self, logits: torch.Tensor, prop: Proposal, params: SamplingParams, generator: torch.Generator | None

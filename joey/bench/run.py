@@ -54,6 +54,7 @@ class BenchSettings:
     tree_topk: int = 0  # children per tree node (0 = joey's choice)
     adaptive: bool = True  # per-step draft depth from the row's acceptance and the measured costs
     adapter: str | None = None  # Kangaroo adapter file (None: the one shipped for the model)
+    head: str | None = None  # Jakiro head file (None: the one shipped for the model)
     model: str | None = None
     draft_model: str | None = None
     device: str | None = None
@@ -115,6 +116,7 @@ def _settings_record(s: BenchSettings, methods: Sequence[str], questions: Sequen
         "tree_topk": s.tree_topk,
         "adaptive": s.adaptive,
         "adapter": s.adapter,
+        "head": s.head,
         "model": model,
         "draft_model": s.draft_model,
         "device": s.device,
@@ -185,7 +187,7 @@ def _run(s: BenchSettings, engine: Engine | None) -> dict[str, Any]:
         import joey
 
         engine = joey.load(s.model, device=s.device, dtype=s.dtype, draft_model=s.draft_model,
-                           adapter=s.adapter, progress=s.progress)
+                           adapter=s.adapter, head=s.head, progress=s.progress)
     todo = [q for q in questions if question_key(q.question_id) not in done]
     runners: dict[str, Runner] = {}
     if todo:  # a finished run only rewrites its outputs: no baseline model to load, nothing to warm up

@@ -2,7 +2,11 @@
 
 from joey.drafters.base import Drafter, Proposal
 from joey.drafters.draft_model import DraftModelDrafter
+from joey.drafters.jakiro import JakiroDraft, JakiroDrafter
 from joey.drafters.kangaroo import KangarooDraft, KangarooDrafter
 from joey.drafters.prompt_lookup import PromptLookupDrafter
 
-__all__ = ["DraftModelDrafter", "Drafter", "KangarooDraft", "KangarooDrafter", "PromptLookupDrafter", "Proposal"]
+__all__ = [
+    "DraftModelDrafter", "Drafter", "JakiroDraft", "JakiroDrafter", "KangarooDraft", "KangarooDrafter",
+    "PromptLookupDrafter", "Proposal",
+]

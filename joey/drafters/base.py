@@ -54,6 +54,14 @@ class Drafter(Protocol):
     # True for a drafter that runs the target's own first layers in its place (Kangaroo): it must be
     # asked every step, even to draft nothing, because the target's cache lacks those layers
     self_speculative: bool = False
+    # True for a drafter that reads the target's final-norm features of committed tokens (Jakiro):
+    # the engine then calls ``observe`` with the features of every token it commits, in order
+    # (the prompt's after the prefill; the pending token's and the accepted path's after each step)
+    wants_features: bool = False
+
+    def observe(self, features: torch.Tensor) -> None:
+        """Features [n, hidden] of the next n committed tokens (only if ``wants_features``)."""
+        ...
 
     def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
         """Propose tokens to follow ``context`` (prompt + committed tokens): no path deeper than

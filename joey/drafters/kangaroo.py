@@ -36,10 +36,12 @@ import torch
 from joey.batching import prefix_causal_mask, visible_slots_mask
 from joey.config import DEFAULT_THRESHOLD, SamplingParams
 from joey.drafters.base import Proposal, common_prefix
+from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.prompt_lookup import PromptLookupDrafter
+from joey.drafters.tree import DraftTree, candidate_log_probs, contiguous
 from joey.models.adapter import KangarooAdapter
 from joey.models.kv_cache import KVCache
-from joey.models.llama import LlamaModel, pack_weight, packed_linear
+from joey.models.llama import LlamaModel
 from joey.sampling import probabilities, sample
 
 
@@ -49,16 +51,11 @@ class KangarooDraft:
 
     model: LlamaModel
     adapter: KangarooAdapter
-    head: torch.Tensor  # [draft_vocab, hidden] rows of the target's LM head
-    packed_head: torch.Tensor | None  # the same, pre-packed for oneDNN (fp32 CPU)
+    head: DraftVocabHead
 
     @classmethod
     def build(cls, model: LlamaModel, adapter: KangarooAdapter) -> KangarooDraft:
-        head = model.lm_head.weight.detach()[adapter.vocab].contiguous()
-        packed = None
-        if head.device.type == "cpu" and head.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            packed = pack_weight(head)
-        return cls(model, adapter, head, packed)
+        return cls(model, adapter, DraftVocabHead.build(model, adapter.vocab))
 
     @property
     def exit_layer(self) -> int:
@@ -66,9 +63,7 @@ class KangarooDraft:
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Normalised adapter states [N, hidden] → draft logits over the draft vocabulary [N, draft_vocab]."""
-        if self.packed_head is not None:
-            return packed_linear(states, self.packed_head, None).float()
-        return (states @ self.head.T).float()
+        return self.head.logits(states)
 
 
 class KangarooDrafter:
@@ -104,7 +99,7 @@ class KangarooDrafter:
         self.hidden = torch.zeros(max_len, cfg.hidden_size, dtype=w.dtype, device=w.device)
         self.cached: list[int] = []  # tokens whose shallow K/V and layer-l state are stored, in order
         self.adapted: list[int] = []  # tokens whose adapter K/V are stored (a prefix of ``cached``)
-        self._tree: _Tree | None = None  # the last proposal, until the committed tokens say which path won
+        self._tree: DraftTree | None = None  # the last proposal, until the committed tokens say which path won
 
     # -- the target's shallow layers and the adapter, on slots of this drafter's caches ----------
     def _shallow(self, tokens: list[int], slots: list[int], positions: list[int], mask: torch.Tensor | None) -> None:
@@ -113,9 +108,9 @@ class KangarooDrafter:
         dev = self.hidden.device
         x = model.embed(torch.tensor([tokens], device=dev))
         pos = torch.tensor([positions], device=dev)
-        slot: int | torch.Tensor = slots[0] if _contiguous(slots) else torch.tensor([slots], device=dev)
+        slot: int | torch.Tensor = slots[0] if contiguous(slots) else torch.tensor([slots], device=dev)
         h = model.run_layers(x, pos, self.shallow, slot, max(slots) + 1, mask, 0, self.draft.exit_layer)
-        if _contiguous(slots):
+        if contiguous(slots):
             self.hidden[slots[0] : slots[-1] + 1] = h[0]
         else:
             self.hidden[torch.tensor(slots, device=dev)] = h[0]
@@ -125,8 +120,8 @@ class KangarooDrafter:
         dev = self.hidden.device
         n = len(slots)
         cos, sin = self.draft.model.rope(torch.tensor([positions], device=dev))
-        slot: int | torch.Tensor = slots[0] if _contiguous(slots) else torch.tensor([slots], device=dev)
-        states = self.hidden[slots[0] : slots[-1] + 1] if _contiguous(slots) else self.hidden[torch.tensor(slots)]
+        slot: int | torch.Tensor = slots[0] if contiguous(slots) else torch.tensor([slots], device=dev)
+        states = self.hidden[slots[0] : slots[-1] + 1] if contiguous(slots) else self.hidden[torch.tensor(slots)]
         out = self.draft.adapter(states, (1, n), cos, sin, self.adapter_cache, slot, max(slots) + 1, mask)
         return self.draft.logits(out)
 
@@ -178,7 +173,7 @@ class KangarooDrafter:
             return Proposal(tokens=(), parents=(), hidden=self.hidden[n - 1 : n].clone(), start_layer=exit_layer)
         logits = self._run_prefix(s, n, a)
         self.adapted = list(context)
-        tree = _Tree(base=n)
+        tree = DraftTree(base=n)
         grow = self._grow_sampled if not self.params.greedy and self.topk == 1 else self._grow
         grow(tree, logits, max_tokens, max_nodes or max_tokens)
         if self.lookup is not None:
@@ -198,7 +193,7 @@ class KangarooDrafter:
             start_layer=exit_layer,
         )
 
-    def _expand(self, tree: _Tree, nodes: list[int], adapt: bool) -> torch.Tensor | None:
+    def _expand(self, tree: DraftTree, nodes: list[int], adapt: bool) -> torch.Tensor | None:
         """One forward for ``nodes``: shallow layers (and the adapter when ``adapt``) at fresh slots;
         each node sees the context and its own ancestors. → draft logits [len(nodes), draft_vocab]."""
         slots = [tree.assign_slot(node) for node in nodes]
@@ -211,25 +206,21 @@ class KangarooDrafter:
         tree.expanded.update(nodes)
         return self._adapt(slots, positions, mask)
 
-    def _grow(self, tree: _Tree, logits: torch.Tensor, max_depth: int, max_nodes: int) -> None:
+    def _grow(self, tree: DraftTree, logits: torch.Tensor, max_depth: int, max_nodes: int) -> None:
         """Deterministic top-k expansion (greedy, or sampling with point-mass candidates)."""
         vocab = self.draft.adapter.vocab
         frontier, rows = [-1], logits[None]  # [len(frontier), draft_vocab]
         for depth in range(1, max_depth + 1):
-            logp = self._log_probs(rows)
-            top = logp.topk(min(self.topk, logp.shape[-1]), dim=-1)
-            scores = (top.values + torch.tensor([tree.score(f) for f in frontier])[:, None]).tolist()
-            ids = vocab[top.indices].tolist()
-            new = [tree.add(int(ids[r][c]), frontier[r], scores[r][c], depth)
-                   for r in range(len(frontier)) for c in range(len(ids[r])) if scores[r][c] > float("-inf")]
-            if depth == max_depth or float(top.values[:, 0].max().exp()) < self.threshold:
+            logp = candidate_log_probs(rows, self.params)
+            new = [c for nodes in tree.add_children(frontier, logp, vocab, self.topk, depth) for c in nodes]
+            if depth == max_depth or float(logp.max().exp()) < self.threshold:
                 break
             new.sort(key=lambda node: -tree.scores[node])
             frontier = new[: self.topk]
             rows = self._expand(tree, frontier, adapt=True)
         tree.select(max_nodes)
 
-    def _grow_sampled(self, tree: _Tree, logits: torch.Tensor, max_depth: int, max_nodes: int) -> None:
+    def _grow_sampled(self, tree: DraftTree, logits: torch.Tensor, max_depth: int, max_nodes: int) -> None:
         """A chain of tokens sampled from the draft distribution q (speculative sampling's proposal)."""
         vocab = self.draft.adapter.vocab
         full_vocab = self.draft.model.cfg.vocab_size
@@ -243,90 +234,3 @@ class KangarooDrafter:
                 break
             logits = self._expand(tree, [parent], adapt=True)[0]
         tree.select(len(tree.tokens))
-
-    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Scores of candidate children: the draft's log-probabilities (after the sampling warps when sampling)."""
-        if self.params.greedy:
-            return torch.log_softmax(logits.float(), -1)
-        return probabilities(logits, self.params).log()
-
-
-def _contiguous(slots: list[int]) -> bool:
-    return slots == list(range(slots[0], slots[0] + len(slots)))
-
-
-class _Tree:
-    """A draft tree under construction: nodes in creation order with parents, scores and slots."""
-
-    def __init__(self, base: int) -> None:
-        self.base = base  # slot (and length) of the context; the pending token sits at base - 1
-        self.tokens: list[int] = []
-        self.parents: list[int] = []
-        self.scores: list[float] = []  # cumulative log-probability of the node's path
-        self.depths: list[int] = []
-        self.dists: list[torch.Tensor] = []  # sampled chains: the distribution each token was drawn from
-        self.slots: dict[int, int] = {}  # node → slot in the drafter's caches
-        self.expanded: set[int] = set()  # nodes the adapter has run on
-        self.final: list[int] = []  # the proposed nodes, parents first
-
-    def add(self, token: int, parent: int, score: float, depth: int, dist: torch.Tensor | None = None) -> int:
-        self.tokens.append(token)
-        self.parents.append(parent)
-        self.scores.append(score)
-        self.depths.append(depth)
-        if dist is not None:
-            self.dists.append(dist)
-        return len(self.tokens) - 1
-
-    def score(self, node: int) -> float:
-        return 0.0 if node < 0 else self.scores[node]
-
-    def assign_slot(self, node: int) -> int:
-        self.slots[node] = self.base + len(self.slots)
-        return self.slots[node]
-
-    def select(self, max_nodes: int) -> None:
-        """The best ``max_nodes`` nodes by score; ties go to the shallower (so parents come first)."""
-        ranked = sorted(range(len(self.tokens)), key=lambda node: (-self.scores[node], self.depths[node], node))
-        keep = set(ranked[:max_nodes])
-        self.final = sorted(keep, key=lambda node: (self.depths[node], node))
-
-    def graft(self, tokens: tuple[int, ...], vocab_size: int) -> None:
-        """Add a chain from the root (prompt lookup's continuation), sharing the nodes that already
-        hold its tokens. In a sampled chain the grafted tokens are point masses (one-hot q)."""
-        parent = -1
-        for token in tokens:
-            node = self.child(parent, token)
-            if node is None:
-                dist = None
-                if self.dists:
-                    dist = torch.zeros(vocab_size, dtype=self.dists[0].dtype, device=self.dists[0].device)
-                    dist[token] = 1.0
-                node = self.add(token, parent, float("-inf"), 1 + (self.depths[parent] if parent >= 0 else 0), dist)
-                self.final.append(node)
-            parent = node
-        self.final.sort(key=lambda node: (self.depths[node], node))
-
-    def child(self, parent: int, token: int) -> int | None:
-        """The proposed child of ``parent`` holding ``token``, if any."""
-        return next((c for c in self.final if self.parents[c] == parent and self.tokens[c] == token), None)
-
-    def path_slots(self, node: int) -> list[int]:
-        """Slots of a node and its ancestors (what it may attend to besides the context)."""
-        slots = []
-        while node >= 0:
-            slots.append(self.slots[node])
-            node = self.parents[node]
-        return slots
-
-    def follow(self, committed: list[int]) -> list[int]:
-        """The nodes whose tokens the target committed after the context, root first."""
-        path: list[int] = []
-        parent = -1
-        for token in committed:
-            nxt = self.child(parent, token)
-            if nxt is None:
-                break
-            path.append(nxt)
-            parent = nxt
-        return path

@@ -14,24 +14,17 @@ the model it was trained for (shape and a fingerprint of its embedding), checked
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from joey.errors import ModelFormatError
+from joey.models.draft_files import find_shipped, load_checked, read_meta, save_draft_file
 from joey.models.kv_cache import KVCache
 from joey.models.llama import MLP, Attention, LlamaModel, ModelConfig, RMSNorm
 
 FORMAT = "joey-kangaroo-adapter/1"
-
-
-def model_fingerprint(model: LlamaModel) -> str:
-    """A short hash of the first embedding rows, rounded to bf16 so fp32 and bf16 loads agree."""
-    rows = model.model.embed_tokens.weight[:64].detach().float().cpu().to(torch.bfloat16)
-    return hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
 
 class KangarooAdapter(nn.Module):
@@ -90,71 +83,25 @@ class KangarooAdapter(nn.Module):
 
 
 def save_adapter(adapter: KangarooAdapter, model: LlamaModel, path: str | Path, extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    meta = {
-        "format": FORMAT,
-        "exit_layer": adapter.exit_layer,
-        "mlp": adapter.mlp is not None,
-        "hidden_size": model.cfg.hidden_size,
-        "vocab_size": model.cfg.vocab_size,
-        "num_layers": model.cfg.num_layers,
-        "fingerprint": model_fingerprint(model),
-        **(extra or {}),
-    }
-    # fp16 on disk: half the size, and drafting precision cannot affect the output (the target verifies)
-    state = {k: v.detach().half().cpu().contiguous() for k, v in adapter.state_dict().items() if k != "vocab"}
-    state["vocab"] = adapter.vocab.cpu().to(torch.int32)
-    save_file(state, str(path), metadata={"joey": json.dumps(meta)})
+    meta = {"format": FORMAT, "exit_layer": adapter.exit_layer, "mlp": adapter.mlp is not None, **(extra or {})}
+    save_draft_file(adapter.state_dict(), adapter.vocab, model, path, meta)
 
 
 def read_adapter_meta(path: str | Path) -> dict:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("joey")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFormatError(f"{path}: not a readable adapter file ({str(exc).splitlines()[0][:120]})")
-    try:
-        meta = json.loads(raw) if raw else None
-    except ValueError:
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelFormatError(f"{path}: not a joey Kangaroo adapter (no '{FORMAT}' metadata)")
-    return meta
+    return read_meta(path, FORMAT, "Kangaroo adapter")
 
 
 def load_adapter(path: str | Path, model: LlamaModel) -> KangarooAdapter:
     """Read an adapter file and check that it belongs to ``model``; ModelFormatError otherwise."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if not p.is_file():
-        raise ModelFormatError(f"adapter file not found: {p}")
-    meta = read_adapter_meta(p)
-    cfg = model.cfg
-    for key, have in (("hidden_size", cfg.hidden_size), ("vocab_size", cfg.vocab_size), ("num_layers", cfg.num_layers)):
-        if meta.get(key) != have:
-            raise ModelFormatError(
-                f"{p}: adapter was trained for a model with {key}={meta.get(key)}, this model has {have}"
-            )
-    if meta.get("fingerprint") != model_fingerprint(model):
-        raise ModelFormatError(f"{p}: adapter was trained for a different model ({meta.get('base_model', 'unknown')})")
+    meta, state = load_checked(path, model, FORMAT, "Kangaroo adapter")
     exit_layer = meta.get("exit_layer")
-    if not isinstance(exit_layer, int) or not 1 <= exit_layer < cfg.num_layers:
-        raise ModelFormatError(f"{p}: invalid exit layer {exit_layer!r}")
-    state = load_file(str(p))
-    vocab = state.get("vocab")
-    if vocab is None or vocab.ndim != 1 or int(vocab.max()) >= cfg.vocab_size or int(vocab.min()) < 0:
-        raise ModelFormatError(f"{p}: missing or invalid draft vocabulary")
-    state = {k: v.float() for k, v in state.items()}
-    state["vocab"] = vocab.long()
-    adapter = KangarooAdapter(cfg, exit_layer, vocab, mlp=bool(meta.get("mlp", False)))
+    if not isinstance(exit_layer, int) or not 1 <= exit_layer < model.cfg.num_layers:
+        raise ModelFormatError(f"{path}: invalid exit layer {exit_layer!r}")
+    adapter = KangarooAdapter(model.cfg, exit_layer, state["vocab"], mlp=bool(meta.get("mlp", False)))
     try:
         adapter.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelFormatError(f"{p}: adapter weights do not fit this model ({str(exc).splitlines()[0][:120]})")
+        raise ModelFormatError(f"{path}: adapter weights do not fit this model ({str(exc).splitlines()[0][:120]})")
     w = model.lm_head.weight
     return adapter.to(w.device, w.dtype).eval()
 
@@ -162,14 +109,4 @@ def load_adapter(path: str | Path, model: LlamaModel) -> KangarooAdapter:
 def find_adapter(model: LlamaModel, folder: Path | None = None) -> Path | None:
     """The adapter shipped inside joey (``joey/adapters/*.safetensors``) that matches ``model``, if any."""
     folder = folder or Path(__file__).resolve().parent.parent / "adapters"
-    if not folder.is_dir():
-        return None
-    fp = model_fingerprint(model)
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            meta = read_adapter_meta(path)
-        except ModelFormatError:
-            continue
-        if meta.get("fingerprint") == fp and meta.get("hidden_size") == model.cfg.hidden_size:
-            return path
-    return None
+    return find_shipped(model, folder, FORMAT, "Kangaroo adapter")

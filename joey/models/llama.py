@@ -362,15 +362,21 @@ class LlamaModel(nn.Module):
         kv_len: int,
         mask: torch.Tensor,  # [B, 1, T, kv_len] over the padded grid (joey.batching.step_mask)
         start: int = 0,  # first layer to run (hidden-state inputs come from layer ``start``)
+        head: bool = True,
     ) -> torch.Tensor:
-        """Ragged rows without padding in the dense layers (EMS-SD) → logits [N, vocab]."""
+        """Ragged rows without padding in the dense layers (EMS-SD) → logits [N, vocab], or with
+        ``head=False`` the final-norm features [N, hidden] (``self.head`` makes the logits)."""
         x = self.embed(inputs) if inputs.dtype == torch.long else inputs
         x = self._layers(x, packing.grid, packing.positions, cache, packing.slots, kv_len, mask, start, None, packing)
-        return self.logits(x)
+        return self.logits(x) if head else self.model.norm(x)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """LM head on final-norm features: [..., hidden] → [..., vocab] (fp32)."""
+        return self.lm_head(features).float()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: [..., hidden] → [..., vocab] (fp32)."""
-        return self.lm_head(self.model.norm(hidden)).float()
+        return self.head(self.model.norm(hidden))
 
     def forward(
         self,
@@ -393,9 +399,12 @@ class LlamaModel(nn.Module):
         kv_len: int,
         mask: torch.Tensor | None,
         start: int,
+        head: bool = True,
     ) -> torch.Tensor:
-        """Layers [start, L) + head → logits [B, T, vocab]; layers below ``start`` are not touched."""
-        return self.logits(self.run_layers(hidden, positions, cache, slots, kv_len, mask, start=start))
+        """Layers [start, L) + head → logits [B, T, vocab] (``head=False``: final-norm features
+        [B, T, hidden]); layers below ``start`` are not touched."""
+        x = self.run_layers(hidden, positions, cache, slots, kv_len, mask, start=start)
+        return self.logits(x) if head else self.model.norm(x)
 
 
 def param_count(model: nn.Module) -> int:

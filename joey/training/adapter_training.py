@@ -90,7 +90,7 @@ def draft_vocabulary(seqs: Sequence[Sequence_], size: int, vocab_size: int) -> t
     return vocab, covered / max(1, answer_tokens)
 
 
-def _batches(seqs: Sequence[Sequence_], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+def length_batches(seqs: Sequence[Sequence_], batch_tokens: int, rng: random.Random) -> list[list[int]]:
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
     batches, cur, longest = [], [], 0
     for i in order:
@@ -124,7 +124,7 @@ def _forward(model: LlamaModel, adapter: KangarooAdapter, head: torch.Tensor, se
     return (out[rows.to(dev), cols.to(dev)] @ head.T).float()
 
 
-def _soft_labels(seqs: Sequence[Sequence_], local: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_labels(seqs: Sequence[Sequence_], local: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k target ids mapped into the draft vocabulary (−1 outside) and their renormalised probs."""
     ids = torch.cat([s.top_ids for s in seqs]).to(dev)
     p = torch.cat([s.top_p for s in seqs]).to(dev)
@@ -210,7 +210,7 @@ def train_adapter(
     for p in model.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(adapter.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
-    plan = [_batches(train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
+    plan = [length_batches(train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
     total_steps = sum(len(p) for p in plan)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, total_steps))))
@@ -239,7 +239,7 @@ def train_adapter(
                 continue
             chunk = [train[i] for i in batch]
             logits = _forward(model, adapter, head, chunk)
-            loc, p = _soft_labels(chunk, local, dev)
+            loc, p = soft_labels(chunk, local, dev)
             logq = logits.log_softmax(-1)
             loss = -(p * logq.gather(1, loc)).sum(-1).mean()
             opt.zero_grad(set_to_none=True)

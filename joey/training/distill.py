@@ -1,16 +1,19 @@
 """Self-distillation data: the target answers training prompts, and we keep what adapter training needs.
 
 For every sequence (prompt + the target's own greedy answer) we store the hidden states after
-the exit layers (the adapter's input, fp16) for every position, and the target's top-k next-token
-distribution at every answer position (the adapter's soft label). Both come out of the
+the exit layers (Kangaroo's adapter input, fp16) and, when asked, the target's final-norm
+features (what a Jakiro/EAGLE head reads and predicts) for every position, and the target's
+top-k next-token distribution at every answer position (the soft label). All come out of the
 generation itself: no second pass over the data. Batches are saved as shards as they finish, so
-an interrupted run resumes where it stopped.
+an interrupted run resumes where it stopped, and a time budget can stop it between shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,18 +33,28 @@ class DistillSettings:
     max_prompt_tokens: int = 512  # longer prompts are skipped
     batch_size: int = 32
     top_k: int = 16  # soft labels: the target's top-k probabilities at each answer position
+    features: bool = False  # also keep the final-norm feature of every position (key "feature")
 
 
-def _run(model: LlamaModel, x: torch.Tensor, positions, cache, slots, kv_len, mask, exits) -> tuple[dict, torch.Tensor]:
-    """All layers, keeping the hidden states after each exit layer; returns ({layer: [B,T,h]}, logits)."""
+FEATURE = "feature"  # key of the final-norm features among the kept states
+
+
+def _run(
+    model: LlamaModel, x: torch.Tensor, positions, cache, slots, kv_len, mask, s: DistillSettings
+) -> tuple[dict, torch.Tensor]:
+    """All layers, keeping the hidden states after each exit layer (and the final-norm feature when
+    ``s.features``); returns ({layer or FEATURE: [B,T,h] fp16}, logits)."""
     kept = {}
     prev = 0
-    for end in [*exits, model.cfg.num_layers]:
+    for end in [*s.exit_layers, model.cfg.num_layers]:
         x = model.run_layers(x, positions, cache, slots, kv_len, mask, start=prev, end=end)
-        if end in exits:
+        if end in s.exit_layers:
             kept[end] = x.to(torch.float16)
         prev = end
-    return kept, model.logits(x)
+    feature = model.model.norm(x)
+    if s.features:
+        kept[FEATURE] = feature.to(torch.float16)
+    return kept, model.lm_head(feature).float()
 
 
 @torch.inference_mode()
@@ -58,10 +71,11 @@ def answer_batch(
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
     positions = torch.arange(t, device=dev).expand(b, t)
-    kept, logits = _run(model, model.embed(tokens), positions, cache, 0, t, None, s.exit_layers)
+    kept, logits = _run(model, model.embed(tokens), positions, cache, 0, t, None, s)
+    keys = list(kept)
     cache.advance(lengths)
     rows = [
-        {"ids": list(p), "prompt_len": len(p), "hidden": {e: [kept[e][i, : len(p)]] for e in s.exit_layers},
+        {"ids": list(p), "prompt_len": len(p), "hidden": {e: [kept[e][i, : len(p)]] for e in keys},
          "top_ids": [], "top_p": []}
         for i, p in enumerate(prompts)
     ]
@@ -89,12 +103,11 @@ def answer_batch(
         pos = torch.tensor(lens, device=dev)[:, None]
         mask = causal_mask(lens, 1, max(lens) + 1, dev)
         kept, logits = _run(
-            model, model.embed(torch.tensor(nxt, device=dev)[:, None]), pos, cache, pos, max(lens) + 1, mask,
-            s.exit_layers,
+            model, model.embed(torch.tensor(nxt, device=dev)[:, None]), pos, cache, pos, max(lens) + 1, mask, s
         )
         cache.advance([1] * len(active))
         for j, r in enumerate(active):
-            for e in s.exit_layers:
+            for e in keys:
                 rows[r]["hidden"][e].append(kept[e][j])
         last = logits[:, 0]
     out = []
@@ -103,7 +116,7 @@ def answer_batch(
             "ids": torch.tensor(row["ids"], dtype=torch.int32),
             "prompt_len": row["prompt_len"],
             # hidden states of positions 0 .. len(ids) - 2: the last token is never an input
-            "hidden": {e: torch.cat(row["hidden"][e])[: len(row["ids"]) - 1].clone() for e in s.exit_layers},
+            "hidden": {e: torch.cat(row["hidden"][e])[: len(row["ids"]) - 1].clone() for e in row["hidden"]},
             "top_ids": torch.stack(row["top_ids"]),  # [answer_len, k]: distribution of answer token i
             "top_p": torch.stack(row["top_p"]),
         })
@@ -118,10 +131,12 @@ def collect(
     out_dir: Path,
     s: DistillSettings,
     progress: bool = True,
+    time_budget: float | None = None,
 ) -> list[Path]:
     """Answer every prompt (chat-templated), writing shards of ``s.batch_size`` sequences to ``out_dir``.
 
-    Shards that already exist are kept (resume); returns every shard's path.
+    Shards that already exist are kept (resume). With ``time_budget`` (seconds) no new shard starts
+    once it is spent (at least one does); a later call continues. Returns the paths of the shards that exist.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     encoded = [ids for ids in map(encode, prompts) if len(ids) <= s.max_prompt_tokens]
@@ -135,19 +150,26 @@ def collect(
             )
     else:
         manifest.write_text(json.dumps({"digest": digest, "settings": asdict(s), "prompts": len(encoded)}))
-    # similar lengths in one batch waste less of the right-padded prefill
+    # similar lengths in one batch waste less of the right-padded prefill; the batches run in a
+    # seeded shuffled order so that a run stopped by its time budget holds a mix of lengths
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = [order[i : i + s.batch_size] for i in range(0, len(order), s.batch_size)]
+    random.Random(len(batches)).shuffle(batches)
     paths = []
+    start = time.monotonic()
+    spent = False  # checked after each new shard, so every run makes progress
     bar = tqdm(total=len(encoded), desc="target answers", unit="prompt", disable=not progress)
     for n, batch in enumerate(batches):
         path = out_dir / f"shard_{n:05d}.pt"
-        paths.append(path)
         if not path.exists():
+            if spent:
+                break
             rows = answer_batch(model, [encoded[i] for i in batch], eos_ids, s)
             tmp = path.with_suffix(".tmp")
             torch.save(rows, tmp)
             tmp.replace(path)  # a shard appears whole or not at all
+            spent = time_budget is not None and time.monotonic() - start > time_budget
+        paths.append(path)
         bar.update(len(batch))
     bar.close()
     return paths

@@ -1,19 +1,23 @@
-"""``joey train-adapter`` end to end: prompts → the target's answers → a trained, saved adapter.
+"""``joey train-adapter`` / ``joey train-drafter`` end to end: prompts → the target's answers → a
+trained, saved draft network (a Kangaroo adapter or a Jakiro head).
 
-The run folder holds ``data/`` (distilled shards), ``checkpoint.pt``, ``adapter.safetensors`` and
-``report.json``; running the same command again resumes whatever step was interrupted.
+The run folder holds ``data/`` (distilled shards), ``checkpoint.pt``, the trained file
+(``adapter.safetensors`` or ``head.safetensors``) and ``report.json``; running the same command
+again resumes whatever step was interrupted. A distillation time budget stops answering between
+shards and trains on what exists; a later run with the same prompts continues the distillation.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from joey.errors import InvalidArgumentError
 from joey.training.adapter_training import TrainSettings, load_sequences, train_adapter
-from joey.training.distill import DistillSettings, collect
+from joey.training.distill import FEATURE, DistillSettings, collect
+from joey.training.jakiro_training import HeadTrainSettings, train_head
 from joey.training.prompts import read_prompts
 
 
@@ -25,55 +29,90 @@ def train_from_prompts(
     num_prompts: int = 960,
     derived: int = 240,
     distill: DistillSettings | None = None,
-    train: TrainSettings | None = None,
+    train: TrainSettings | HeadTrainSettings | None = None,
     device: str | None = None,
     dtype: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    distill_minutes: float | None = None,
 ) -> dict:
-    """Distill, train and save; returns the report (also written to ``out/report.json``)."""
+    """Distill, train and save; ``train`` says which kind (default: a Kangaroo adapter). Returns the
+    report (also written to ``out/report.json``)."""
     import joey
 
     distill = distill or DistillSettings()
     train = train or TrainSettings()
+    jakiro = isinstance(train, HeadTrainSettings)
     out = Path(out)
     prompts = read_prompts(prompt_files, limit=num_prompts, derived=derived, seed=seed)  # fails before the load
-    engine = joey.load(model, device=device, dtype=dtype, adapter=False, progress=progress)
+    engine = joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=progress)
     layers = engine.model.cfg.num_layers
-    if not 1 <= train.exit_layer < layers:
-        raise InvalidArgumentError(f"--exit-layer must be in [1, {layers - 1}] for this {layers}-layer model")
-    exits = tuple(sorted({e for e in distill.exit_layers if e < layers} | {train.exit_layer}))
-    if exits != distill.exit_layers:
-        distill = DistillSettings(**{**asdict(distill), "exit_layers": exits})
+    if jakiro:
+        distill = replace(distill, exit_layers=(), features=True)
+    else:
+        if not 1 <= train.exit_layer < layers:
+            raise InvalidArgumentError(f"--exit-layer must be in [1, {layers - 1}] for this {layers}-layer model")
+        exits = tuple(sorted({e for e in distill.exit_layers if e < layers} | {train.exit_layer}))
+        distill = replace(distill, exit_layers=exits)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    shards = collect(engine.model, engine.encode, prompts, engine.eos_ids, out / "data", distill, progress)
+    budget = None if distill_minutes is None else 60 * distill_minutes
+    shards = collect(engine.model, engine.encode, prompts, engine.eos_ids, out / "data", distill, progress, budget)
+    if not shards:
+        raise InvalidArgumentError("no distilled data yet: give the distillation more time (--distill-minutes)")
     t1 = time.perf_counter()
-    seqs = load_sequences(shards, train.exit_layer)
-    adapter, ev = train_adapter(engine.model, seqs, out, train, progress)
-    t2 = time.perf_counter()
-    from joey.models.adapter import save_adapter
-
-    save_adapter(adapter, engine.model, out / "adapter.safetensors", {
-        "base_model": engine.name, "train_settings": asdict(train), "prompts": len(prompts),
-        "heldout_agreement": round(ev.agreement, 4),
-    })
+    seqs = load_sequences(shards, FEATURE if jakiro else train.exit_layer)
+    answer_tokens = sum(len(s.ids) - s.prompt_len for s in seqs)
     report = {
         "model": engine.name,
+        "kind": "jakiro" if jakiro else "kangaroo",
         "prompts": len(prompts),
         "sequences": len(seqs),
+        "answer_tokens": answer_tokens,
         "distill_settings": asdict(distill),
         "train_settings": asdict(train),
-        "distill_seconds": round(t1 - t0, 1),
-        "train_seconds": round(t2 - t1, 1),
+        "distill_seconds_this_run": round(t1 - t0, 1),
+    }
+    if jakiro:
+        report.update(_train_jakiro(engine, seqs, out, train, progress))
+    else:
+        report.update(_train_kangaroo(engine, seqs, out, train, progress, len(prompts)))
+    report["train_seconds"] = round(time.perf_counter() - t1, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _train_kangaroo(engine, seqs, out: Path, train: TrainSettings, progress: bool, prompts: int) -> dict:
+    from joey.models.adapter import save_adapter
+
+    adapter, ev = train_adapter(engine.model, seqs, out, train, progress)
+    save_adapter(adapter, engine.model, out / "adapter.safetensors", {
+        "base_model": engine.name, "train_settings": asdict(train), "prompts": prompts,
+        "heldout_agreement": round(ev.agreement, 4),
+    })
+    print(f"adapter saved to {out / 'adapter.safetensors'}: held-out top-1 agreement {ev.agreement:.1%}; "
+          f"simulated mean accepted tokens (γ={ev.max_draft}) "
+          + ", ".join(f"η={k}: {v:.2f}" for k, v in ev.mean_accepted.items()))
+    return {
         "heldout_top1_agreement": ev.agreement,
         "heldout_positions": ev.positions,
         "simulated_mean_accepted_tokens": {str(k): v for k, v in ev.mean_accepted.items()},
         "max_draft": ev.max_draft,
         "adapter": str(out / "adapter.safetensors"),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"adapter saved to {out / 'adapter.safetensors'}: held-out top-1 agreement {ev.agreement:.1%}; "
-          f"simulated mean accepted tokens (γ={ev.max_draft}) "
-          + ", ".join(f"η={k}: {v:.2f}" for k, v in ev.mean_accepted.items()))
-    return report
+
+
+def _train_jakiro(engine, seqs, out: Path, train: HeadTrainSettings, progress: bool) -> dict:
+    from joey.models.jakiro_head import save_head
+
+    head, ev = train_head(engine.model, seqs, out, train, progress)
+    answer_tokens = sum(len(s.ids) - s.prompt_len for s in seqs)
+    save_head(head, engine.model, out / "head.safetensors", {
+        "base_model": engine.name, "train_settings": asdict(train), "answer_tokens": answer_tokens,
+        "heldout_agreement": round(ev.agreement, 4), "simulated_tau_chain": round(ev.chain_tau, 3),
+        "simulated_tau_tree": round(ev.tree_tau, 3),
+    })
+    print(f"head saved to {out / 'head.safetensors'}: held-out top-1 {ev.agreement:.1%} "
+          f"(t+2 branch {ev.agreement_after:.1%}); simulated mean accepted tokens: chain of {ev.depth} "
+          f"{ev.chain_tau:.2f}, tree of {ev.tree_nodes} nodes {ev.tree_tau:.2f}")
+    return {**asdict(ev), "head": str(out / "head.safetensors")}

@@ -1,0 +1,38 @@
+"""The target's LM head restricted to a draft vocabulary (FR-Spec, arXiv 2502.14856).
+
+On a small target the full head is a large share of the weights, so a draft network scores only
+the most frequent tokens of its training answers. Verification always uses the full vocabulary,
+so the restriction can cost acceptance but never change the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from joey.models.llama import LlamaModel, pack_weight, packed_linear
+
+
+@dataclass(frozen=True)
+class DraftVocabHead:
+    """Rows ``vocab`` of the target's LM head, pre-packed for oneDNN where that is faster (fp32 CPU)."""
+
+    vocab: torch.Tensor  # [draft_vocab] target token ids
+    weight: torch.Tensor  # [draft_vocab, hidden]
+    packed: torch.Tensor | None
+
+    @classmethod
+    def build(cls, model: LlamaModel, vocab: torch.Tensor) -> DraftVocabHead:
+        vocab = vocab.to(model.lm_head.weight.device)
+        weight = model.lm_head.weight.detach()[vocab].contiguous()
+        packed = None
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            packed = pack_weight(weight)
+        return cls(vocab, weight, packed)
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """States [N, hidden] → draft logits over the draft vocabulary [N, draft_vocab] (fp32)."""
+        if self.packed is not None:
+            return packed_linear(states, self.packed, None).float()
+        return (states @ self.weight.T).float()

@@ -1,0 +1,275 @@
+"""Train a Jakiro draft head by self-distillation (Jakiro, arXiv 2502.06282; EAGLE, arXiv 2401.15077).
+
+Data: the target's greedy answers with its final-norm features f_j of every position and its top-k
+next-token distribution at every answer position (``joey.training.distill`` with ``features``).
+At input position j the head sees (x_{j+1}, f_j + noise) and predicts f_{j+1} (normal branch) and
+f_{j+2} (contrastive branch). Loss, over answer positions:
+
+    SmoothL1(f̂_{j+1}, f_{j+1}) + 0.1 · CE(p_T, softmax(head(f̂_{j+1})))
+    + 0.5 · [SmoothL1(f̂_{j+2}, f_{j+2}) + 0.1 · CE(p_T, softmax(head(f̂_{j+2})))]
+
+where CE is the soft cross-entropy against the target's top-k distribution, both over the draft
+vocabulary (the most frequent answer tokens), exactly as drafting sees it. Uniform noise on the
+input features teaches the head to draft from its own (imperfect) predictions deeper in a tree.
+
+The held-out split reports the normal branch's top-1 agreement with the target and mean accepted
+tokens τ *simulated with the real drafter* (``JakiroDrafter``) for a chain and for a tree: the
+stored answers are the target's greedy output, so following them is exactly greedy verification.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from joey.config import SamplingParams
+from joey.drafters.jakiro import JakiroDraft, JakiroDrafter
+from joey.models.jakiro_head import JakiroHead
+from joey.models.llama import LlamaModel
+from joey.training.adapter_training import Sequence_, draft_vocabulary, length_batches, soft_labels
+
+
+@dataclass(frozen=True)
+class HeadTrainSettings:
+    draft_vocab: int = 8192
+    experts: int = 2
+    intermediate: int = 0  # each expert's SwiGLU width; 0 = the target's
+    epochs: int = 3
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    clip: float = 0.5
+    batch_tokens: int = 4096  # padded positions per optimizer step
+    noise: float = 0.2  # width of the uniform noise on input features (EAGLE: U(-0.1, 0.1))
+    token_weight: float = 0.1
+    after_weight: float = 0.5  # the contrastive (t+2) branch's share of the loss
+    holdout: float = 0.05
+    eval_sequences: int = 64  # held-out sequences for the simulated τ
+    bf16: bool = False  # bf16 autocast (fast on CPUs with AMX / AVX512-BF16)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class HeadEvaluation:
+    agreement: float  # normal branch's argmax == the target's greedy token (teacher-forced features)
+    agreement_after: float  # the contrastive branch's argmax == the token after next
+    chain_tau: float  # simulated mean accepted tokens, chain of ``depth``
+    tree_tau: float  # ... and a tree of ``tree_nodes`` nodes (top-``topk`` expansion)
+    depth: int
+    tree_nodes: int
+    positions: int
+
+
+def _forward(head: JakiroHead, model: LlamaModel, seqs: Sequence[Sequence_], noise: float, gen) -> tuple:
+    """Predicted features at every labelled answer position (both branches) and their targets:
+    (next [N, h], after [N, h], target [N, h]); row a of sequence s is answer token a's feature."""
+    dev = head.fc.weight.device
+    b = len(seqs)
+    t = max(len(s.ids) - 2 for s in seqs)  # input pairs j = 0 .. n - 3
+    h = model.cfg.hidden_size
+    feats = torch.zeros(b, t, h, device=dev)
+    tokens = torch.zeros(b, t, dtype=torch.long, device=dev)
+    for i, s in enumerate(seqs):
+        n = len(s.ids) - 2
+        feats[i, :n] = s.hidden[:n].to(dev).float()
+        tokens[i, :n] = s.ids[1 : n + 1].to(dev)
+    if noise:
+        feats = feats + (torch.rand(feats.shape, generator=gen) - 0.5).to(dev) * noise
+    positions = torch.arange(t, device=dev).expand(b, t)
+    cos, sin = model.rope(positions)
+    cos, sin = cos.float(), sin.float()
+    cache = head.new_cache(b, t)
+    embeds = model.embed(tokens).float().reshape(b * t, h)
+    out = head(embeds, feats.reshape(b * t, h), (b, t), cos, sin, cache, 0, t, None)
+    # answer token a of a sequence with prompt length P: normal branch at pair a + P - 2, contrastive
+    # at a + P - 3, both predicting the feature of position a + P - 1
+    rows, cols = [], []
+    for i, s in enumerate(seqs):
+        p, a = s.prompt_len, len(s.ids) - s.prompt_len
+        rows.append(torch.full((a,), i))
+        cols.append(torch.arange(p - 1, p - 1 + a))
+    r = torch.cat(rows).to(dev)
+    c = torch.cat(cols).to(dev)
+    target = torch.cat([s.hidden[s.prompt_len - 1 : len(s.ids) - 1] for s in seqs]).to(dev).float()
+    nxt = out.next.view(b, t, h)[r, c - 1]
+    after = out.after_next.view(b, t, h)[r, (c - 2).clamp_min(0)]
+    return nxt, after, target, c >= 2  # the contrastive branch has no input two positions before 0
+
+
+def _loss(head_w: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, loc, p, mask, s: HeadTrainSettings):
+    feat = F.smooth_l1_loss(pred[mask], target[mask])
+    logq = (pred[mask] @ head_w.T).float().log_softmax(-1)
+    ce = -(p[mask] * logq.gather(1, loc[mask])).sum(-1).mean()
+    return feat + s.token_weight * ce, ce
+
+
+def train_head(
+    model: LlamaModel,
+    seqs: list[Sequence_],
+    out_dir: Path,
+    s: HeadTrainSettings,
+    progress: bool = True,
+    log=print,
+) -> tuple[JakiroHead, HeadEvaluation]:
+    """Train (resuming from ``out_dir/checkpoint.pt`` when its settings match); returns the head and
+    its held-out evaluation."""
+    dev = model.lm_head.weight.device
+    rng = random.Random(s.seed)
+    order = list(range(len(seqs)))
+    rng.shuffle(order)
+    n_hold = max(1, int(len(seqs) * s.holdout))
+    held = [seqs[i] for i in order[:n_hold]]
+    train = [seqs[i] for i in order[n_hold:] if seqs[i].prompt_len >= 2]
+    vocab, coverage = draft_vocabulary(train, s.draft_vocab, model.cfg.vocab_size)
+    log(f"train {len(train)} sequences ({sum(len(x.ids) - x.prompt_len for x in train)} answer tokens), "
+        f"held out {len(held)}; draft vocabulary {len(vocab)} tokens covers {coverage:.1%} of answer tokens")
+    local = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
+    local[vocab.to(dev)] = torch.arange(len(vocab), device=dev)
+    head_w = model.lm_head.weight.detach()[vocab.to(dev)].float().contiguous()
+    torch.manual_seed(s.seed)
+    head = JakiroHead(model.cfg, vocab, s.experts, s.intermediate or None).to(dev).float().train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(head.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
+    plan = [length_batches(train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
+    total_steps = sum(len(p) for p in plan)
+    warmup = min(200, total_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(
+            math.pi * min(1.0, k / max(1, total_steps)))))
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "checkpoint.pt"
+    done = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("settings") == asdict(s) and state.get("kind") == "jakiro":
+            head.load_state_dict(state["head"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            done = state["step"]
+            log(f"resuming from {ckpt} at step {done}/{total_steps}")
+        else:
+            log(f"{ckpt} was written with other settings; starting over")
+    gen = torch.Generator().manual_seed(s.seed)
+    bar = tqdm(total=total_steps, initial=done, desc="head training", unit="step", disable=not progress)
+    step = 0
+    ema = None
+    ev: HeadEvaluation | None = None
+    for epoch, batches in enumerate(plan):
+        for batch in batches:
+            step += 1
+            if step <= done:
+                continue
+            chunk = [train[i] for i in batch]
+            gen.manual_seed(s.seed * 1_000_003 + step)  # the same noise after a resume
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.bf16):
+                nxt, after, target, has_after = _forward(head, model, chunk, s.noise, gen)
+                loc, p = soft_labels(chunk, local, dev)
+                every = torch.ones_like(has_after)
+                loss_next, ce = _loss(head_w, nxt, target, loc, p, every, s)
+                loss_after, _ = _loss(head_w, after, target, loc, p, has_after, s)
+                loss = loss_next + s.after_weight * loss_after
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(head.parameters(), s.clip)
+            opt.step()
+            sched.step()
+            ema = ce.item() if ema is None else 0.95 * ema + 0.05 * ce.item()
+            bar.set_postfix(epoch=epoch + 1, ce=f"{ema:.3f}")
+            bar.update(1)
+            if step % 200 == 0 or step == total_steps:
+                _save_checkpoint(ckpt, head, opt, sched, step, s)
+        if step <= done:
+            continue
+        ev = evaluate_head(model, head, held, s)
+        log(f"epoch {epoch + 1}: held-out top-1 {ev.agreement:.1%} (t+2 branch {ev.agreement_after:.1%}); "
+            f"simulated τ chain {ev.chain_tau:.2f}, tree {ev.tree_tau:.2f}")
+    bar.close()
+    head.eval()
+    return head, ev if ev is not None else evaluate_head(model, head, held, s)
+
+
+@torch.no_grad()
+def evaluate_head(
+    model: LlamaModel, head: JakiroHead, held: Sequence[Sequence_], s: HeadTrainSettings,
+    depth: int = 6, tree_nodes: int = 8, topk: int = 3,
+) -> HeadEvaluation:
+    """Teacher-forced top-1 agreement on the held-out split, and τ simulated with the real drafter."""
+    head.eval()
+    dev = head.fc.weight.device
+    local = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
+    local[head.vocab] = torch.arange(len(head.vocab), device=dev)
+    head_w = model.lm_head.weight.detach()[head.vocab].float()
+    agree = agree_after = total = total_after = 0
+    for i in range(0, len(held), 16):
+        chunk = [x for x in held[i : i + 16] if x.prompt_len >= 2]
+        if not chunk:
+            continue
+        nxt, after, _, has_after = _forward(head, model, chunk, 0.0, None)
+        truth = torch.cat([x.ids[x.prompt_len :] for x in chunk]).to(dev)
+        agree += int((head.vocab[(nxt @ head_w.T).argmax(-1)] == truth).sum())
+        agree_after += int((head.vocab[(after @ head_w.T).argmax(-1)] == truth)[has_after].sum())
+        total += len(truth)
+        total_after += int(has_after.sum())
+    sims = [x for x in held if x.prompt_len >= 2][: s.eval_sequences]
+    chain = simulate_tau(model, head, sims, depth, depth, 1)
+    tree = simulate_tau(model, head, sims, depth, tree_nodes, topk)
+    head.train()
+    return HeadEvaluation(agree / max(1, total), agree_after / max(1, total_after), chain, tree, depth, tree_nodes,
+                          total)
+
+
+@torch.inference_mode()
+def simulate_tau(
+    model: LlamaModel, head: JakiroHead, seqs: Sequence[Sequence_], depth: int, nodes: int, topk: int
+) -> float:
+    """Mean accepted tokens of greedy Jakiro drafting on stored greedy answers: each step the drafter
+    proposes a tree from the committed context (and the stored target features), the longest
+    proposed path that matches the answer is accepted, and the next answer token is the bonus."""
+    if not seqs:
+        return 1.0
+    h = head.float().eval()
+    draft = JakiroDraft(model, h, _vocab_head(model, h))
+    steps = tokens = 0
+    for x in seqs:
+        ids = x.ids.tolist()
+        drafter = JakiroDrafter(draft, SamplingParams(temperature=0.0), len(ids) + 2 * depth * topk + 8, topk)
+        feats = x.hidden.to(head.fc.weight.device).float()
+        drafter.observe(feats[: x.prompt_len])
+        k = x.prompt_len + 1  # the first answer token comes from the prefill
+        while k < len(ids):
+            prop = drafter.propose(ids[:k], min(depth, len(ids) - k - 1), nodes)
+            accepted, parent = 0, -1
+            while k + accepted < len(ids):
+                nxt = [c for c in range(len(prop.tokens)) if prop.parents[c] == parent
+                       and prop.tokens[c] == ids[k + accepted]]
+                if not nxt:
+                    break
+                parent = nxt[0]
+                accepted += 1
+            commit = min(accepted + 1, len(ids) - k)
+            drafter.observe(feats[k - 1 : k - 1 + commit])
+            k += commit
+            steps += 1
+            tokens += commit
+    return tokens / max(1, steps)
+
+
+def _vocab_head(model: LlamaModel, head: JakiroHead):
+    from joey.drafters.draft_head import DraftVocabHead
+
+    return DraftVocabHead(head.vocab, model.lm_head.weight.detach()[head.vocab].float().contiguous(), None)
+
+
+def _save_checkpoint(path: Path, head, opt, sched, step: int, s: HeadTrainSettings) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"kind": "jakiro", "head": head.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "step": step, "settings": asdict(s)}, tmp)
+    tmp.replace(path)
