@@ -1,11 +1,13 @@
-"""Choose Kangaroo's drafting defaults by measurement: speed and mean accepted tokens for a grid of
-tree shapes (children per node k, node budget N; N = 0 is the chain), the confidence threshold η and
-the depth γ, against AR in the same run, with the prompts' order of methods rotating.
+"""Choose a tree drafter's defaults (Kangaroo, Jakiro) by measurement: speed and mean accepted tokens
+for a grid of tree shapes (children per node k, node budget N; N = 0 is the chain), Kangaroo's
+confidence threshold η and the depth γ, against AR in the same run, with the prompts' order of
+methods rotating. A fifth field "nohybrid" turns off Jakiro's hybrid last level.
 
-Prompts are held-out training-style prompts (never Spec-Bench, never the adapter's own training prompts).
+Prompts are held-out training-style prompts (never Spec-Bench, never the shipped adapter's or head's
+own training prompts).
 
-    python benchmarks/tree_sweep.py [--prompts 6] [--max-new-tokens 96] \
-        [--configs 0:0:0.6:6,3:8:0.6:6,...]     # k:N:η:γ each; N "auto" = the budget's choice
+    python benchmarks/tree_sweep.py [--method jakiro] [--prompts 6] [--max-new-tokens 96] \
+        [--configs 0:0:0.6:6,3:8:0.6:6,3:8:0:6:nohybrid,...]     # k:N:η:γ[:nohybrid]; N "auto" = the budget's
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def heldout_prompts(n: int) -> list[str]:
              DATA + "gpteacher/roleplay-simple-deduped-roleplay-instruct.json",
              *sorted(glob.glob(DATA + "instructionwild_v2/user_*.jsonl"))]
     used = set(read_prompts(files, limit=960, derived=240, seed=0))  # the shipped adapter's training prompts
+    used |= set(read_prompts(files, limit=14000, derived=3000, seed=0))  # ... and the shipped Jakiro head's
     pool = [p for p in read_prompts(files, derived=30, seed=1) if p not in used and len(p) < 1500]
     return pool[:n]
 
@@ -34,18 +37,19 @@ def heldout_prompts(n: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--adapter", default=None)
+    ap.add_argument("--head", default=None)
     ap.add_argument("--method", default="kangaroo")
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--configs", default="1:0:0.6:6,2:auto:0.6:6,3:auto:0.6:6,3:auto:0.4:6,4:auto:0.4:6,3:12:0.4:6")
     ap.add_argument("--fixed", action="store_true", help="turn off the per-step adaptive depth")
     args = ap.parse_args()
-    eng = joey.load(adapter=args.adapter, progress=False)
+    eng = joey.load(adapter=args.adapter, head=args.head, progress=False)
     prompts = heldout_prompts(args.prompts)
-    configs: list[tuple] = [("ar", 1, 0, 0.0, 1)]
+    configs: list[tuple] = [("ar", 1, 0, 0.0, 1, True)]
     for c in args.configs.split(","):
-        k, n, th, g = c.split(":")
-        configs.append((args.method, int(k), None if n == "auto" else int(n), float(th), int(g)))
+        k, n, th, g, *rest = c.split(":")
+        configs.append((args.method, int(k), None if n == "auto" else int(n), float(th), int(g), rest != ["nohybrid"]))
     eng.generate(prompts[0], max_new_tokens=8, method=args.method)  # warm-up (and the cost curve)
     speed: dict[tuple, list[float]] = {c: [] for c in configs}
     tau: dict[tuple, list[float]] = {c: [] for c in configs}
@@ -54,7 +58,8 @@ def main() -> None:
         ref = eng.generate(p, max_new_tokens=args.max_new_tokens, method="ar").token_ids
         order = configs[i % len(configs):] + configs[: i % len(configs)]
         for c in order:
-            method, k, n, th, g = c
+            method, k, n, th, g, hybrid = c
+            eng.jakiro_hybrid = hybrid
             gen = eng.generate(p, max_new_tokens=args.max_new_tokens, method=method, threshold=th, max_draft=g,
                                tree_topk=k, tree_nodes=n, adaptive=not args.fixed)
             same[c] += gen.token_ids == ref
@@ -63,12 +68,12 @@ def main() -> None:
     base = statistics.mean(speed[configs[0]])
     print(f"{len(prompts)} held-out prompts, {args.max_new_tokens} new tokens, greedy; AR {base:.1f} tok/s; "
           f"{cpu_name()}; budget's tree size {eng.cost_curve().tree_nodes()}")
-    print("| method | k | N | η | γ | tok/s | speedup | τ | identical |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| method | k | N | η | γ | hybrid | tok/s | speedup | τ | identical |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---|")
     for c in configs:
         s = statistics.mean(speed[c])
         n = "auto" if c[2] is None else c[2]
-        print(f"| {c[0]} | {c[1]} | {n} | {c[3]} | {c[4]} | {s:.1f} | {s / base:.2f}× | "
+        print(f"| {c[0]} | {c[1]} | {n} | {c[3]} | {c[4]} | {'yes' if c[5] else 'no'} | {s:.1f} | {s / base:.2f}× | "
               f"{statistics.mean(tau[c]):.2f} | {same[c]}/{len(prompts)} |")
 
 

@@ -203,7 +203,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         "device": str(engine.device),
         "dtype": str(engine.dtype).replace("torch.", ""),
         "cache": str(cache_dir()),
+        "default method": engine.default_method,
     }
+    if engine.kangaroo is not None:
+        kd = engine.kangaroo
+        info["kangaroo adapter"] = (f"exit layer {kd.exit_layer}, {param_count(kd.adapter)} parameters, "
+                                    f"draft vocabulary {kd.head.vocab.numel()}")
+    if engine.jakiro is not None:
+        jd = engine.jakiro
+        info["jakiro head"] = (f"{jd.head.num_experts} experts, {param_count(jd.head)} parameters, "
+                               f"draft vocabulary {jd.vocab_head.vocab.numel()}")
     curve = engine.cost_curve()
     info["verify cost (ms)"] = "  ".join(f"k={k}: {ms:.1f}" for k, ms in zip(curve.tokens, curve.ms))
     info["verify cost (×k=1)"] = "  ".join(f"k={k}: {ms / curve.ms[0]:.2f}" for k, ms in zip(curve.tokens, curve.ms))

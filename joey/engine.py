@@ -134,6 +134,9 @@ class Engine:
         self.draft_model = draft_model
         self.kangaroo = KangarooDraft.build(model, adapter) if adapter is not None else None
         self.jakiro = JakiroDraft.build(model, head) if head is not None else None
+        # Jakiro's hybrid inference (the last tree level from the contrastive branch); a setting so
+        # that benchmarks/tree_sweep.py can measure what it is worth
+        self.jakiro_hybrid = True
         self.tokenizer = tokenizer
         self.source = source
         self.name = source.name if source else "model"
@@ -304,10 +307,10 @@ class Engine:
                     f"method '{method}' needs a Jakiro head for this model: joey.load(..., head=...); "
                     "train one with `joey train-drafter`"
                 )
-            jd = self.jakiro
+            jd, hybrid = self.jakiro, self.jakiro_hybrid
             lookup = method == "jakiro+pld"
             return lambda max_len, generator: JakiroDrafter(
-                jd, params, max_len, shape.topk, PromptLookupDrafter() if lookup else None
+                jd, params, max_len, shape.topk, PromptLookupDrafter() if lookup else None, hybrid
             )
         if method.startswith("kangaroo"):
             if self.kangaroo is None:

@@ -259,3 +259,21 @@ def test_distillation_time_budget_stops_between_shards(tmp_path, tiny_folder):
     assert len(first) == 1  # the first shard runs, then the spent budget stops the rest
     rest = collect(eng.model, eng.encode, texts, eng.eos_ids, tmp_path / "d", s, False)
     assert len(rest) == 4 and rest[0] == first[0]
+
+
+def test_default_model_ships_a_head_and_jakiro_is_lossless(default_engine):
+    """The shipped head loads automatically; Jakiro (with and without the retrieval branch) equals
+    AR on the real model at batch 1 and in a ragged batch, and its drafts are accepted."""
+    assert default_engine.jakiro is not None
+    prompts = ["Explain in three sentences why the sky is blue.", "Write a Python function that adds two numbers.",
+               "What is 17 times 3? Think step by step."]
+    steps = tokens = 0
+    for prompt in prompts:
+        ar = default_engine.generate(prompt, max_new_tokens=40, method="ar")
+        jk = default_engine.generate(prompt, max_new_tokens=40, method="jakiro")
+        assert jk.token_ids == ar.token_ids
+        steps += jk.stats.steps
+        tokens += jk.new_tokens
+    assert tokens / steps > 1.5  # a trained head's drafts are accepted
+    ar = [g.token_ids for g in default_engine.generate(prompts, max_new_tokens=24, method="ar")]
+    assert [g.token_ids for g in default_engine.generate(prompts, max_new_tokens=24, method="jakiro+pld")] == ar

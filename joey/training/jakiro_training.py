@@ -96,7 +96,7 @@ def _forward(head: JakiroHead, model: LlamaModel, seqs: Sequence[Sequence_], noi
         cols.append(torch.arange(p - 1, p - 1 + a))
     r = torch.cat(rows).to(dev)
     c = torch.cat(cols).to(dev)
-    target = torch.cat([s.hidden[s.prompt_len - 1 : len(s.ids) - 1] for s in seqs]).to(dev).float()
+    target = torch.cat([s.hidden[s.prompt_len - 1 : len(s.ids) - 1].float() for s in seqs]).to(dev)
     nxt = out.next.view(b, t, h)[r, c - 1]
     after = out.after_next.view(b, t, h)[r, (c - 2).clamp_min(0)]
     return nxt, after, target, c >= 2  # the contrastive branch has no input two positions before 0
