@@ -12,7 +12,6 @@ exact for greedy decoding: along an accepted prefix the draft sees exactly the t
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -20,10 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from joey.models.adapter import KangarooAdapter
 from joey.models.llama import LlamaModel
+from joey.training.loop import fit
 
 
 @dataclass(frozen=True)
@@ -182,6 +181,36 @@ def evaluate(
     )
 
 
+@dataclass(frozen=True)
+class Split:
+    """Training and held-out sequences, and the draft vocabulary chosen from the training answers."""
+
+    train: list[Sequence_]
+    held: list[Sequence_]
+    vocab: torch.Tensor  # [draft_vocab] target token ids, sorted
+    local: torch.Tensor  # [vocab_size] index in the draft vocabulary, -1 outside
+    head: torch.Tensor  # [draft_vocab, hidden] fp32 rows of the target's LM head
+
+
+def split_data(
+    model: LlamaModel, seqs: Sequence[Sequence_], holdout: float, draft_vocab: int, seed: int, log=print
+) -> Split:
+    """A seeded held-out split (sequences whose prompt has at least 2 tokens) and the draft vocabulary."""
+    dev = model.lm_head.weight.device
+    order = [i for i in range(len(seqs)) if seqs[i].prompt_len >= 2]
+    random.Random(seed).shuffle(order)
+    n_hold = max(1, int(len(order) * holdout))
+    held = [seqs[i] for i in order[:n_hold]]
+    train = [seqs[i] for i in order[n_hold:]]
+    vocab, coverage = draft_vocabulary(train, draft_vocab, model.cfg.vocab_size)
+    log(f"train {len(train)} sequences ({sum(len(x.ids) - x.prompt_len for x in train)} answer tokens), held out "
+        f"{len(held)}; draft vocabulary {len(vocab)} tokens covers {coverage:.1%} of answer tokens")
+    local = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
+    local[vocab.to(dev)] = torch.arange(len(vocab), device=dev)
+    head = model.lm_head.weight.detach()[vocab.to(dev)].float().contiguous()
+    return Split(train, held, vocab, local, head)
+
+
 def train_adapter(
     model: LlamaModel,
     seqs: list[Sequence_],
@@ -193,80 +222,31 @@ def train_adapter(
     """Train (resuming from ``out_dir/checkpoint.pt`` when its settings match); returns the adapter
     and its held-out evaluation."""
     dev = model.lm_head.weight.device
-    rng = random.Random(s.seed)
-    order = list(range(len(seqs)))
-    rng.shuffle(order)
-    n_hold = max(1, int(len(seqs) * s.holdout))
-    held = [seqs[i] for i in order[:n_hold]]
-    train = [seqs[i] for i in order[n_hold:]]
-    vocab, coverage = draft_vocabulary(train, s.draft_vocab, model.cfg.vocab_size)
-    log(f"train {len(train)} sequences, held out {len(held)}; draft vocabulary {len(vocab)} tokens "
-        f"covers {coverage:.1%} of answer tokens")
-    local = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
-    local[vocab.to(dev)] = torch.arange(len(vocab), device=dev)
-    head = model.lm_head.weight.detach()[vocab.to(dev)].float().contiguous()
+    data = split_data(model, seqs, s.holdout, s.draft_vocab, s.seed, log)
     torch.manual_seed(s.seed)
-    adapter = KangarooAdapter.initialized_from(model, s.exit_layer, vocab, s.mlp).float().train()
+    adapter = KangarooAdapter.initialized_from(model, s.exit_layer, data.vocab, s.mlp).float().train()
     for p in model.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(adapter.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
-    plan = [length_batches(train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
-    total_steps = sum(len(p) for p in plan)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, total_steps))))
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = out_dir / "checkpoint.pt"
-    done = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state.get("settings") == asdict(s):
-            adapter.load_state_dict(state["adapter"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            done = state["step"]
-            log(f"resuming from {ckpt} at step {done}/{total_steps}")
-        else:
-            log(f"{ckpt} was written with other settings; starting over")
-    bar = tqdm(total=total_steps, initial=done, desc="adapter training", unit="step", disable=not progress)
-    step = 0
-    ema = None
-    ev: Evaluation | None = None
-    for epoch, batches in enumerate(plan):
-        for batch in batches:
-            step += 1
-            if step <= done:
-                continue
-            chunk = [train[i] for i in batch]
-            logits = _forward(model, adapter, head, chunk)
-            loc, p = soft_labels(chunk, local, dev)
-            logq = logits.log_softmax(-1)
-            loss = -(p * logq.gather(1, loc)).sum(-1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_value_(adapter.parameters(), s.clip)
-            opt.step()
-            sched.step()
-            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{ema:.3f}")
-            bar.update(1)
-            if step % 200 == 0 or step == total_steps:
-                _save_checkpoint(ckpt, adapter, opt, sched, step, s)
-        if step <= done:  # an epoch finished before a resume: its weights are gone, nothing to report
-            continue
-        adapter.eval()
-        ev = evaluate(model, adapter, head, held)
-        adapter.train()
-        log(f"epoch {epoch + 1}: held-out top-1 agreement {ev.agreement:.1%}, simulated mean accepted tokens "
+    plan = [length_batches(data.train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
+
+    def step_loss(batch: list[int], step: int) -> tuple[torch.Tensor, float]:
+        chunk = [data.train[i] for i in batch]
+        logq = _forward(model, adapter, data.head, chunk).log_softmax(-1)
+        loc, p = soft_labels(chunk, data.local, dev)
+        loss = -(p * logq.gather(1, loc)).sum(-1).mean()
+        return loss, loss.item()
+
+    evaluations: list[Evaluation] = []
+
+    def end_of_epoch(epoch: int) -> None:
+        ev = evaluate(model, adapter, data.head, data.held)
+        evaluations.append(ev)
+        log(f"epoch {epoch}: held-out top-1 agreement {ev.agreement:.1%}, simulated mean accepted tokens "
             + ", ".join(f"η={th}: {v:.2f}" for th, v in ev.mean_accepted.items()))
-    bar.close()
-    adapter.eval()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fit(adapter, plan, step_loss, end_of_epoch, lr=s.lr, weight_decay=s.weight_decay, clip=s.clip, warmup=0,
+        checkpoint=out_dir / "checkpoint.pt", settings=asdict(s), kind="kangaroo", desc="adapter training",
+        progress=progress, log=log)
     # the last epoch's evaluation is of the final weights; only a resume of a finished run lacks one
-    return adapter, ev if ev is not None else evaluate(model, adapter, head, held)
-
-
-def _save_checkpoint(path: Path, adapter, opt, sched, step: int, s: TrainSettings) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"adapter": adapter.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "settings": asdict(s)}, tmp)
-    tmp.replace(path)
+    return adapter, evaluations[-1] if evaluations else evaluate(model, adapter, data.head, data.held)

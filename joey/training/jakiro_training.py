@@ -19,7 +19,6 @@ stored answers are the target's greedy output, so following them is exactly gree
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,13 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from joey.config import SamplingParams
 from joey.drafters.jakiro import JakiroDraft, JakiroDrafter
 from joey.models.jakiro_head import JakiroHead
 from joey.models.llama import LlamaModel
-from joey.training.adapter_training import Sequence_, draft_vocabulary, length_batches, soft_labels
+from joey.training.adapter_training import Sequence_, length_batches, soft_labels, split_data
+from joey.training.loop import fit
 
 
 @dataclass(frozen=True)
@@ -120,80 +119,39 @@ def train_head(
     """Train (resuming from ``out_dir/checkpoint.pt`` when its settings match); returns the head and
     its held-out evaluation."""
     dev = model.lm_head.weight.device
-    rng = random.Random(s.seed)
-    order = list(range(len(seqs)))
-    rng.shuffle(order)
-    n_hold = max(1, int(len(seqs) * s.holdout))
-    held = [seqs[i] for i in order[:n_hold]]
-    train = [seqs[i] for i in order[n_hold:] if seqs[i].prompt_len >= 2]
-    vocab, coverage = draft_vocabulary(train, s.draft_vocab, model.cfg.vocab_size)
-    log(f"train {len(train)} sequences ({sum(len(x.ids) - x.prompt_len for x in train)} answer tokens), "
-        f"held out {len(held)}; draft vocabulary {len(vocab)} tokens covers {coverage:.1%} of answer tokens")
-    local = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
-    local[vocab.to(dev)] = torch.arange(len(vocab), device=dev)
-    head_w = model.lm_head.weight.detach()[vocab.to(dev)].float().contiguous()
+    data = split_data(model, seqs, s.holdout, s.draft_vocab, s.seed, log)
     torch.manual_seed(s.seed)
-    head = JakiroHead(model.cfg, vocab, s.experts, s.intermediate or None).to(dev).float().train()
+    head = JakiroHead(model.cfg, data.vocab, s.experts, s.intermediate or None).to(dev).float().train()
     for p in model.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.AdamW(head.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
-    plan = [length_batches(train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
-    total_steps = sum(len(p) for p in plan)
-    warmup = min(200, total_steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(
-            math.pi * min(1.0, k / max(1, total_steps)))))
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = out_dir / "checkpoint.pt"
-    done = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state.get("settings") == asdict(s) and state.get("kind") == "jakiro":
-            head.load_state_dict(state["head"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            done = state["step"]
-            log(f"resuming from {ckpt} at step {done}/{total_steps}")
-        else:
-            log(f"{ckpt} was written with other settings; starting over")
+    plan = [length_batches(data.train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
     gen = torch.Generator().manual_seed(s.seed)
-    bar = tqdm(total=total_steps, initial=done, desc="head training", unit="step", disable=not progress)
-    step = 0
-    ema = None
-    ev: HeadEvaluation | None = None
-    for epoch, batches in enumerate(plan):
-        for batch in batches:
-            step += 1
-            if step <= done:
-                continue
-            chunk = [train[i] for i in batch]
-            gen.manual_seed(s.seed * 1_000_003 + step)  # the same noise after a resume
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.bf16):
-                nxt, after, target, has_after = _forward(head, model, chunk, s.noise, gen)
-                loc, p = soft_labels(chunk, local, dev)
-                every = torch.ones_like(has_after)
-                loss_next, ce = _loss(head_w, nxt, target, loc, p, every, s)
-                loss_after, _ = _loss(head_w, after, target, loc, p, has_after, s)
-                loss = loss_next + s.after_weight * loss_after
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_value_(head.parameters(), s.clip)
-            opt.step()
-            sched.step()
-            ema = ce.item() if ema is None else 0.95 * ema + 0.05 * ce.item()
-            bar.set_postfix(epoch=epoch + 1, ce=f"{ema:.3f}")
-            bar.update(1)
-            if step % 200 == 0 or step == total_steps:
-                _save_checkpoint(ckpt, head, opt, sched, step, s)
-        if step <= done:
-            continue
-        ev = evaluate_head(model, head, held, s)
-        log(f"epoch {epoch + 1}: held-out top-1 {ev.agreement:.1%} (t+2 branch {ev.agreement_after:.1%}); "
+
+    def step_loss(batch: list[int], step: int) -> tuple[torch.Tensor, float]:
+        chunk = [data.train[i] for i in batch]
+        gen.manual_seed(s.seed * 1_000_003 + step)  # the same noise after a resume
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.bf16):
+            nxt, after, target, has_after = _forward(head, model, chunk, s.noise, gen)
+            loc, p = soft_labels(chunk, data.local, dev)
+            loss_next, ce = _loss(data.head, nxt, target, loc, p, torch.ones_like(has_after), s)
+            loss_after, _ = _loss(data.head, after, target, loc, p, has_after, s)
+        return loss_next + s.after_weight * loss_after, ce.item()
+
+    evaluations: list[HeadEvaluation] = []
+
+    def end_of_epoch(epoch: int) -> None:
+        ev = evaluate_head(model, head, data.held, s)
+        evaluations.append(ev)
+        log(f"epoch {epoch}: held-out top-1 {ev.agreement:.1%} (t+2 branch {ev.agreement_after:.1%}); "
             f"simulated τ chain {ev.chain_tau:.2f}, tree {ev.tree_tau:.2f}")
-    bar.close()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(len(p) for p in plan)
+    fit(head, plan, step_loss, end_of_epoch, lr=s.lr, weight_decay=s.weight_decay, clip=s.clip,
+        warmup=min(200, total // 10), checkpoint=out_dir / "checkpoint.pt", settings=asdict(s), kind="jakiro",
+        desc="head training", progress=progress, log=log)
     head.eval()
-    return head, ev if ev is not None else evaluate_head(model, head, held, s)
+    return head, evaluations[-1] if evaluations else evaluate_head(model, head, data.held, s)
 
 
 @torch.no_grad()
@@ -202,7 +160,6 @@ def evaluate_head(
     depth: int = 6, tree_nodes: int = 8, topk: int = 3,
 ) -> HeadEvaluation:
     """Teacher-forced top-1 agreement on the held-out split, and τ simulated with the real drafter."""
-    head.eval()
     dev = head.fc.weight.device
     local = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
     local[head.vocab] = torch.arange(len(head.vocab), device=dev)
@@ -221,7 +178,6 @@ def evaluate_head(
     sims = [x for x in held if x.prompt_len >= 2][: s.eval_sequences]
     chain = simulate_tau(model, head, sims, depth, depth, 1)
     tree = simulate_tau(model, head, sims, depth, tree_nodes, topk)
-    head.train()
     return HeadEvaluation(agree / max(1, total), agree_after / max(1, total_after), chain, tree, depth, tree_nodes,
                           total)
 
@@ -235,8 +191,7 @@ def simulate_tau(
     proposed path that matches the answer is accepted, and the next answer token is the bonus."""
     if not seqs:
         return 1.0
-    h = head.float().eval()
-    draft = JakiroDraft(model, h, _vocab_head(model, h))
+    draft = JakiroDraft(model, head, _vocab_head(model, head))
     steps = tokens = 0
     for x in seqs:
         ids = x.ids.tolist()
@@ -266,10 +221,3 @@ def _vocab_head(model: LlamaModel, head: JakiroHead):
     from joey.drafters.draft_head import DraftVocabHead
 
     return DraftVocabHead(head.vocab, model.lm_head.weight.detach()[head.vocab].float().contiguous(), None)
-
-
-def _save_checkpoint(path: Path, head, opt, sched, step: int, s: HeadTrainSettings) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"kind": "jakiro", "head": head.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "step": step, "settings": asdict(s)}, tmp)
-    tmp.replace(path)
