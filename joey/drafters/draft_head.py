@@ -23,11 +23,13 @@ class DraftVocabHead:
     packed: torch.Tensor | None
 
     @classmethod
-    def build(cls, model: LlamaModel, vocab: torch.Tensor) -> DraftVocabHead:
+    def build(cls, model: LlamaModel, vocab: torch.Tensor, dtype: torch.dtype | None = None) -> DraftVocabHead:
+        """``dtype``: the drafting precision (default: the target's); packed when fp32 or bf16 on CPU."""
         vocab = vocab.to(model.lm_head.weight.device)
-        weight = model.lm_head.weight.detach()[vocab].contiguous()
+        weight = model.lm_head.weight.detach()[vocab].to(dtype or model.lm_head.weight.dtype).contiguous()
         packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and \
+                torch.backends.mkldnn.is_available():
             packed = pack_weight(weight)
         return cls(vocab, weight, packed)
 

@@ -28,7 +28,7 @@ from torch import nn
 from joey.errors import ModelFormatError
 from joey.models.draft_files import find_shipped, load_checked, read_meta, save_draft_file
 from joey.models.kv_cache import KVCache
-from joey.models.llama import MLP, Attention, LlamaModel, ModelConfig, RMSNorm
+from joey.models.llama import MLP, Attention, Linear, LlamaModel, ModelConfig, RMSNorm
 
 FORMAT = "joey-jakiro-head/1"
 
@@ -51,11 +51,11 @@ class JakiroHead(nn.Module):
         h = cfg.hidden_size
         self.cfg = replace(cfg, intermediate_size=intermediate or cfg.intermediate_size)
         self.num_experts = experts
-        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.fc = Linear(2 * h, h, bias=True)
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
         self.self_attn = Attention(self.cfg)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.gate = nn.Linear(h, experts + 2, bias=False)
+        self.gate = Linear(h, experts + 2, bias=False)
         self.experts = nn.ModuleList(MLP(self.cfg) for _ in range(experts))
         self.register_buffer("vocab", vocab.clone().long())  # [draft_vocab] target token ids
 
@@ -64,7 +64,9 @@ class JakiroHead(nn.Module):
         return KVCache(1, batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, dtype=p.dtype, device=p.device)
 
     def prepack(self) -> None:
-        """oneDNN-packed weights for the attention and experts (fp32 CPU inference)."""
+        """oneDNN-packed weights for every linear layer (CPU inference, fp32 or bf16)."""
+        self.fc.prepack()
+        self.gate.prepack()
         self.self_attn.prepack()
         for e in self.experts:
             e.prepack()
