@@ -59,7 +59,7 @@ def test_generate_json_on_default_model(default_source):
     expected = {"text", "token_ids", "new_tokens", "wall_time_s", "tokens_per_s", "method", "steps",
                 "mean_accepted_tokens"}
     assert expected <= out.keys()
-    assert out["method"] == "kangaroo" and 1 <= out["new_tokens"] <= 8 and len(out["token_ids"]) == out["new_tokens"]
+    assert out["method"] == "pld" and 1 <= out["new_tokens"] <= 8 and len(out["token_ids"]) == out["new_tokens"]
 
 
 def test_info_on_default_model(default_source):

@@ -93,7 +93,8 @@ def test_empty_and_too_long_prompts_raise(tiny_engine):
 
 
 def test_generation_stats_for_ar(tiny_engine):
-    g = tiny_engine.generate(PROMPTS[0], max_new_tokens=8, ignore_eos=True)
+    assert tiny_engine.default_method == "pld"
+    g = tiny_engine.generate(PROMPTS[0], max_new_tokens=8, ignore_eos=True, method="ar")
     assert isinstance(g, joey.Generation)
     assert g.method == "ar" and g.stats.steps == 8 and g.stats.mean_accepted_tokens == 1.0
     assert g.tokens_per_s > 0 and g.prompt_tokens > 0

@@ -194,10 +194,9 @@ def test_train_adapter_end_to_end_and_resume(tmp_path, tiny_folder):
     assert 0.0 <= report["heldout_top1_agreement"] <= 1.0
     assert len(list((out / "data").glob("shard_*.pt"))) == 3
     eng = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, adapter=out / "adapter.safetensors")
-    assert eng.default_method == "kangaroo"
     assert eng.kangaroo.adapter.vocab.numel() == 512
     ar = eng.generate("Hello", max_new_tokens=12, ignore_eos=True, method="ar")
-    assert eng.generate("Hello", max_new_tokens=12, ignore_eos=True).token_ids == ar.token_ids
+    assert eng.generate("Hello", max_new_tokens=12, ignore_eos=True, method="kangaroo").token_ids == ar.token_ids
     stamp = (out / "data" / "shard_00000.pt").stat().st_mtime_ns
     train_from_prompts(str(tiny_folder), [str(prompts)], out, device="cpu", **kw)  # resumes: nothing re-distilled
     assert (out / "data" / "shard_00000.pt").stat().st_mtime_ns == stamp
@@ -209,18 +208,18 @@ def test_train_adapter_end_to_end_and_resume(tmp_path, tiny_folder):
 def test_default_model_ships_an_adapter_and_kangaroo_is_lossless(default_engine):
     """The shipped adapter loads automatically; Kangaroo equals AR on the real model."""
     assert default_engine.kangaroo is not None
-    assert default_engine.default_method == "kangaroo"
+    assert default_engine.default_method == "pld"  # measured fastest on Spec-Bench (README)
     prompts = ["Explain in three sentences why the sky is blue.", "Write a Python function that adds two numbers.",
                "What is 17 times 3? Think step by step."]
     steps = 0
     for prompt in prompts:
         ar = default_engine.generate(prompt, max_new_tokens=40, method="ar")
-        kg = default_engine.generate(prompt, max_new_tokens=40)
+        kg = default_engine.generate(prompt, max_new_tokens=40, method="kangaroo")
         assert kg.method == "kangaroo"
         assert kg.token_ids == ar.token_ids
         steps += kg.stats.steps
         assert kg.stats.mean_accepted_tokens == pytest.approx(kg.new_tokens / kg.stats.steps)
     assert steps < 3 * 40  # the drafts saved target passes
-    batch = default_engine.generate(prompts, max_new_tokens=24)
+    batch = default_engine.generate(prompts, max_new_tokens=24, method="kangaroo")
     assert [g.token_ids for g in batch] == [g.token_ids for g in default_engine.generate(prompts, max_new_tokens=24,
                                                                                           method="ar")]
