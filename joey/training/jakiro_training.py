@@ -65,9 +65,20 @@ class HeadEvaluation:
     positions: int
 
 
-def _forward(head: JakiroHead, model: LlamaModel, seqs: Sequence[Sequence_], noise: float, gen) -> tuple:
-    """Predicted features at every labelled answer position (both branches) and their targets:
-    (next [N, h], after [N, h], target [N, h]); row a of sequence s is answer token a's feature."""
+@dataclass(frozen=True)
+class Predictions:
+    """Both branches' predicted features at every answer position of a batch, and the targets; row
+    i is one answer token (sequences in order), whose distribution the target feature gives."""
+
+    next: torch.Tensor  # [N, hidden] normal branch
+    after: torch.Tensor  # [N, hidden] contrastive branch (made two positions earlier)
+    target: torch.Tensor  # [N, hidden] the target's feature
+    has_after: torch.Tensor  # [N] bool: the contrastive branch had an input for this row
+
+
+def _forward(head: JakiroHead, model: LlamaModel, seqs: Sequence[Sequence_], noise: float, gen) -> Predictions:
+    """The head over a batch of distilled sequences (teacher-forced: inputs are the target's features,
+    plus ``noise``) → its predictions at every answer position."""
     dev = head.fc.weight.device
     b = len(seqs)
     t = max(len(s.ids) - 2 for s in seqs)  # input pairs j = 0 .. n - 3
@@ -98,10 +109,12 @@ def _forward(head: JakiroHead, model: LlamaModel, seqs: Sequence[Sequence_], noi
     target = torch.cat([s.hidden[s.prompt_len - 1 : len(s.ids) - 1].float() for s in seqs]).to(dev)
     nxt = out.next.view(b, t, h)[r, c - 1]
     after = out.after_next.view(b, t, h)[r, (c - 2).clamp_min(0)]
-    return nxt, after, target, c >= 2  # the contrastive branch has no input two positions before 0
+    return Predictions(nxt, after, target, c >= 2)  # no contrastive input two positions before 0
 
 
 def _loss(head_w: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, loc, p, mask, s: HeadTrainSettings):
+    """SmoothL1 on the features + ``token_weight`` × soft cross-entropy to the target's top-k (over
+    the draft vocabulary) for the rows in ``mask``; returns (loss, the cross-entropy alone)."""
     feat = F.smooth_l1_loss(pred[mask], target[mask])
     logq = (pred[mask] @ head_w.T).float().log_softmax(-1)
     ce = -(p[mask] * logq.gather(1, loc[mask])).sum(-1).mean()
@@ -131,10 +144,10 @@ def train_head(
         chunk = [data.train[i] for i in batch]
         gen.manual_seed(s.seed * 1_000_003 + step)  # the same noise after a resume
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.bf16):
-            nxt, after, target, has_after = _forward(head, model, chunk, s.noise, gen)
+            pred = _forward(head, model, chunk, s.noise, gen)
             loc, p = soft_labels(chunk, data.local, dev)
-            loss_next, ce = _loss(data.head, nxt, target, loc, p, torch.ones_like(has_after), s)
-            loss_after, _ = _loss(data.head, after, target, loc, p, has_after, s)
+            loss_next, ce = _loss(data.head, pred.next, pred.target, loc, p, torch.ones_like(pred.has_after), s)
+            loss_after, _ = _loss(data.head, pred.after, pred.target, loc, p, pred.has_after, s)
         return loss_next + s.after_weight * loss_after, ce.item()
 
     evaluations: list[HeadEvaluation] = []
@@ -161,20 +174,18 @@ def evaluate_head(
 ) -> HeadEvaluation:
     """Teacher-forced top-1 agreement on the held-out split, and τ simulated with the real drafter."""
     dev = head.fc.weight.device
-    local = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
-    local[head.vocab] = torch.arange(len(head.vocab), device=dev)
     head_w = model.lm_head.weight.detach()[head.vocab].float()
     agree = agree_after = total = total_after = 0
     for i in range(0, len(held), 16):
         chunk = [x for x in held[i : i + 16] if x.prompt_len >= 2]
         if not chunk:
             continue
-        nxt, after, _, has_after = _forward(head, model, chunk, 0.0, None)
+        pred = _forward(head, model, chunk, 0.0, None)
         truth = torch.cat([x.ids[x.prompt_len :] for x in chunk]).to(dev)
-        agree += int((head.vocab[(nxt @ head_w.T).argmax(-1)] == truth).sum())
-        agree_after += int((head.vocab[(after @ head_w.T).argmax(-1)] == truth)[has_after].sum())
+        agree += int((head.vocab[(pred.next @ head_w.T).argmax(-1)] == truth).sum())
+        agree_after += int((head.vocab[(pred.after @ head_w.T).argmax(-1)] == truth)[pred.has_after].sum())
         total += len(truth)
-        total_after += int(has_after.sum())
+        total_after += int(pred.has_after.sum())
     sims = [x for x in held if x.prompt_len >= 2][: s.eval_sequences]
     chain = simulate_tau(model, head, sims, depth, depth, 1)
     tree = simulate_tau(model, head, sims, depth, tree_nodes, topk)
