@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -191,6 +192,12 @@ class Split:
     local: torch.Tensor  # [vocab_size] index in the draft vocabulary, -1 outside
     head: torch.Tensor  # [draft_vocab, hidden] fp32 rows of the target's LM head
 
+    def identity(self, settings: Any) -> dict:
+        """What a checkpoint must match to be resumed: the training settings and the data (more
+        distilled shards since the checkpoint mean a different plan, so training starts over)."""
+        return {**asdict(settings), "train_sequences": len(self.train),
+                "train_tokens": sum(len(x.ids) for x in self.train)}
+
 
 def split_data(
     model: LlamaModel, seqs: Sequence[Sequence_], holdout: float, draft_vocab: int, seed: int, log=print
@@ -246,7 +253,7 @@ def train_adapter(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     fit(adapter, plan, step_loss, end_of_epoch, lr=s.lr, weight_decay=s.weight_decay, clip=s.clip, warmup=0,
-        checkpoint=out_dir / "checkpoint.pt", settings=asdict(s), kind="kangaroo", desc="adapter training",
+        checkpoint=out_dir / "checkpoint.pt", settings=data.identity(s), kind="kangaroo", desc="adapter training",
         progress=progress, log=log)
     # the last epoch's evaluation is of the final weights; only a resume of a finished run lacks one
     return adapter, evaluations[-1] if evaluations else evaluate(model, adapter, data.head, data.held)

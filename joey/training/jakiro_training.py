@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -161,7 +161,7 @@ def train_head(
     out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(len(p) for p in plan)
     fit(head, plan, step_loss, end_of_epoch, lr=s.lr, weight_decay=s.weight_decay, clip=s.clip,
-        warmup=min(200, total // 10), checkpoint=out_dir / "checkpoint.pt", settings=asdict(s), kind="jakiro",
+        warmup=min(200, total // 10), checkpoint=out_dir / "checkpoint.pt", settings=data.identity(s), kind="jakiro",
         desc="head training", progress=progress, log=log)
     head.eval()
     return head, evaluations[-1] if evaluations else evaluate_head(model, head, data.held, s)
