@@ -429,11 +429,13 @@ class Engine:
             proposals = [Proposal.chain([]) if skip else self._propose(row, d, shape) for row, d in zip(active, depths)]
             t1 = time.perf_counter()
             features = self._verify_pass(cache, active, proposals)  # per row: [1 + draft, hidden]
+            # one LM-head GEMM for the whole step (the head is the largest weight of a small model)
+            logits = self.model.head(torch.cat(features)).split([len(f) for f in features])
             still: list[int] = []
             counts: list[int] = []
             paths: list[tuple[int, ...]] = []
             for i, (row, prop) in enumerate(zip(active, proposals)):
-                verdict = self._judge(self.model.head(features[i]), prop, params, generator)
+                verdict = self._judge(logits[i], prop, params, generator)
                 row.record(prop, verdict)
                 if getattr(row.drafter, "wants_features", False):  # pending token + accepted path
                     row.drafter.observe(features[i][[0, *(1 + j for j in verdict.path)]])

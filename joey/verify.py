@@ -68,9 +68,18 @@ def verify_greedy(
     parents: Sequence[int],  # [k] parent index of each node (-1 = root)
     target_logits: torch.Tensor,  # [k + 1, vocab]: row 0 at the root, row i + 1 after node i
 ) -> Verdict:
-    """The path on which every draft token equals the target's argmax at its parent. At each node
-    the first child holding that token is followed (drafters never propose equal siblings)."""
-    choice = target_logits.argmax(-1).tolist()  # [k + 1]
+    """The path on which every draft token equals the target's argmax at its parent."""
+    return follow_choices(tokens, parents, target_logits.argmax(-1).tolist())
+
+
+def follow_choices(
+    tokens: Sequence[int],  # [k] draft token ids
+    parents: Sequence[int],  # [k] parent index of each node (-1 = root)
+    choice: Sequence[int],  # [k + 1] the target's token at the root (0) and after node i (i + 1)
+) -> Verdict:
+    """The path on which every draft token equals the target's choice at its parent; the bonus is
+    the choice after the path. At each node the first child holding that token is followed
+    (drafters never propose equal siblings)."""
     children = children_of(parents)
     node, path = -1, []
     while True:

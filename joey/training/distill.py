@@ -54,7 +54,7 @@ def _run(
     feature = model.model.norm(x)
     if s.features:
         kept[FEATURE] = feature.to(torch.float16)
-    return kept, model.lm_head(feature).float()
+    return kept, model.head(feature)
 
 
 @torch.inference_mode()

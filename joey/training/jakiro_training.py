@@ -27,12 +27,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from joey.batching import depths_of
 from joey.config import SamplingParams
+from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.jakiro import JakiroDraft, JakiroDrafter
 from joey.models.jakiro_head import JakiroHead
 from joey.models.llama import LlamaModel
 from joey.training.adapter_training import Sequence_, length_batches, soft_labels, split_data
 from joey.training.loop import fit
+from joey.verify import follow_choices
 
 
 @dataclass(frozen=True)
@@ -172,21 +175,20 @@ def evaluate_head(
     model: LlamaModel, head: JakiroHead, held: Sequence[Sequence_], s: HeadTrainSettings,
     depth: int = 6, tree_nodes: int = 8, topk: int = 3,
 ) -> HeadEvaluation:
-    """Teacher-forced top-1 agreement on the held-out split, and τ simulated with the real drafter."""
+    """Teacher-forced top-1 agreement on ``held`` (from ``split_data``: prompts of 2+ tokens), and τ
+    simulated with the real drafter."""
     dev = head.fc.weight.device
     head_w = model.lm_head.weight.detach()[head.vocab].float()
     agree = agree_after = total = total_after = 0
     for i in range(0, len(held), 16):
-        chunk = [x for x in held[i : i + 16] if x.prompt_len >= 2]
-        if not chunk:
-            continue
+        chunk = held[i : i + 16]
         pred = _forward(head, model, chunk, 0.0, None)
         truth = torch.cat([x.ids[x.prompt_len :] for x in chunk]).to(dev)
         agree += int((head.vocab[(pred.next @ head_w.T).argmax(-1)] == truth).sum())
         agree_after += int((head.vocab[(pred.after @ head_w.T).argmax(-1)] == truth)[pred.has_after].sum())
         total += len(truth)
         total_after += int(pred.has_after.sum())
-    sims = [x for x in held if x.prompt_len >= 2][: s.eval_sequences]
+    sims = held[: s.eval_sequences]
     chain = simulate_tau(model, head, sims, depth, depth, 1)
     tree = simulate_tau(model, head, sims, depth, tree_nodes, topk)
     return HeadEvaluation(agree / max(1, total), agree_after / max(1, total_after), chain, tree, depth, tree_nodes,
@@ -202,7 +204,7 @@ def simulate_tau(
     proposed path that matches the answer is accepted, and the next answer token is the bonus."""
     if not seqs:
         return 1.0
-    draft = JakiroDraft(model, head, _vocab_head(model, head))
+    draft = JakiroDraft(model, head, DraftVocabHead.build(model, head.vocab, head.fc.weight.dtype))
     steps = tokens = 0
     for x in seqs:
         ids = x.ids.tolist()
@@ -212,23 +214,12 @@ def simulate_tau(
         k = x.prompt_len + 1  # the first answer token comes from the prefill
         while k < len(ids):
             prop = drafter.propose(ids[:k], min(depth, len(ids) - k - 1), nodes)
-            accepted, parent = 0, -1
-            while k + accepted < len(ids):
-                nxt = [c for c in range(len(prop.tokens)) if prop.parents[c] == parent
-                       and prop.tokens[c] == ids[k + accepted]]
-                if not nxt:
-                    break
-                parent = nxt[0]
-                accepted += 1
-            commit = min(accepted + 1, len(ids) - k)
+            # the target's greedy choice after a node of depth d is the answer's token k + d
+            choice = [ids[k + d] if k + d < len(ids) else -1 for d in depths_of(prop.parents)]
+            commit = min(follow_choices(prop.tokens, prop.parents, choice).accepted + 1, len(ids) - k)
             drafter.observe(feats[k - 1 : k - 1 + commit])
             k += commit
             steps += 1
             tokens += commit
     return tokens / max(1, steps)
 
-
-def _vocab_head(model: LlamaModel, head: JakiroHead):
-    from joey.drafters.draft_head import DraftVocabHead
-
-    return DraftVocabHead(head.vocab, model.lm_head.weight.detach()[head.vocab].float().contiguous(), None)

@@ -74,7 +74,7 @@ def train_from_prompts(
         "distill_seconds_this_run": round(t1 - t0, 1),
     }
     if jakiro:
-        report.update(_train_jakiro(engine, seqs, out, train, progress))
+        report.update(_train_jakiro(engine, seqs, out, train, progress, answer_tokens))
     else:
         report.update(_train_kangaroo(engine, seqs, out, train, progress, len(prompts)))
     report["train_seconds"] = round(time.perf_counter() - t1, 1)
@@ -102,11 +102,10 @@ def _train_kangaroo(engine, seqs, out: Path, train: TrainSettings, progress: boo
     }
 
 
-def _train_jakiro(engine, seqs, out: Path, train: HeadTrainSettings, progress: bool) -> dict:
+def _train_jakiro(engine, seqs, out: Path, train: HeadTrainSettings, progress: bool, answer_tokens: int) -> dict:
     from joey.models.jakiro_head import save_head
 
     head, ev = train_head(engine.model, seqs, out, train, progress)
-    answer_tokens = sum(len(s.ids) - s.prompt_len for s in seqs)
     save_head(head, engine.model, out / "head.safetensors", {
         "base_model": engine.name, "train_settings": asdict(train), "answer_tokens": answer_tokens,
         "heldout_agreement": round(ev.agreement, 4), "simulated_tau_chain": round(ev.chain_tau, 3),
