@@ -57,6 +57,7 @@ def load(
     draft_model: str | os.PathLike | None = None,
     adapter: str | os.PathLike | bool | None = None,
     head: str | os.PathLike | bool | None = None,
+    weights: str = "auto",
 ) -> Engine:
     """Load a model (default: the embedded SmolLM2-135M-Instruct) and return an ``Engine``.
 
@@ -65,24 +66,26 @@ def load(
     ``adapter`` is a Kangaroo adapter file (``joey train-adapter``); None picks the adapter shipped
     with joey for this model when there is one (the default model has one); False loads none.
     ``head`` is a Jakiro draft head file (``joey train-drafter``), found and refused the same way.
-    ``prepack`` (fp32 on CPU only) re-lays the weights out for oneDNN's fast small-batch GEMMs
-    (about 1 s, and a second copy of the weights in memory).
+    ``weights`` is the format the linear layers run in on a CPU: "fp32", "bf16", "int8", "int4", or
+    "auto" (default): the fastest, timed once per model and machine, of the formats that keep the
+    source's precision (a 4-bit GGUF → int4 on its own codes, or fp32; a bf16 checkpoint → bf16 or
+    fp32; an fp32 one → fp32). Float sources are quantized only when int8/int4 is asked for.
+    ``prepack=False`` keeps plain torch float linears (the reference path; no kernels, 'auto' = float).
     """
     from joey.models.adapter import find_adapter, load_adapter
     from joey.models.jakiro_head import find_head, load_head
     from joey.models.registry import resolve
-    from joey.models.weights import load_model, load_tokenizer
+    from joey.models.weights import load_model, load_tokenizer, set_format
 
     dev = pick_device(device)
     source = resolve(model, progress=progress)
     net = load_model(source.folder, dev, pick_dtype(dtype, dev))
-    draft = None
-    if draft_model is not None:
-        draft = load_model(resolve(draft_model, progress=progress).folder, dev, pick_dtype(dtype, dev))
-    if prepack:
-        net.prepack()
-        if draft is not None:
-            draft.prepack()
+    draft_source = None if draft_model is None else resolve(draft_model, progress=progress)
+    draft = None if draft_source is None else load_model(draft_source.folder, dev, pick_dtype(dtype, dev))
+    if prepack or weights in ("int8", "int4"):
+        for m, src in ((net, source), (draft, draft_source)):
+            if m is not None:
+                set_format(m, src.folder, weights, progress)
     path = find_adapter(net) if adapter is None else (None if adapter is False else adapter)
     kangaroo = load_adapter(path, net) if path else None
     path = find_head(net) if head is None else (None if head is False else head)

@@ -50,7 +50,7 @@ class CostCurve:
     tokens: tuple[int, ...]
     ms: tuple[float, ...]
     device: str
-    dtype: str
+    dtype: str  # the weight format the curve was measured with (fp32, bf16, int8, int4, ...)
     threads: int
 
     def cost(self, k: int) -> float:
@@ -103,8 +103,7 @@ def measure(model: LlamaModel, tokens: Sequence[int] = MEASURED_TOKENS, repeats:
     # More tokens never cost less: a point above a later one was disturbed (another process on a
     # shared machine), so each point is capped by every later one.
     ms = [min(ms[i:]) for i in range(len(ms))]
-    return CostCurve(tuple(tokens), tuple(ms), str(dev), str(model.lm_head.weight.dtype).replace("torch.", ""),
-                     torch.get_num_threads())
+    return CostCurve(tuple(tokens), tuple(ms), str(dev), model.weight_format, torch.get_num_threads())
 
 
 def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCurve:
@@ -112,8 +111,8 @@ def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCur
     from ``cache_root/budget``. A corrupt or foreign cache file is measured again."""
     w = model.lm_head.weight
     hw = cpu_name() if w.device.type == "cpu" else torch.cuda.get_device_name(w.device)
-    packed = getattr(model.lm_head, "_packed", None) is not None
-    key = json.dumps([model_key, str(w.device), str(w.dtype), packed, torch.get_num_threads(), hw, MEASURED_TOKENS])
+    kernels = model.weight_format if model.lm_head.kernel is not None else "plain"
+    key = json.dumps([model_key, str(w.device), str(w.dtype), kernels, torch.get_num_threads(), hw, MEASURED_TOKENS])
     path = cache_root / "budget" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
     try:
         data = json.loads(path.read_text())

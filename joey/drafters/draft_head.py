@@ -11,30 +11,31 @@ from dataclasses import dataclass
 
 import torch
 
-from joey.models.llama import LlamaModel, pack_weight, packed_linear
+from joey.models.llama import LlamaModel, float_format
+from joey.models.weight_formats import LinearKernel, make_kernel
 
 
 @dataclass(frozen=True)
 class DraftVocabHead:
-    """Rows ``vocab`` of the target's LM head, pre-packed for oneDNN where that is faster (fp32 CPU)."""
+    """Rows ``vocab`` of the target's float LM head, pre-packed for oneDNN on CPU (fp32 or bf16)."""
 
     vocab: torch.Tensor  # [draft_vocab] target token ids
     weight: torch.Tensor  # [draft_vocab, hidden]
-    packed: torch.Tensor | None
+    kernel: LinearKernel | None
 
     @classmethod
     def build(cls, model: LlamaModel, vocab: torch.Tensor, dtype: torch.dtype | None = None) -> DraftVocabHead:
-        """``dtype``: the drafting precision (default: the target's); packed when fp32 or bf16 on CPU."""
+        """``dtype``: the drafting precision (default: the target's activations')."""
         vocab = vocab.to(model.lm_head.weight.device)
         weight = model.lm_head.weight.detach()[vocab].to(dtype or model.lm_head.weight.dtype).contiguous()
-        packed = None
+        kernel = None
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and \
                 torch.backends.mkldnn.is_available():
-            packed = pack_weight(weight)
-        return cls(vocab, weight, packed)
+            kernel = make_kernel(float_format(weight.dtype), weight)
+        return cls(vocab, weight, kernel)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """States [N, hidden] → draft logits over the draft vocabulary [N, draft_vocab] (fp32)."""
-        if self.packed is not None:
-            return packed_linear(states, self.packed, None).float()
+        if self.kernel is not None:
+            return self.kernel(states.to(self.weight.dtype)).float()
         return (states @ self.weight.T).float()

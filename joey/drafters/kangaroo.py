@@ -40,7 +40,6 @@ from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.prompt_lookup import PromptLookupDrafter
 from joey.drafters.tree import DraftTree, candidate_log_probs, contiguous
 from joey.models.adapter import KangarooAdapter
-from joey.models.kv_cache import KVCache
 from joey.models.llama import LlamaModel
 from joey.sampling import probabilities, sample
 
@@ -91,9 +90,7 @@ class KangarooDrafter:
         model = draft.model
         cfg = model.cfg
         w = model.lm_head.weight
-        self.shallow = KVCache(
-            draft.exit_layer, 1, cfg.num_kv_heads, max_len, cfg.head_dim, dtype=w.dtype, device=w.device
-        )
+        self.shallow = model.new_cache(1, max_len, layers=draft.exit_layer)
         self.adapter_cache = draft.adapter.new_cache(1, max_len)
         # the layer-l state of every slot: the adapter's input and the verification's input
         self.hidden = torch.zeros(max_len, cfg.hidden_size, dtype=w.dtype, device=w.device)

@@ -19,6 +19,7 @@ from torch import nn
 from joey.batching import Packing
 from joey.errors import UnsupportedArchitectureError
 from joey.models.kv_cache import KVCache
+from joey.models.weight_formats import FORMATS, LinearKernel, QuantizedWeight, concat_rows, make_kernel
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -78,34 +79,57 @@ class ModelConfig:
         )
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's blocked layout of an fp32 [out, in] weight, for ``packed_linear``."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [N, in] @ W.T (+ bias) with a weight from ``pack_weight``."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
 class Linear(nn.Linear):
-    """nn.Linear that can pre-pack its weight for oneDNN on CPU.
+    """nn.Linear whose inference path runs a ``LinearKernel`` (joey.models.weight_formats) when one is set.
 
-    MKL's fp32 GEMM for a handful of rows (one decode token, a short draft to verify) reads the
-    weight at ~8 GB/s on a 2-core AVX2 machine and costs ~4x more for 4 rows than for 1; oneDNN
-    with a pre-packed (blocked) weight reads it at ~13 GB/s, and 4 rows cost ~1.2x one row
-    (benchmarks/ar_speed.py). That ratio is what makes verifying several tokens at once pay off.
+    Training and autograd always use the float ``weight``; a kernel is what decoding runs: fp32 or
+    bf16 weights pre-packed for oneDNN, or int8/int4 codes. MKL's fp32 GEMM for a handful of rows
+    costs ~4x more for 4 rows than for 1 on a 2-core CPU; oneDNN with a pre-packed weight ~1.2x
+    (benchmarks/ar_speed.py): that flatness is what makes verifying several tokens at once pay off.
     """
 
-    _packed: torch.Tensor | None = None
+    kernel: LinearKernel | None = None
 
     def prepack(self) -> None:
-        self._packed = pack_weight(self.weight)
+        """A float kernel in the weight's own dtype (fp32 or bf16)."""
+        self.kernel = make_kernel(float_format(self.weight.dtype), self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and not torch.is_grad_enabled():
-            return packed_linear(x, self._packed, self.bias)
+        if self.kernel is not None and not torch.is_grad_enabled():
+            return run_kernel(self.kernel, x)
         return F.linear(x, self.weight, self.bias)
+
+
+def run_kernel(kernel: LinearKernel, x: torch.Tensor) -> torch.Tensor:
+    """A kernel on [..., in] inputs (kernels take 2-D ones)."""
+    if x.dim() == 2:
+        return kernel(x)
+    return kernel(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+
+def float_format(dtype: torch.dtype) -> str:
+    """The float kernel format for weights of ``dtype`` (bf16 stays bf16, the rest run in fp32)."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+WeightSource = torch.Tensor | QuantizedWeight  # a float weight or a GGUF's own codes
+
+
+def fuse(fmt: str, linears: list[Linear], sources: list[WeightSource] | None = None) -> LinearKernel | None:
+    """One kernel for several linears stacked along their outputs (q/k/v, gate/up): one larger GEMM
+    streams faster than several small ones. None when the sources cannot share one kernel (a GGUF
+    may store q and k in 4 bits and v in 6); each linear then gets its own."""
+    sources = sources or [lin.weight for lin in linears]
+    biases = [lin.bias for lin in linears]
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # type: ignore[union-attr]
+    if all(isinstance(w, torch.Tensor) for w in sources):
+        return make_kernel(fmt, torch.cat([w.detach() for w in sources]), bias)  # type: ignore[union-attr]
+    try:
+        return make_kernel(fmt, concat_rows(sources), bias)  # type: ignore[arg-type]
+    except (TypeError, ValueError, AttributeError):
+        for lin, w in zip(linears, sources):
+            lin.kernel = make_kernel(fmt, w, lin.bias)
+        return None
 
 
 class RMSNorm(nn.Module):
@@ -146,19 +170,21 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.num_heads * d, h, bias=False)
-        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._qkv: LinearKernel | None = None
+
+    def set_weights(self, fmt: str, sources: list[WeightSource] | None = None) -> None:
+        """Kernels in format ``fmt``; ``sources``: q, k, v, o weights (default: the float ones)."""
+        projs = [self.q_proj, self.k_proj, self.v_proj]
+        self._qkv = fuse(fmt, projs, sources[:3] if sources else None)
+        self.o_proj.kernel = make_kernel(fmt, sources[3] if sources else self.o_proj.weight)
 
     def prepack(self) -> None:
-        """Fuse q/k/v into one packed GEMM: one larger matrix streams faster than three small ones."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        bias = torch.cat([p.bias.detach() for p in projs]) if self.cfg.attention_bias else None
-        self._qkv = (pack_weight(torch.cat([p.weight for p in projs])), bias)
-        self.o_proj.prepack()
+        self.set_weights(float_format(self.q_proj.weight.dtype))
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, hidden] → [N, heads + 2 * kv_heads, head_dim]: queries, then keys, then values."""
         if self._qkv is not None and not torch.is_grad_enabled():
-            qkv = packed_linear(x, *self._qkv)
+            qkv = self._qkv(x)
         else:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         return qkv.view(x.shape[0], -1, self.cfg.head_dim)
@@ -188,7 +214,7 @@ class Attention(nn.Module):
         else:
             write_kv(k_cache, v_cache, qk[:, nh:], qkv[:, nh + nkv :], shape, slots)
             q_rows = qk[:, :nh]
-        q = q_rows.reshape(b, t, nh, cfg.head_dim).transpose(1, 2)
+        q = q_rows.reshape(b, t, nh, cfg.head_dim).transpose(1, 2).to(k_cache.dtype)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         gqa = cfg.num_heads != cfg.num_kv_heads
         if mask is None:
@@ -197,7 +223,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        out = out.transpose(1, 2).reshape(b * t, cfg.num_heads * cfg.head_dim)
+        out = out.transpose(1, 2).reshape(b * t, cfg.num_heads * cfg.head_dim).to(x.dtype)
         if packing is not None:
             out = out[packing.from_grid]  # back to the packed tokens: the dense layers skip the padding
         return self.o_proj(out)
@@ -232,16 +258,19 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self._gate_up: torch.Tensor | None = None
+        self._gate_up: LinearKernel | None = None
+
+    def set_weights(self, fmt: str, sources: list[WeightSource] | None = None) -> None:
+        """Kernels in format ``fmt``; ``sources``: gate, up, down weights (default: the float ones)."""
+        self._gate_up = fuse(fmt, [self.gate_proj, self.up_proj], sources[:2] if sources else None)
+        self.down_proj.kernel = make_kernel(fmt, sources[2] if sources else self.down_proj.weight)
 
     def prepack(self) -> None:
-        """Fuse gate and up projections into one packed GEMM."""
-        self._gate_up = pack_weight(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
-        self.down_proj.prepack()
+        self.set_weights(float_format(self.gate_proj.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is not None and not torch.is_grad_enabled():
-            gate, up = packed_linear(x, self._gate_up, None).chunk(2, dim=-1)
+            gate, up = self._gate_up(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -276,24 +305,96 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._format: str | None = None  # set_weights' format; None = plain float weights
 
     def prepack(self) -> bool:
         """Pre-pack every linear layer for oneDNN (fp32 CPU only); returns whether it did."""
         w = self.lm_head.weight
         if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return False
-        for layer in self.model.layers:
-            layer.self_attn.prepack()
-            layer.mlp.prepack()
-        self.lm_head.prepack()
+        self.set_weights("fp32")
         return True
 
+    def set_weights(self, fmt: str, native: dict[str, QuantizedWeight] | None = None, keep_float: bool = True) -> None:
+        """Run every linear layer in weight format ``fmt`` (joey.models.weight_formats.FORMATS), CPU
+        only, or with ``fmt="native"`` each layer in the format of its stored blocks (fp32 where none).
+
+        ``native``: quantized weights by Hugging Face name (a GGUF's own blocks). ``keep_float=False`` frees the decoder layers' float weights (a
+        model can then not change format again); the LM head keeps its float weight, which drafters
+        slice for their draft vocabularies.
+        """
+        native = native or {}
+        bits = {"int4": 4, "int8": 8}.get(fmt)
+
+        def src(name: str, lin: Linear) -> WeightSource:
+            # "native": every stored block at its own bits; int4/int8: stored codes of exactly that
+            # width, the rest quantized from the float copy; float formats: the float copy, which
+            # is the exact dequantization of any stored blocks
+            q = native.get(name)
+            if q is not None and (fmt == "native" or q.bits == bits):
+                return q
+            return lin.weight
+
+        for i, layer in enumerate(self.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            p = f"model.layers.{i}"
+            a.set_weights(fmt, [src(f"{p}.self_attn.{n}.weight", getattr(a, n)) for n in ("q_proj", "k_proj",
+                                                                                           "v_proj", "o_proj")])
+            m.set_weights(fmt, [src(f"{p}.mlp.{n}.weight", getattr(m, n)) for n in ("gate_proj", "up_proj",
+                                                                                     "down_proj")])
+        self.lm_head.kernel = make_kernel(fmt, src("lm_head.weight", self.lm_head))
+        self._format = "+".join(sorted({k.format for k in self.kernels()}, key=lambda f: -FORMATS.index(f)))
+        if not keep_float:
+            for layer in self.model.layers:
+                for lin in (*layer.self_attn.children(), *layer.mlp.children()):
+                    if isinstance(lin, Linear):
+                        lin.weight = None  # type: ignore[assignment]
+
+    @property
+    def weight_format(self) -> str:
+        """fp32, bf16, int8 or int4 (what set_weights chose; "int4+int8" for a mix, as a GGUF that
+        keeps its LM head in 8 bits runs natively), or the float dtype of plain weights."""
+        return self._format or str(self.lm_head.weight.dtype).replace("torch.", "").replace("float32", "fp32")
+
+    def kernels(self) -> list[LinearKernel]:
+        """Every kernel a decoding step runs (fused ones count once)."""
+        out: list[LinearKernel] = []
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            fused = [k for k in (a._qkv, m._gate_up) if k is not None]
+            out += fused + [lin.kernel for lin in (*a.children(), *m.children())
+                            if isinstance(lin, Linear) and lin.kernel is not None]
+        if self.lm_head.kernel is not None:
+            out.append(self.lm_head.kernel)
+        return out
+
+    def weight_bytes(self) -> int:
+        """Bytes of linear-layer weights one decoding step reads (the kernels', else the float weights')."""
+        kernels = self.kernels()
+        if kernels:
+            return sum(k.nbytes for k in kernels)
+        w = self.lm_head.weight
+        per = w.element_size()
+        return sum(lin.weight.numel() * per for lin in self.modules() if isinstance(lin, Linear))
+
     # -- building blocks -------------------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.lm_head.weight
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype, which attention computes in: float64 when the linear layers take
+        bf16 inputs. Attention over a different number of queries or keys sums in a different
+        order; in fp32 that changes results by ~1e-7, and a bf16 rounding downstream turns that
+        into a different logit now and then, so verifying k tokens at once would not always
+        reproduce decoding them one by one. In float64 the differences vanish when the result is
+        rounded back to fp32, and greedy outputs stay identical (tests/test_weight_formats.py)."""
+        if self._format is not None and self._format != "fp32":
+            return torch.float64
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int, layers: int | None = None) -> KVCache:
+        """An empty KV cache for ``layers`` (default: all) layers."""
         return KVCache(
-            self.cfg.num_layers, batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
-            dtype=p.dtype, device=p.device,
+            self.cfg.num_layers if layers is None else layers, batch, self.cfg.num_kv_heads, max_len,
+            self.cfg.head_dim, dtype=self.cache_dtype, device=self.lm_head.weight.device,
         )
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from joey.errors import ModelFormatError, ModelNotFoundError
+from joey.models.gguf_blocks import NATIVE_FILE, read_native, save_native
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "smollm2-135m-instruct"}
@@ -141,6 +142,8 @@ def entry_is_valid(folder: Path) -> bool:
     SHA-256 match it."""
     try:
         manifest = json.loads((folder / _MANIFEST).read_text())
+        if NATIVE_FILE not in manifest["sizes"]:
+            return False  # written before joey read GGUF blocks natively
         for name, size in manifest["sizes"].items():
             if (folder / name).stat().st_size != size:
                 return False
@@ -171,7 +174,8 @@ def gguf_to_folder(gguf: Path, *, progress: bool = True) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF with transformers and write an HF folder with a manifest."""
+    """Dequantize a GGUF with transformers and write an HF folder with a manifest, plus the GGUF's
+    quantized linear weights as they are stored (joey.models.gguf_blocks) for int4/int8 decoding."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -192,6 +196,10 @@ def _convert(gguf: Path, out: Path) -> None:
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     save_file(state, str(out / _WEIGHTS), metadata={"format": "pt", "source": gguf.name})
+    try:
+        save_native(read_native(gguf), out / NATIVE_FILE)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelFormatError(f"{gguf}: cannot read its quantized blocks ({exc.__class__.__name__}: {exc})")
     tok.save_pretrained(out)
     files = [p for p in out.iterdir() if p.is_file()]
     manifest = {

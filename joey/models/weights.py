@@ -1,14 +1,19 @@
-"""Build a ``LlamaModel`` and its tokenizer from a local Hugging Face folder."""
+"""Build a ``LlamaModel`` and its tokenizer from a local Hugging Face folder, and choose the
+format its linear layers run in (joey.models.weight_formats)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
 
-from joey.errors import ModelFormatError
+from joey.errors import InvalidArgumentError, ModelFormatError
 from joey.models.llama import LlamaModel, ModelConfig
+from joey.models.weight_formats import FORMATS, QuantizedWeight
 
 
 def read_config(folder: Path) -> tuple[ModelConfig, dict]:
@@ -28,7 +33,9 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(folder.glob("*.safetensors"))
+    from joey.models.gguf_blocks import NATIVE_FILE
+
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != NATIVE_FILE)
     if not files:
         raise ModelFormatError(f"{folder}: no .safetensors weights found")
     state: dict[str, torch.Tensor] = {}
@@ -78,3 +85,100 @@ def load_tokenizer(folder: Path):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         detail = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}"
         raise ModelFormatError(f"{folder}: cannot load tokenizer ({detail})")
+
+
+WEIGHT_CHOICES = ("auto", *FORMATS)
+
+
+def set_format(model: LlamaModel, folder: Path, weights: str, progress: bool = True) -> str:
+    """``apply_weights`` for a model loaded from ``folder``: its GGUF blocks (if it is a converted
+    GGUF), its config's dtype, and a cache key naming the model."""
+    from joey.models.draft_files import model_fingerprint
+    from joey.models.gguf_blocks import NATIVE_FILE, load_native
+    from joey.models.registry import cache_dir
+
+    _, hf = read_config(folder)
+    native = load_native(folder / NATIVE_FILE) if weights in ("auto", "int8", "int4") else {}
+    cfg = model.cfg
+    key = f"{cfg.architecture}-{cfg.num_layers}x{cfg.hidden_size}:{model_fingerprint(model)}"
+    return apply_weights(model, weights, native, hf.get("torch_dtype") or hf.get("dtype"), key, cache_dir(), progress)
+
+
+def source_formats(native: dict[str, QuantizedWeight], source_dtype: str | None) -> list[str]:
+    """Formats that keep the source's own precision, best guess first: a quantized GGUF runs on its
+    own codes ("native": int4 for 4-bit blocks, int8 for 8-bit ones) or in fp32 (their exact
+    dequantization); a bf16 checkpoint as bf16 or fp32; others in fp32."""
+    if native:
+        return ["native", "fp32"]
+    if source_dtype == "bfloat16" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return ["bf16", "fp32"]
+    return ["fp32"]
+
+
+def apply_weights(
+    model: LlamaModel,
+    weights: str,
+    native: dict[str, QuantizedWeight],
+    source_dtype: str | None,
+    cache_key: str,
+    cache_root: Path,
+    progress: bool = True,
+) -> str:
+    """Put ``model``'s linear layers in format ``weights`` ('auto' = the fastest of the formats that
+    keep the source's precision, timed once per model and machine and then cached) and free the
+    float copies it no longer needs. Returns the format in use. CPU only; float models elsewhere
+    keep their dtype."""
+    if weights not in WEIGHT_CHOICES:
+        raise InvalidArgumentError(f"unknown weight format '{weights}'; choose from {', '.join(WEIGHT_CHOICES)}")
+    dev = model.lm_head.weight.device
+    if dev.type != "cpu":
+        if weights in ("int8", "int4"):
+            raise InvalidArgumentError(f"{weights} weights run on the CPU only (joey has no {dev.type} low-bit kernels yet)")
+        return model.weight_format
+    if weights == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise InvalidArgumentError("bf16 weights need a CPU with AVX-512 BF16 or AMX; this one has neither")
+    if weights == "auto":
+        weights = fastest_format(model, source_formats(native, source_dtype), native, cache_key, cache_root, progress)
+    model.set_weights(weights, native, keep_float=weights == "fp32")
+    return model.weight_format
+
+
+def fastest_format(
+    model: LlamaModel,
+    candidates: list[str],
+    native: dict[str, QuantizedWeight],
+    cache_key: str,
+    cache_root: Path,
+    progress: bool,
+) -> str:
+    """The candidate with the fastest one-token decoding step here (a kernel that fails is skipped)."""
+    from joey.budget import cpu_name, measure
+
+    if len(candidates) == 1:
+        return candidates[0]
+    key = json.dumps([cache_key, candidates, cpu_name(), torch.get_num_threads(), torch.__version__])
+    path = cache_root / "weights" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") == key and data.get("best") in candidates:
+            return data["best"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    if progress:
+        print(f"joey: timing weight formats {', '.join(candidates)} on this CPU (once)", file=sys.stderr)
+    timed: dict[str, float] = {}
+    for fmt in candidates:
+        try:
+            model.set_weights(fmt, native, keep_float=True)
+            timed[fmt] = measure(model, tokens=(1,), repeats=5).ms[0]
+        except RuntimeError:  # a kernel this CPU or build lacks
+            continue
+    best = min(timed, key=timed.__getitem__) if timed else "fp32"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "ms": timed, "best": best}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+    return best

@@ -1,0 +1,193 @@
+"""Weight formats of the decoder's linear layers: fp32, bf16, int8 and int4, behind one kernel call.
+
+A linear layer holds one ``LinearKernel``: a frozen, pre-laid-out weight and the CPU kernel that
+multiplies by it. Low-bit weights are kept as ``QuantizedWeight`` codes (groups of ``GROUP`` input
+columns, each with its own scale and offset) so that a GGUF's Q4_0/Q4_1/Q4_K/Q8_0 blocks load
+as they are, and so that nothing is rounded twice.
+
+Why these kernels (measured on 2 cores; benchmarks/weight_formats.py):
+- fp32: oneDNN with a pre-packed weight (``pack_weight``), flat in the number of rows.
+- bf16: the same with a bf16 weight; on AMX CPUs it stays flat to 64 rows at half the bytes.
+- int4: ``_weight_int4pack_mm_for_cpu`` (bf16 activations; its fp32 path is ~20x slower), the
+  fewest bytes per token but a cost that grows with the rows, so verifying many tokens costs more.
+- int8: ``_weight_int8pack_mm`` when the weight has one scale per output row; a GGUF Q8_0 weight
+  (a scale per 32 columns) runs exactly as two int4 planes, codes = 16 * high + low.
+Activations stay in the model's dtype between layers; low-bit and bf16 kernels take bf16 inputs
+and their outputs are cast back, so the residual stream and the KV cache keep full precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from joey.errors import InvalidArgumentError
+
+FORMATS = ("fp32", "bf16", "int8", "int4")
+GROUP = 32  # columns per int4 scale group: what Q4_0/Q4_1/Q4_K/Q8_0 blocks use
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A low-bit [out, in] weight: ``w = scale * codes + offset`` per group of ``group`` columns.
+
+    int4: codes in [0, 15] (uint8), ``offset`` the group's minimum (Q4_0's is -8 * scale);
+    int8: codes in [-128, 127] (int8), no offset (symmetric, like Q8_0); ``group`` is 32 for a
+    GGUF's blocks or the whole row for a per-channel quantization.
+    """
+
+    bits: int
+    codes: torch.Tensor  # [out, in]
+    scale: torch.Tensor  # [out, in // group], fp32
+    offset: torch.Tensor | None  # [out, in // group], fp32 (int4 only)
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight these codes stand for, fp32 [out, in]."""
+        out, cols = self.codes.shape
+        w = self.codes.float().view(out, cols // self.group, self.group) * self.scale.unsqueeze(-1)
+        if self.offset is not None:
+            w = w + self.offset.unsqueeze(-1)
+        return w.view(out, cols)
+
+    def rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """These output rows only (a permutation or a subset), codes untouched."""
+        off = None if self.offset is None else self.offset[index]
+        return QuantizedWeight(self.bits, self.codes[index], self.scale[index], off, self.group)
+
+
+def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack weights along the output dimension (q/k/v or gate/up fused into one GEMM)."""
+    first = parts[0]
+    if any(p.bits != first.bits or p.group != first.group or (p.offset is None) != (first.offset is None)
+           for p in parts):
+        raise ValueError("cannot fuse weights of different formats")
+    off = None if first.offset is None else torch.cat([p.offset for p in parts])  # type: ignore[misc]
+    return QuantizedWeight(first.bits, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                           off, first.group)
+
+
+def quantize_int4(weight: torch.Tensor, group: int = GROUP) -> QuantizedWeight:
+    """Asymmetric round-to-nearest int4 with a scale and minimum per group (Q4_1's scheme)."""
+    out, cols = weight.shape
+    if cols % group:
+        raise InvalidArgumentError(f"int4 weights need input sizes divisible by {group}; this layer has {cols}")
+    w = weight.detach().float().reshape(out, cols // group, group)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = ((w - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
+    return QuantizedWeight(4, codes.view(out, cols), scale, lo, group)
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """Symmetric round-to-nearest int8 with one scale per output row (what ``_weight_int8pack_mm`` runs)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = (w / scale).round().clamp(-128, 127).to(torch.int8)
+    return QuantizedWeight(8, codes, scale, None, w.shape[1])
+
+
+class LinearKernel(Protocol):
+    """A weight laid out for one CPU kernel: ``kernel(x [N, in]) -> [N, out]`` in x's dtype."""
+
+    format: str
+    nbytes: int  # bytes of weight data read per call: what a decode step streams from memory
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
+
+
+class FloatKernel:
+    """oneDNN with a weight pre-packed into its blocked layout (fp32 or bf16)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.format = "fp32" if dtype == torch.float32 else "bf16"
+        self.dtype = dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), None)
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.nbytes = weight.numel() * torch.finfo(dtype).bits // 8
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "")
+        return y.to(x.dtype)
+
+
+class Int4Kernel:
+    """``_weight_int4pack_mm_for_cpu``: the kernel computes ``(code - 8) * scale + zero``, so a
+    group's minimum m becomes zero = m + 8 * scale."""
+
+    format = "int4"
+
+    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None) -> None:
+        if q.bits != 4 or q.group != GROUP:
+            raise ValueError("Int4Kernel takes int4 codes in groups of 32")
+        zero = q.offset + 8 * q.scale  # type: ignore[operator]
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32).contiguous(), 1)
+        self.scales_zeros = torch.stack([q.scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.bias = bias
+        self.nbytes = q.codes.numel() // 2 + self.scales_zeros.numel() * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
+        return _add_bias(y.to(x.dtype), self.bias)
+
+
+class Int8Kernel:
+    """int8 codes: per-row scales run on ``_weight_int8pack_mm``; 32-column groups (GGUF Q8_0) run
+    as two int4 planes, code = 16 * high + low, which is exact and streams the same 8 bits."""
+
+    format = "int8"
+
+    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None) -> None:
+        if q.bits != 8:
+            raise ValueError("Int8Kernel takes int8 codes")
+        self.bias = bias
+        self.planes: tuple[Int4Kernel, Int4Kernel] | None = None
+        if q.group == q.shape[1]:
+            self.codes = q.codes.contiguous()
+            self.scale = q.scale[:, 0].to(torch.bfloat16).contiguous()
+            self.nbytes = q.codes.numel() + self.scale.numel() * 2
+            return
+        c = q.codes.to(torch.int16)
+        high, low = torch.div(c, 16, rounding_mode="floor"), c % 16  # high in [-8, 7], low in [0, 15]
+        zeros = torch.zeros_like(q.scale)
+        self.planes = (
+            Int4Kernel(QuantizedWeight(4, (high + 8).to(torch.uint8), 16 * q.scale, -128 * q.scale, q.group), None),
+            Int4Kernel(QuantizedWeight(4, low.to(torch.uint8), q.scale, zeros, q.group), None),
+        )
+        self.nbytes = self.planes[0].nbytes + self.planes[1].nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.planes is None:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.codes, self.scale).to(x.dtype)
+        else:
+            y = self.planes[0](x) + self.planes[1](x)
+        return _add_bias(y, self.bias)
+
+
+def make_kernel(fmt: str, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> LinearKernel:
+    """The kernel for ``weight`` in format ``fmt``: float weights are quantized when ``fmt`` is low-bit;
+    quantized ones run on their own codes unless ``fmt`` is a float format. ``fmt="native"``: a
+    quantized weight in its own format, a float one in fp32."""
+    if fmt == "native":
+        fmt = "fp32" if isinstance(weight, torch.Tensor) else f"int{weight.bits}"
+    if fmt not in FORMATS:
+        raise InvalidArgumentError(f"unknown weight format '{fmt}'; choose from auto, {', '.join(FORMATS)}")
+    if isinstance(weight, QuantizedWeight):
+        if fmt in ("fp32", "bf16"):
+            return FloatKernel(weight.dequantize(), bias, torch.float32 if fmt == "fp32" else torch.bfloat16)
+        return Int4Kernel(weight, bias) if weight.bits == 4 else Int8Kernel(weight, bias)
+    if fmt == "int4":
+        return Int4Kernel(quantize_int4(weight), bias)
+    if fmt == "int8":
+        return Int8Kernel(quantize_int8(weight), bias)
+    return FloatKernel(weight, bias, torch.float32 if fmt == "fp32" else torch.bfloat16)
