@@ -1,14 +1,17 @@
 """Compare greedy autoregressive (AR) decoding speed on the default model (SmolLM2-135M-Instruct).
 
 Methods, all fed the same chat-templated prompt token ids and asked for exactly N new tokens (EOS ignored):
-  * joey AR                 -- ``joey.load().generate(...)`` on the float32 weights;
+  * joey AR [format]        -- ``joey.load(weights=format).generate(...)``, one engine per weight format
+                               (``--weights fp32,int4,auto``; the first is the reference the others are
+                               compared with);
+  * joey PLD [format]       -- with ``--pld``: prompt lookup on the same engine (checked against its AR);
   * transformers generate() -- greedy, same float32 weights (its token ids should equal joey's);
   * llama.cpp               -- llama-cpp-python on the original (quantized) GGUF, 2 threads (optional).
 
 Runs are interleaved per prompt and repeated (method order rotates) so machine noise hits all methods alike.
 Timings include the prompt prefill and exclude tokenization. Prints a Markdown table for the README.
 
-    python benchmarks/ar_speed.py [--max-new-tokens 64] [--repeats 3] [--json results.json]
+    python benchmarks/ar_speed.py [--weights fp32,auto] [--max-new-tokens 64] [--repeats 3] [--json results.json]
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompts", nargs="+", default=PROMPTS, help="prompt strings (default: 4 built-in)")
+    ap.add_argument("--weights", default="fp32,auto",
+                    help="comma-separated weight formats, one joey engine each (default fp32,auto)")
     ap.add_argument("--pld", action="store_true", help="also time joey's prompt-lookup speculative decoding")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
@@ -100,10 +105,18 @@ def main() -> None:
     args = ap.parse_args()
     n, prompts = args.max_new_tokens, args.prompts
 
-    eng = joey.load(progress=False)
-    runners: dict[str, Runner] = {"joey AR": joey_runner(eng)}
-    if args.pld:
-        runners["joey PLD"] = joey_runner(eng, "pld")
+    runners: dict[str, Runner] = {}
+    same_as: dict[str, str] = {}  # runner → the runner whose tokens it must equal (lossless methods)
+    formats = [w.strip() for w in args.weights.split(",") if w.strip()]
+    for fmt in formats:
+        e = joey.load(progress=False, weights=fmt)
+        label = f"joey AR [{e.model.weight_format}]"
+        runners[label] = joey_runner(e)
+        if args.pld:
+            runners[f"joey PLD [{e.model.weight_format}]"] = joey_runner(e, "pld")
+            same_as[f"joey PLD [{e.model.weight_format}]"] = label
+        if fmt == formats[0]:
+            eng, reference = e, label
     notes: dict[str, str] = {}
     if not args.skip_hf:
         runners["transformers"] = hf_runner(eng)
@@ -119,7 +132,8 @@ def main() -> None:
     except md.PackageNotFoundError:
         llama_version = "not installed"
     env = {"cpu": cpu_name(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-           "transformers": transformers.__version__, "llama_cpp_python": llama_version, "model": eng.name}
+           "transformers": transformers.__version__, "llama_cpp_python": llama_version, "model": eng.name,
+           "reference": reference}
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     print(f"{len(prompts)} prompts x {args.repeats} repeats, {n} new tokens each, greedy\n")
 
@@ -138,9 +152,12 @@ def main() -> None:
                              "seconds": seconds, "tokens_per_s": len(toks) / seconds})
                 print(f"  rep {rep} prompt {i} {name:<13} {len(toks)} tok  {len(toks) / seconds:7.1f} tok/s")
 
-    ref = {r["prompt"]: r["tokens"] for r in runs if r["method"] == "joey AR" and r["repeat"] == 0}
+    ref = {r["prompt"]: r["tokens"] for r in runs if r["method"] == reference and r["repeat"] == 0}
     for r in runs:
         theirs = ref[r["prompt"]]
+        if r["method"] in same_as:
+            theirs = next(x["tokens"] for x in runs if x["method"] == same_as[r["method"]]
+                          and x["prompt"] == r["prompt"] and x["repeat"] == 0)
         r["identical_to_joey"] = r["tokens"] == theirs
         r["agreement_with_joey"] = sum(a == b for a, b in zip(r["tokens"], theirs, strict=False)) / max(
             len(r["tokens"]), len(theirs), 1)
@@ -160,13 +177,13 @@ def main() -> None:
             "min_tokens_per_s": min(speeds),
             "max_tokens_per_s": max(speeds),
             "mean_per_prompt_tokens_per_s": mean_per_prompt(name),
-            "vs_joey_ar": mean_per_prompt(name) / mean_per_prompt("joey AR"),
+            "vs_reference": mean_per_prompt(name) / mean_per_prompt(reference),
             "identical_to_joey": [all(r["identical_to_joey"] for r in mine if r["prompt"] == i)
                                   for i in range(len(prompts))],
             "agreement_with_joey": statistics.mean(r["agreement_with_joey"] for r in mine),
         }
 
-    print("\nToken ids vs joey AR, per prompt:")
+    print(f"\nToken ids vs {reference} (speculative methods: vs AR on the same weights), per prompt:")
     for name in names[1:]:
         s = summary[name]
         per = ", ".join(f"p{i}: {'identical' if same else 'differs'}" for i, same in enumerate(s["identical_to_joey"]))
@@ -174,15 +191,15 @@ def main() -> None:
 
     print(f"\n{env['cpu']}, torch {env['torch']} ({env['torch_threads']} threads), llama.cpp 2 threads; "
           f"{n} new tokens, {len(prompts)} prompts x {args.repeats} repeats\n")
-    print("| Method | median tok/s | min – max tok/s | speed vs joey AR | tokens = joey AR |")
+    print(f"| Method | median tok/s | min – max tok/s | speed vs {reference} | tokens |")
     print("|---|---:|---:|---:|---|")
     for name in names:
         s = summary[name]
-        same = "(reference)" if name == "joey AR" else (
-            f"{sum(s['identical_to_joey'])}/{len(prompts)} prompts identical, "
+        same = "(reference)" if name == reference else (
+            f"{sum(s['identical_to_joey'])}/{len(prompts)} prompts identical to {same_as.get(name, reference)}, "
             f"{s['agreement_with_joey']:.0%} of positions")
         print(f"| {name} | {s['median_tokens_per_s']:.1f} | {s['min_tokens_per_s']:.1f} – {s['max_tokens_per_s']:.1f}"
-              f" | {s['vs_joey_ar']:.2f}× | {same} |")
+              f" | {s['vs_reference']:.2f}× | {same} |")
     for name, why in notes.items():
         print(f"| {name} | – | – | – | {why} |")
 

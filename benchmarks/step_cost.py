@@ -1,60 +1,47 @@
-"""What one target forward costs as it verifies more tokens, and batched AR throughput.
+"""What one target forward costs as it verifies more tokens, per weight format, and batched AR throughput.
 
 Speculative decoding on a CPU lives or dies on the ratio cost(forward of k tokens) / cost(forward
-of 1 token): this prints it for k = 1..8 after a cached prefix, for joey's oneDNN pre-packed
-weights and for plain PyTorch (MKL) linears, then the total tokens/s of batched greedy AR.
+of 1 token): this prints it after 128 cached tokens (joey.budget.measure, the curve the engine
+sizes its drafts from) for each weight format and for plain PyTorch (MKL) fp32 linears, then the
+total tokens/s of batched greedy AR in the default format.
 
-    python benchmarks/step_cost.py [--context 100] [--repeats 15]
+    python benchmarks/step_cost.py [--weights fp32,bf16,int8,int4,auto] [--repeats 9]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 import joey
-from joey.batching import causal_mask
-from joey.models.llama import LlamaModel
+from joey.budget import CONTEXT, cpu_name, measure
 
-
-def forward_ms(model: LlamaModel, context: int, k: int, repeats: int) -> float:
-    """Median ms of a forward of k new tokens after ``context`` cached ones (the cache is reused)."""
-    cache = model.new_cache(1, context + k)
-    ids = torch.randint(100, 10000, (1, context + k), generator=torch.Generator().manual_seed(0))
-    model(ids[:, :context], torch.arange(context)[None], cache, 0, context, None)
-    mask = None if k == 1 else causal_mask([context], k, context + k, "cpu")
-    pos = torch.arange(context, context + k)[None]
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        model(ids[:, context:], pos, cache, context, context + k, mask)
-        if i >= 2:  # the first two calls warm up oneDNN's kernels for this shape
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+TOKENS = (1, 2, 4, 8, 16, 32)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--context", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--weights", default="fp32,bf16,int8,int4,auto", help="comma-separated weight formats")
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     args = ap.parse_args()
     rows = []
-    with torch.inference_mode():
-        for prepack in (True, False):
-            eng = joey.load(progress=False, prepack=prepack)
-            ms = [forward_ms(eng.model, args.context, k, args.repeats) for k in range(1, 9)]
-            rows.append(("oneDNN pre-packed (joey default)" if prepack else "plain torch linears (MKL)", ms))
-            del eng
-    print(f"Forward of k new tokens after {args.context} cached, default model, fp32, "
+    for fmt in ["plain", *(w.strip() for w in args.weights.split(",") if w.strip())]:
+        eng = joey.load(progress=False, prepack=fmt != "plain", weights="fp32" if fmt == "plain" else fmt)
+        m = eng.model
+        name = m.weight_format + (" (auto)" if fmt == "auto" else "")
+        if fmt == "plain":
+            name = "plain torch fp32 linears (MKL)"
+        rows.append((name, m.weight_bytes() / 1e6, measure(m, TOKENS, args.repeats).ms))
+        del eng
+    print(f"Forward of k new tokens after {CONTEXT} cached, default model, {cpu_name()}, "
           f"{torch.get_num_threads()} threads (median of {args.repeats})\n")
-    print("| weights | " + " | ".join(f"k={k}" for k in range(1, 9)) + " |")
-    print("|---|" + "---:|" * 8)
-    for name, ms in rows:
-        print(f"| {name} | " + " | ".join(f"{m:.1f} ms ({m / ms[0]:.2f}×)" for m in ms) + " |")
+    print("| weights | MB read per token | " + " | ".join(f"k={k}" for k in TOKENS) + " |")
+    print("|---|---:|" + "---:|" * len(TOKENS))
+    for name, mb, ms in rows:
+        print(f"| {name} | {mb:.0f} | " + " | ".join(f"{v:.1f} ms ({v / ms[0]:.2f}×)" for v in ms) + " |")
 
     eng = joey.load(progress=False)
     prompts = ["Write a short poem about the sea.", "Explain how vaccines work.", "List five fruits.",

@@ -25,6 +25,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="HF folder, .gguf file, hub id, or 'default' (SmolLM2-135M)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--weights", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
+                   help="format of the linear layers on CPU (default auto: the fastest that keeps the source's "
+                        "precision, e.g. a 4-bit GGUF on its own codes)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -111,7 +114,8 @@ def _load(args: argparse.Namespace):
 
     draft = getattr(args, "draft_model", None)
     adapter, head = getattr(args, "adapter", None), getattr(args, "head", None)
-    return joey.load(args.model, device=args.device, dtype=args.dtype, draft_model=draft, adapter=adapter, head=head)
+    return joey.load(args.model, device=args.device, dtype=args.dtype, draft_model=draft, adapter=adapter, head=head,
+                     weights=args.weights)
 
 
 def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
@@ -202,6 +206,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "context_length": cfg.max_position_embeddings,
         "device": str(engine.device),
         "dtype": str(engine.dtype).replace("torch.", ""),
+        "weights": f"{engine.model.weight_format}, {engine.model.weight_bytes() / 1e6:.1f} MB read per token",
         "cache": str(cache_dir()),
         "default method": engine.default_method,
     }
@@ -264,7 +269,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         temperature=args.temperature, seed=args.seed, repeats=args.repeats, max_draft=args.max_draft,
         threshold=args.threshold, tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, adaptive=args.adaptive,
         adapter=args.adapter, head=args.head,
-        model=args.model, draft_model=args.draft_model, device=args.device, dtype=args.dtype, threads=args.threads,
+        model=args.model, draft_model=args.draft_model, device=args.device, dtype=args.dtype, weights=args.weights,
+        threads=args.threads,
         fresh=args.fresh, progress=not args.no_progress,
     ))
     return 0

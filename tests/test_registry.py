@@ -23,6 +23,7 @@ def test_default_cache_entry_is_valid_and_fast(default_source):
 def _fake_convert(gguf: Path, out: Path) -> None:
     (out / "model.safetensors").write_bytes(b"weights-of-" + gguf.read_bytes())
     (out / "config.json").write_text("{}")
+    (out / registry.NATIVE_FILE).write_bytes(b"blocks")
     manifest = {
         "sizes": {p.name: p.stat().st_size for p in out.iterdir()},
         "weights_sha256": registry.file_sha256(out / "model.safetensors"),
@@ -52,7 +53,7 @@ def test_cache_is_reused(fake_cache):
     assert a == b and len(calls) == 1
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "older-joey"])
 def test_corrupt_or_partial_cache_entry_is_rebuilt(fake_cache, damage):
     gguf, calls = fake_cache
     folder = registry.gguf_to_folder(gguf, progress=False)
@@ -63,8 +64,12 @@ def test_corrupt_or_partial_cache_entry_is_rebuilt(fake_cache, damage):
         data = bytearray(weights.read_bytes())
         data[-1] ^= 0xFF
         weights.write_bytes(bytes(data))
-    else:
+    elif damage == "manifest":
         (folder / "joey-manifest.json").unlink()
+    else:  # written before joey kept a GGUF's quantized blocks: rebuilt once to add them
+        manifest = json.loads((folder / "joey-manifest.json").read_text())
+        del manifest["sizes"][registry.NATIVE_FILE]
+        (folder / "joey-manifest.json").write_text(json.dumps(manifest))
     assert not registry.entry_is_valid(folder)
     again = registry.gguf_to_folder(gguf, progress=False)
     assert len(calls) == 2 and registry.entry_is_valid(again)

@@ -179,6 +179,7 @@ def environment(engine: Any) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "device": str(engine.device),
         "dtype": str(engine.dtype).replace("torch.", ""),
+        "weights": engine.model.weight_format,
         "model": engine.name,
         "model_folder": str(src.folder) if src else None,
         "model_gguf": str(src.gguf) if src and src.gguf else None,
@@ -239,7 +240,8 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str], plot_note: st
     lines = [
         "# joey bench",
         "",
-        f"Model **{env['model']}** ({env['device']}, {env['dtype']}) on {hw}; torch {env['torch']} "
+        f"Model **{env['model']}** ({env['device']}, {env['dtype']}, weights {env.get('weights', env['dtype'])}) "
+        f"on {hw}; torch {env['torch']} "
         f"(threads: {env['torch_threads']}), transformers {env['transformers']}, "
         f"llama-cpp-python {env['llama_cpp_python'] or 'not installed'}.",
         f"Questions: {s['questions_file']} — {counts}. "

@@ -59,6 +59,7 @@ class BenchSettings:
     draft_model: str | None = None
     device: str | None = None
     dtype: str | None = None
+    weights: str = "auto"  # the linear layers' format (joey.load)
     threads: int | None = None  # CPU threads for torch and llama.cpp (None: torch's default)
     fresh: bool = False
     progress: bool = True  # tqdm bar on stderr
@@ -121,6 +122,7 @@ def _settings_record(s: BenchSettings, methods: Sequence[str], questions: Sequen
         "draft_model": s.draft_model,
         "device": s.device,
         "dtype": s.dtype,
+        "weights": s.weights,
         "threads": s.threads,
     }
 
@@ -186,7 +188,7 @@ def _run(s: BenchSettings, engine: Engine | None) -> dict[str, Any]:
     if engine is None:
         import joey
 
-        engine = joey.load(s.model, device=s.device, dtype=s.dtype, draft_model=s.draft_model,
+        engine = joey.load(s.model, device=s.device, dtype=s.dtype, draft_model=s.draft_model, weights=s.weights,
                            adapter=s.adapter, head=s.head, progress=s.progress)
     todo = [q for q in questions if question_key(q.question_id) not in done]
     runners: dict[str, Runner] = {}

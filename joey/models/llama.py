@@ -241,6 +241,7 @@ def write_kv(
     """Store new keys/values: a contiguous slice when all rows write from the same slot, else a
     scatter to (row, slot) per token."""
     b, t = shape
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)  # a no-op unless the cache is float64 (cache_dtype)
     if isinstance(slots, int):
         k_cache[:, :, slots : slots + t] = k.view(b, t, *k.shape[1:]).transpose(1, 2)
         v_cache[:, :, slots : slots + t] = v.view(b, t, *v.shape[1:]).transpose(1, 2)
@@ -319,9 +320,9 @@ class LlamaModel(nn.Module):
         """Run every linear layer in weight format ``fmt`` (joey.models.weight_formats.FORMATS), CPU
         only, or with ``fmt="native"`` each layer in the format of its stored blocks (fp32 where none).
 
-        ``native``: quantized weights by Hugging Face name (a GGUF's own blocks). ``keep_float=False`` frees the decoder layers' float weights (a
-        model can then not change format again); the LM head keeps its float weight, which drafters
-        slice for their draft vocabularies.
+        ``native``: quantized weights by Hugging Face name (a GGUF's own blocks). ``keep_float=False``
+        frees the decoder layers' float weights (a model can then not change format again); the LM
+        head keeps its float weight, which drafters slice for their draft vocabularies.
         """
         native = native or {}
         bits = {"int4": 4, "int8": 8}.get(fmt)

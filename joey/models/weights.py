@@ -133,7 +133,8 @@ def apply_weights(
     dev = model.lm_head.weight.device
     if dev.type != "cpu":
         if weights in ("int8", "int4"):
-            raise InvalidArgumentError(f"{weights} weights run on the CPU only (joey has no {dev.type} low-bit kernels yet)")
+            raise InvalidArgumentError(
+                f"{weights} weights run on the CPU only (joey has no {dev.type} low-bit kernels yet)")
         return model.weight_format
     if weights == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise InvalidArgumentError("bf16 weights need a CPU with AVX-512 BF16 or AMX; this one has neither")

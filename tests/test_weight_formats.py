@@ -1,0 +1,189 @@
+"""Weight formats: each kernel computes its weight's product, GGUF blocks decode to the reference
+values, low-bit models verify k tokens bitwise like decoding them one by one, and every drafter
+stays lossless on int8 and int4 targets (greedy and sampled)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import joey
+from joey.engine import Engine
+from joey.errors import InvalidArgumentError
+from joey.models.adapter import KangarooAdapter
+from joey.models.gguf_blocks import DECODERS, NATIVE_FILE, decode_tensor, load_native
+from joey.models.jakiro_head import JakiroHead
+from joey.models.weight_formats import QuantizedWeight, make_kernel, quantize_int4, quantize_int8
+from joey.models.weights import source_formats
+
+PROMPTS = ["Hello there, how are you today?", "Write a poem about cats and dogs.", "Hi"]
+
+
+def _x(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+def test_kernel_matches_its_weights_product(fmt):
+    w, bias, x = _x(96, 64, 1), _x(1, 96, 2)[0], _x(5, 64, 3)
+    kernel = make_kernel(fmt, w, bias)
+    if fmt == "fp32":
+        ref, tol = x @ w.T + bias, 1e-4
+    else:  # bf16 activations (and weights / scales): compare with what the kernel stands for
+        q = {"bf16": None, "int8": quantize_int8(w), "int4": quantize_int4(w)}[fmt]
+        wq = w if q is None else q.dequantize()
+        ref = x.bfloat16().float() @ wq.bfloat16().float().T + bias
+        tol = 1e-2 * ref.abs().max()  # bf16 outputs and scales: ~3 significant digits
+    assert kernel.format == fmt
+    assert (kernel(x) - ref).abs().max() < tol
+
+
+def test_quantizers_round_to_nearest_code():
+    w = _x(16, 64, 4)
+    q4, q8 = quantize_int4(w), quantize_int8(w)
+    assert int(q4.codes.max()) <= 15 and int(q8.codes.min()) >= -128
+    assert ((q4.dequantize() - w).abs() <= q4.scale.repeat_interleave(32, 1) / 2 + 1e-6).all()
+    assert ((q8.dequantize() - w).abs() <= q8.scale / 2 + 1e-6).all()
+    with pytest.raises(InvalidArgumentError, match="divisible by 32"):
+        quantize_int4(_x(4, 48))
+
+
+def test_int8_groups_run_exactly_as_two_int4_planes():
+    """A Q8_0-style weight (a scale per 32 columns) on the two-plane path equals its dequantized
+    product up to bf16 rounding of the activations, and the per-row path agrees with its own."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-128, 128, (64, 96), generator=g, dtype=torch.int8)
+    scale = torch.rand(64, 3, generator=g) * 0.01 + 0.001
+    q = QuantizedWeight(8, codes, scale, None, 32)
+    x = _x(3, 96, 6)
+    ref = x.bfloat16().float() @ q.dequantize().bfloat16().float().T
+    assert (make_kernel("int8", q)(x) - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+def _random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random bytes for ``type_name`` blocks, with finite fp16 scales where the format keeps them."""
+    per, nbytes, _, _ = DECODERS[type_name]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, cols // per, nbytes), dtype=np.uint8)
+    n_halves = 2 if type_name in ("Q4_1", "Q4_K") else 1
+    halves = (rng.standard_normal((rows, cols // per, n_halves)) * 0.02).astype(np.float16)
+    raw[..., : 2 * n_halves] = halves.view(np.uint8).reshape(rows, cols // per, 2 * n_halves)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", sorted(DECODERS))
+def test_gguf_blocks_decode_to_the_reference_values(type_name):
+    """joey's codes + scales dequantize to what the gguf package's reference (transformers' GGUF
+    loader) produces: exactly, or within fp32 rounding where Q4_0's d(q - 8) becomes d q - 8 d."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rows, cols = 6, 512
+    raw = _random_blocks(type_name, rows, cols, seed=7)
+    ref = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, cols).astype(np.float32))
+    q = decode_tensor(type_name, raw, rows, cols)
+    assert q.group == 32 and q.bits == DECODERS[type_name][3]
+    if type_name == "Q4_0":
+        torch.testing.assert_close(q.dequantize(), ref, rtol=1e-6, atol=1e-7)
+    else:
+        assert torch.equal(q.dequantize(), ref)
+
+
+def test_default_gguf_blocks_equal_the_float_conversion(default_source):
+    """Every linear weight of the embedded Q4_1 GGUF (its LM head is Q8_0) read natively equals
+    transformers' dequantization bit for bit, q/k row order included."""
+    from safetensors import safe_open
+
+    native = load_native(default_source.folder / NATIVE_FILE)
+    assert len(native) == 30 * 7 + 1
+    assert {q.bits for q in native.values()} == {4, 8} and native["lm_head.weight"].bits == 8
+    with safe_open(str(default_source.folder / "model.safetensors"), "pt") as f:
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
+                     "model.layers.29.mlp.down_proj.weight"):
+            assert torch.equal(native[name].dequantize(), f.get_tensor(name))
+        assert torch.equal(native["lm_head.weight"].dequantize(), f.get_tensor("model.embed_tokens.weight"))
+    assert source_formats(native, "float32") == ["native", "fp32"]
+    assert source_formats({}, "float32") == ["fp32"]
+
+
+def _low_bit_engine(folder, fmt: str) -> Engine:
+    """A tiny model in ``fmt`` with a random Kangaroo adapter (exit layer 1) and Jakiro head."""
+    eng = joey.load(str(folder), device="cpu", progress=False, adapter=False, head=False, weights=fmt,
+                    draft_model=str(folder))
+    model = eng.model
+    torch.manual_seed(0)
+    vocab = torch.arange(model.cfg.vocab_size)
+    adapter = KangarooAdapter(model.cfg, 1, vocab).eval()  # random: the target's float layers are freed
+    head = JakiroHead(model.cfg, vocab, experts=2).eval()
+    return Engine(model, eng.tokenizer, eng.source, draft_model=eng.draft_model, adapter=adapter, head=head)
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def low_bit(request, tiny_folder) -> Engine:
+    return _low_bit_engine(tiny_folder, request.param)
+
+
+def test_low_bit_verification_is_bitwise_equal_to_decoding(low_bit):
+    """k tokens verified in one forward give exactly the logits of decoding them one at a time:
+    the kernels are row-invariant and attention runs in float64 (LlamaModel.cache_dtype)."""
+    from joey.batching import causal_mask
+
+    model = low_bit.model
+    assert model.weight_format == low_bit.model.weight_format and model.cache_dtype == torch.float64
+    ids = torch.randint(100, 4000, (1, 30), generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        one = model.new_cache(1, 64)
+        model(ids[:, :20], torch.arange(20)[None], one, 0, 20)
+        steps = torch.cat([model(ids[:, i : i + 1], torch.tensor([[i]]), one, i, i + 1)[0] for i in range(20, 30)])
+        many = model.new_cache(1, 64)
+        model(ids[:, :20], torch.arange(20)[None], many, 0, 20)
+        at_once = model(ids[:, 20:30], torch.arange(20, 30)[None], many, 20, 30, causal_mask([20], 10, 30, "cpu"))[0]
+    assert torch.equal(steps, at_once)
+
+
+@pytest.mark.parametrize("method", ["pld", "sps", "kangaroo", "jakiro", "jakiro+pld"])
+def test_every_drafter_is_lossless_on_low_bit_targets(low_bit, method):
+    kw = dict(max_new_tokens=20, ignore_eos=True, max_draft=4)
+    ar = [g.token_ids for g in low_bit.generate(PROMPTS, method="ar", **kw)]
+    assert [g.token_ids for g in low_bit.generate(PROMPTS, method=method, **kw)] == ar  # ragged batch
+    assert low_bit.generate(PROMPTS[1], method=method, **kw).token_ids == ar[1]
+
+
+def test_low_bit_sampling_keeps_the_distribution(tiny_folder):
+    """Sampled PLD on an int4 target gives AR's first-drafted-token distribution."""
+    from conftest import first_token_histogram, total_variation
+
+    eng = joey.load(str(tiny_folder), device="cpu", progress=False, adapter=False, head=False, weights="int4")
+    prompt = "one two one two one two one two"
+    kw = dict(max_new_tokens=2, temperature=1.5, ignore_eos=True)
+    a = first_token_histogram(eng, prompt, "ar", 150, **kw)
+    b = first_token_histogram(eng, prompt, "pld", 150, **kw)
+    assert total_variation(a, b, 150) < 0.3, (a, b)
+
+
+def test_default_model_native_weights_are_lossless():
+    """The embedded GGUF on its own Q4_1/Q8_0 codes: drafters reproduce AR on those weights."""
+    eng = joey.load(None, device="cpu", progress=False, weights="int4")
+    assert eng.model.weight_format == "int4"
+    native = joey.load(None, device="cpu", progress=False, adapter=False, head=False, weights="fp32")
+    native.model.set_weights("native", load_native(native.source.folder / NATIVE_FILE))
+    assert native.model.weight_format == "int4+int8"
+    prompt = "List three uses of a paperclip."
+    ar = eng.generate(prompt, max_new_tokens=24, method="ar").token_ids
+    for method in ("pld", "kangaroo", "jakiro"):
+        assert eng.generate(prompt, max_new_tokens=24, method=method).token_ids == ar, method
+
+
+def test_bad_weight_formats_are_refused(tiny_folder):
+    with pytest.raises(InvalidArgumentError, match="unknown weight format 'int3'"):
+        joey.load(str(tiny_folder), device="cpu", progress=False, weights="int3")
+
+
+def test_cli_rejects_an_unknown_weight_format(capsys):
+    from joey.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["info", "--weights", "int2"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'int2'" in capsys.readouterr().err
