@@ -21,10 +21,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"joey: error: {message} (see {self.prog} --help)\n")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--model", "-m", default=None, help="HF folder, .gguf file, hub id, or 'default' (SmolLM2-135M)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on CUDA)")
+    if not weights:  # training distils from the float target
+        return
     p.add_argument("--weights", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
                    help="format of the linear layers on CPU (default auto: the fastest that keeps the source's "
                         "precision, e.g. a 4-bit GGUF on its own codes)")
@@ -285,7 +287,7 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--prompts", nargs="+", required=True, metavar="FILE",
                    help="prompt files (.json list or .jsonl; alpaca/gsm8k/gpteacher/self-instruct/plain 'prompt')")
     p.add_argument("--out", "-o", required=True, help="run folder: data shards, checkpoint, adapter.safetensors")
-    _model_args(p)
+    _model_args(p, weights=False)
     p.add_argument("--num-prompts", type=int, default=960, help="prompts to distill (default 960)")
     p.add_argument("--derived", type=int, default=240,
                    help="of which summarization / passage-QA / translation prompts derived from the files' answers")
@@ -339,7 +341,7 @@ def _train_drafter_parser(sub: Any) -> None:
     p.add_argument("--prompts", nargs="+", required=True, metavar="FILE",
                    help="prompt files (.json list or .jsonl; alpaca/gsm8k/gpteacher/self-instruct/plain 'prompt')")
     p.add_argument("--out", "-o", required=True, help="run folder: data shards, checkpoint, head.safetensors")
-    _model_args(p)
+    _model_args(p, weights=False)
     p.add_argument("--num-prompts", type=int, default=14000, help="prompts to distill (default 14000)")
     p.add_argument("--derived", type=int, default=3000,
                    help="of which summarization / passage-QA / translation prompts derived from the files' answers")

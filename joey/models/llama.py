@@ -120,6 +120,8 @@ def fuse(fmt: str, linears: list[Linear], sources: list[WeightSource] | None = N
     streams faster than several small ones. None when the sources cannot share one kernel (a GGUF
     may store q and k in 4 bits and v in 6); each linear then gets its own."""
     sources = sources or [lin.weight for lin in linears]
+    for lin in linears:
+        lin.kernel = None  # a fused kernel replaces theirs (and an earlier format's)
     biases = [lin.bias for lin in linears]
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # type: ignore[union-attr]
     if all(isinstance(w, torch.Tensor) for w in sources):

@@ -138,6 +138,11 @@ def apply_weights(
         return model.weight_format
     if weights == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise InvalidArgumentError("bf16 weights need a CPU with AVX-512 BF16 or AMX; this one has neither")
+    dtype = model.lm_head.weight.dtype
+    if weights == "auto" and dtype != torch.float32:  # the user chose a float dtype: keep it
+        if dtype != torch.bfloat16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return model.weight_format  # plain torch linears
+        weights = "bf16"
     if weights == "auto":
         weights = fastest_format(model, source_formats(native, source_dtype), native, cache_key, cache_root, progress)
     model.set_weights(weights, native, keep_float=weights == "fp32")

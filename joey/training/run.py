@@ -45,7 +45,10 @@ def train_from_prompts(
     jakiro = isinstance(train, HeadTrainSettings)
     out = Path(out)
     prompts = read_prompts(prompt_files, limit=num_prompts, derived=derived, seed=seed)  # fails before the load
-    engine = joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=progress)
+    # the float target: its features and distributions are what the drafter learns, and its float
+    # layers are where a Kangaroo adapter starts; the result works on low-bit targets unchanged
+    engine = joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=progress,
+                       weights="fp32")
     layers = engine.model.cfg.num_layers
     if jakiro:
         distill = replace(distill, exit_layers=(), features=True)
