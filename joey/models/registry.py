@@ -3,8 +3,10 @@
 Every source ends as a *local Hugging Face folder* (config.json + safetensors + tokenizer files).
 A GGUF file is dequantized once by transformers (~40 s for the default model on 2 CPU cores) and
 the float result is cached as safetensors under ``JOEY_CACHE`` (default ``~/.cache/joey``), keyed
-by the GGUF's SHA-256. Cache entries carry a manifest with the weights' SHA-256, written last and
-checked on every load, so a partial or corrupt entry is rebuilt instead of used.
+by the GGUF's SHA-256, together with the GGUF's quantized linear weights as stored
+(joey.models.gguf_blocks), which int4/int8 decoding runs on. Cache entries carry a manifest with
+the weights' SHA-256, written last and checked on every load, so a partial or corrupt entry is
+rebuilt instead of used.
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ def gguf_to_folder(gguf: Path, *, progress: bool = True) -> Path:
         print(f"joey: cache entry {folder} is incomplete or corrupt; rebuilding it", file=sys.stderr)
         shutil.rmtree(folder, ignore_errors=True)
     if progress:
-        print(f"joey: converting {gguf.name} to float weights (once; cached in {folder})", file=sys.stderr)
+        print(f"joey: converting {gguf.name} to float weights and reading its quantized blocks "
+              f"(once; cached in {folder})", file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{digest[:24]}.", dir=folder.parent))
     try:
