@@ -25,8 +25,9 @@ def _x(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
-def test_kernel_matches_its_weights_product(fmt):
-    w, bias, x = _x(96, 64, 1), _x(1, 96, 2)[0], _x(5, 64, 3)
+@pytest.mark.parametrize("out", [96, 100])  # the int4 packing takes whole blocks of 16 outputs
+def test_kernel_matches_its_weights_product(fmt, out):
+    w, bias, x = _x(out, 64, 1), _x(1, out, 2)[0], _x(5, 64, 3)
     kernel = make_kernel(fmt, w, bias)
     if fmt == "fp32":
         ref, tol = x @ w.T + bias, 1e-4
@@ -57,6 +58,7 @@ def test_int8_groups_run_exactly_as_two_int4_planes():
     scale = torch.rand(64, 3, generator=g) * 0.01 + 0.001
     q = QuantizedWeight(8, codes, scale, None, 32)
     x = _x(3, 96, 6)
+    assert make_kernel("int8", q).planes is not None  # a scale per 32 columns: the two-plane path
     ref = x.bfloat16().float() @ q.dequantize().bfloat16().float().T
     assert (make_kernel("int8", q)(x) - ref).abs().max() < 2e-2 * ref.abs().max()
 

@@ -130,14 +130,21 @@ class Int4Kernel:
     def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None) -> None:
         if q.bits != 4 or q.group != GROUP:
             raise ValueError("Int4Kernel takes int4 codes in groups of 32")
-        zero = q.offset + 8 * q.scale  # type: ignore[operator]
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32).contiguous(), 1)
-        self.scales_zeros = torch.stack([q.scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.out = q.shape[0]
+        codes, scale, zero = q.codes, q.scale, q.offset + 8 * q.scale  # type: ignore[operator]
+        pad = -self.out % 16  # the packing wants whole blocks of 16 output rows: pad with zero rows
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
+            scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale, zero))
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.bias = bias
-        self.nbytes = q.codes.numel() // 2 + self.scales_zeros.numel() * 2
+        self.nbytes = codes.numel() // 2 + self.scales_zeros.numel() * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
+        if y.shape[1] != self.out:
+            y = y[:, : self.out]
         return _add_bias(y.to(x.dtype), self.bias)
 
 

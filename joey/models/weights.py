@@ -145,7 +145,10 @@ def apply_weights(
         weights = "bf16"
     if weights == "auto":
         weights = fastest_format(model, source_formats(native, source_dtype), native, cache_key, cache_root, progress)
-    model.set_weights(weights, native, keep_float=weights == "fp32")
+    try:
+        model.set_weights(weights, native, keep_float=weights == "fp32")
+    except RuntimeError as exc:  # a kernel this CPU or torch build lacks, or a shape it refuses
+        raise InvalidArgumentError(f"{weights} weights cannot run this model here ({str(exc).splitlines()[0][:160]})")
     return model.weight_format
 
 
