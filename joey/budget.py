@@ -167,3 +167,45 @@ def best_depth(
         if rate > best_rate:
             best, best_rate = d, rate
     return best
+
+
+def batch_depths(
+    curve: CostCurve,
+    caps: Sequence[int],
+    forced: Sequence[bool],
+    drafted: Sequence[Sequence[int]],
+    accepted: Sequence[Sequence[int]],
+    nodes_at: Sequence[int],
+    draft_ms: Sequence[float | None],
+) -> list[int]:
+    """Draft depths for the rows of one packed step (EMS-SD), each at most its ``cap`` (what
+    ``best_depth`` chose for it alone); ``forced`` rows (probing, or not measured yet) keep theirs.
+
+    A packed step is one target forward over every row's tokens, so a row's draft costs what its
+    tokens add to the *whole* step (the curve at the batch's total), not what they would cost alone;
+    at batch 8 on a 2-core CPU that can be several times more. Starting from no drafts, the row and
+    depth that raise the step's expected committed tokens per millisecond most are taken, one at a
+    time, while any does; so a batch drafts less or not at all where verification stops being
+    cheap (vLLM and SGLang turn speculation down under load for the same reason).
+    """
+    rows = len(caps)
+    depths = [cap if force else 0 for cap, force in zip(caps, forced)]
+
+    def rate(ds: list[int]) -> float:
+        tokens = sum(expected_tokens(dr, ac, d) for dr, ac, d in zip(drafted, accepted, ds))
+        ms = curve.cost(rows + sum(nodes_at[d] for d in ds))
+        ms += sum(d * (m or 0.0) for d, m in zip(ds, draft_ms))  # rows draft one after another
+        return tokens / ms
+
+    best_rate = rate(depths)
+    while True:
+        choice = None
+        for i in range(rows):
+            for d in range(depths[i] + 1, caps[i] + 1):
+                trial = depths[:i] + [d] + depths[i + 1 :]
+                r = rate(trial)
+                if r > best_rate:
+                    best_rate, choice = r, (i, d)
+        if choice is None:
+            return depths
+        depths[choice[0]] = choice[1]

@@ -15,7 +15,7 @@ from typing import Any, Union
 import torch
 
 from joey.batching import depths_of, grid_positions, grid_slots, pack, path_moves, step_mask
-from joey.budget import PROBE_EVERY, CostCurve, best_depth, cached_curve
+from joey.budget import PROBE_EVERY, CostCurve, batch_depths, best_depth, cached_curve
 from joey.config import (
     DEFAULT_MAX_DRAFT,
     DEFAULT_THRESHOLD,
@@ -422,7 +422,12 @@ class Engine:
             t0 = time.perf_counter()
             # the bonus token always comes on top of the draft, so a row drafts at most its room - 1
             rooms = [budget - len(row.new_ids) - 1 for row in active]
-            depths = [min(room, self._depth(row, room, spec, shape, curve)) for row, room in zip(active, rooms)]
+            alone = [self._depth(row, room, spec, shape, curve) for row, room in zip(active, rooms)]
+            depths = [min(room, d) for room, (d, _) in zip(rooms, alone)]
+            if len(active) > 1 and curve is not None and spec.adaptive:  # what each row's draft adds to the packed step
+                nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
+                depths = batch_depths(curve, depths, [f for _, f in alone], [r.drafted for r in active],
+                                      [r.accepted for r in active], nodes_at, [r.draft_ms for r in active])
             # No row drafts: a plain decoding step, and drafters catch up on the skipped tokens later.
             # Not for a self-speculative drafter: the target's own cache lacks the layers it runs.
             skip = not any(depths) and not any(getattr(row.drafter, "self_speculative", False) for row in active)
@@ -456,25 +461,27 @@ class Engine:
                 cache.keep_rows(still)
                 active = [active[i] for i in still]
 
-    def _depth(self, row: _Row, room: int, spec: SpecConfig, shape: TreeShape, curve: CostCurve | None) -> int:
-        """How deep this row drafts this step: the most the budget expects to pay (joey.budget), the
-        full depth before anything is measured and, after a fallback to no draft, once more after
-        ``PROBE_EVERY`` steps (then 2x, 4x, 8x as long while drafting keeps not paying) to measure
-        acceptance again."""
+    def _depth(
+        self, row: _Row, room: int, spec: SpecConfig, shape: TreeShape, curve: CostCurve | None
+    ) -> tuple[int, bool]:
+        """How deep this row would draft this step alone, and whether that depth is forced: the most
+        the budget expects to pay (joey.budget), the full depth before anything is measured and,
+        after a fallback to no draft, once more after ``PROBE_EVERY`` steps (then 2x, 4x, 8x as long
+        while drafting keeps not paying) to measure acceptance again (both forced)."""
         if row.drafter is None or room <= 0:
-            return 0
+            return 0, False
         if curve is None or row.draft_ms is None:
-            return spec.max_draft
+            return spec.max_draft, True
         if row.idle >= row.probe_every:  # probes that keep failing come less and less often
             row.idle = 0
             row.probe_every = min(8 * PROBE_EVERY, 2 * row.probe_every)
-            return spec.max_draft
+            return spec.max_draft, True
         nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
         depth = best_depth(curve, row.drafted, row.accepted, spec.max_draft, nodes_at, row.draft_ms)
         row.idle = row.idle + 1 if depth == 0 else 0
         if depth:
             row.probe_every = PROBE_EVERY
-        return depth
+        return depth, False
 
     def _propose(self, row: _Row, depth: int, shape: TreeShape) -> Proposal:
         if row.drafter is None:

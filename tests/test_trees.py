@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from joey.batching import depths_of, grid_positions, pack, path_moves, step_mask
-from joey.budget import CostCurve, best_depth, cached_curve, expected_tokens
+from joey.budget import CostCurve, batch_depths, best_depth, cached_curve, expected_tokens
 from joey.drafters import PromptLookupDrafter
 
 TREE = (-1, -1, 0, 0, 1, 2, 4)  # parents: two root children, branching below both, depth 4
@@ -172,6 +172,27 @@ def test_best_depth_drafts_when_it_pays_and_falls_back_when_it_cannot():
     assert best_depth(CURVE, [50] * 6, [0] * 6, 6, nodes_at, 5.0) == 0
     # the prior alone (no data) gives 1.5 tokens at depth 1
     assert expected_tokens([], [], 1) == pytest.approx(1.5)
+
+
+def test_batch_depths_price_a_draft_at_the_whole_packed_step():
+    """In a batch a row's draft costs what its tokens add to the packed step: cheap verification
+    keeps every row's own depth, a steep curve (a low-bit CPU target) drafts only rows that pay."""
+    nodes_at = list(range(7))
+    good, poor = ([50] * 6, [45] * 6), ([50] * 6, [5] * 6)
+    flat = CostCurve((1, 64), (10.0, 10.5), "cpu", "fp32", 2)
+    steep = CostCurve((1, 2, 4, 8, 16, 32), (10.0, 11.4, 13.8, 21.0, 35.0, 60.0), "cpu", "int4", 2)
+    rows = [good, poor, good, poor]
+    args = ([r[0] for r in rows], [r[1] for r in rows], nodes_at, [0.2] * 4)
+    free = args[:3] + ([0.0] * 4,)  # drafting costs nothing and verifying hardly anything: all draft
+    assert batch_depths(flat, [4, 4, 4, 4], [False] * 4, *free) == [4, 4, 4, 4]
+    # with a draft cost, rows that rarely accept would slow the whole step more than they add
+    assert batch_depths(flat, [4, 4, 4, 4], [False] * 4, *args) == [4, 0, 4, 0]
+    on_steep = batch_depths(steep, [4, 4, 4, 4], [False] * 4, *args)
+    assert on_steep[1] == on_steep[3] == 0 and on_steep[0] > 0  # only rows that accept draft
+    # a probing row keeps its full depth whatever the others do
+    assert batch_depths(steep, [4, 4, 4, 4], [False, True, False, False], *args)[1] == 4
+    # never deeper than a row would draft alone
+    assert batch_depths(flat, [2, 0, 1, 3], [False] * 4, *free) == [2, 0, 1, 3]
 
 
 def test_cost_curve_is_cached_and_a_corrupt_cache_is_remeasured(tiny_engine, tmp_path):
