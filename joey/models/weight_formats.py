@@ -7,7 +7,8 @@ as they are, and so that nothing is rounded twice.
 
 Why these kernels (measured on 2 cores; benchmarks/weight_formats.py):
 - fp32: oneDNN with a pre-packed weight (``pack_weight``), flat in the number of rows.
-- bf16: the same with a bf16 weight; on AMX CPUs it stays flat to 64 rows at half the bytes.
+- bf16: the same with a bf16 weight; on AMX CPUs it stays flat to 64 rows at half the bytes. Calls
+  are split into blocks of 16 rows, the most for which a row's result never depends on the call.
 - int4: ``_weight_int4pack_mm_for_cpu`` (bf16 activations; its fp32 path is ~20x slower), the
   fewest bytes per token but a cost that grows with the rows, so verifying many tokens costs more.
 - int8: ``_weight_int8pack_mm`` when the weight has one scale per output row; a GGUF Q8_0 weight
@@ -27,6 +28,7 @@ from joey.errors import InvalidArgumentError
 
 FORMATS = ("fp32", "bf16", "int8", "int4")
 GROUP = 32  # columns per int4 scale group: what Q4_0/Q4_1/Q4_K/Q8_0 blocks use
+BF16_ROWS = 16  # bf16 GEMM calls take at most this many rows (FloatKernel)
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,18 @@ class FloatKernel:
         self.nbytes = weight.numel() * torch.finfo(dtype).bits // 8
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias, "none", [], "")
+        xs = x.to(self.dtype)
+        if self.dtype == torch.bfloat16 and xs.shape[0] > BF16_ROWS:
+            # oneDNN's bf16 GEMM computes a row differently once a call has more rows (~64 and
+            # up), and bf16 outputs make that visible; in blocks of at most BF16_ROWS every row
+            # comes out as it would alone, so big batches and prefills stay lossless
+            y = torch.cat([self._mm(part) for part in xs.split(BF16_ROWS)])
+        else:
+            y = self._mm(xs)
         return y.to(x.dtype)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 class Int4Kernel:
