@@ -17,9 +17,10 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -28,6 +29,7 @@ from joey.models.llama import LlamaModel
 
 MEASURED_TOKENS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXT = 128  # cached tokens before the measured forward: a typical mid-generation state
+T = TypeVar("T")
 SLACK = 0.3  # a tree may cost up to 30 % more to verify than one token ("nearly free")
 PROBE_EVERY = 16  # steps without drafting before drafting is tried again
 
@@ -106,6 +108,28 @@ def measure(model: LlamaModel, tokens: Sequence[int] = MEASURED_TOKENS, repeats:
     return CostCurve(tuple(tokens), tuple(ms), str(dev), model.weight_format, torch.get_num_threads())
 
 
+def measured_once(cache_root: Path, kind: str, key: str, measure: Callable[[], dict], read: Callable[[dict], T]) -> T:
+    """``read`` of the record stored for ``key`` in ``cache_root/kind``; a missing, corrupt or
+    foreign file (``read`` raising on it included) is measured again with ``measure`` and rewritten.
+    For measurements of the machine that are worth doing once (cost curves, weight formats)."""
+    path = cache_root / kind / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") == key:
+            return read(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    data = {"key": key, **measure()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+    return read(data)
+
+
 def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCurve:
     """The cost curve of this model on this device/dtype/thread count, measured once and then read
     from ``cache_root/budget``. A corrupt or foreign cache file is measured again."""
@@ -113,23 +137,12 @@ def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCur
     hw = cpu_name() if w.device.type == "cpu" else torch.cuda.get_device_name(w.device)
     kernels = model.weight_format if model.lm_head.kernel is not None else "plain"
     key = json.dumps([model_key, str(w.device), str(w.dtype), kernels, torch.get_num_threads(), hw, MEASURED_TOKENS])
-    path = cache_root / "budget" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
-    try:
-        data = json.loads(path.read_text())
-        if data.get("key") == key:
-            d = data["curve"]
-            return CostCurve(tuple(d["tokens"]), tuple(d["ms"]), d["device"], d["dtype"], d["threads"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    curve = measure(model)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "hardware": hw, "curve": asdict(curve)}))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache only costs a re-measurement next time
-    return curve
+
+    def read(data: dict) -> CostCurve:
+        d = data["curve"]
+        return CostCurve(tuple(d["tokens"]), tuple(d["ms"]), d["device"], d["dtype"], d["threads"])
+
+    return measured_once(cache_root, "budget", key, lambda: {"hardware": hw, "curve": asdict(measure(model))}, read)
 
 
 def expected_tokens(drafted: Sequence[int], accepted: Sequence[int], depth: int) -> float:

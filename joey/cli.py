@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 from joey.config import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD, MAX_DRAFT_LIMIT, SamplingParams, SpecConfig
 from joey.engine import METHODS
 from joey.errors import InvalidArgumentError, JoeyError, PromptError
+from joey.models.weights import WEIGHT_CHOICES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,7 +28,7 @@ def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on CUDA)")
     if not weights:  # training distils from the float target
         return
-    p.add_argument("--weights", default="auto", choices=["auto", "fp32", "bf16", "int8", "int4"],
+    p.add_argument("--weights", default="auto", choices=list(WEIGHT_CHOICES),
                    help="format of the linear layers on CPU (default auto: the fastest that keeps the source's "
                         "precision, e.g. a 4-bit GGUF on its own codes)")
 

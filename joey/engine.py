@@ -270,12 +270,10 @@ class Engine:
     def cost_curve(self) -> CostCurve:
         """What verifying k tokens costs on this machine (measured once, then cached; joey.budget)."""
         if self._curve is None:
-            from joey.models.draft_files import model_fingerprint
+            from joey.models.draft_files import model_cache_key
             from joey.models.registry import cache_dir
 
-            cfg = self.model.cfg
-            key = f"{cfg.architecture}-{cfg.num_layers}x{cfg.hidden_size}:{model_fingerprint(self.model)}"
-            self._curve = cached_curve(self.model, key, cache_dir())
+            self._curve = cached_curve(self.model, model_cache_key(self.model), cache_dir())
         return self._curve
 
     def tree_shape(self, method: str, spec: SpecConfig) -> TreeShape:
@@ -424,7 +422,7 @@ class Engine:
             rooms = [budget - len(row.new_ids) - 1 for row in active]
             alone = [self._depth(row, room, spec, shape, curve) for row, room in zip(active, rooms)]
             depths = [min(room, d) for room, (d, _) in zip(rooms, alone)]
-            if len(active) > 1 and curve is not None and spec.adaptive:  # what each row's draft adds to the packed step
+            if len(active) > 1 and curve is not None:  # price each row's draft at what it adds to the packed step
                 nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
                 depths = batch_depths(curve, depths, [f for _, f in alone], [r.drafted for r in active],
                                       [r.accepted for r in active], nodes_at, [r.draft_ms for r in active])

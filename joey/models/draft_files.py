@@ -24,6 +24,12 @@ def model_fingerprint(model: LlamaModel) -> str:
     return hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
 
+def model_cache_key(model: LlamaModel) -> str:
+    """Names a model in joey's measurement caches: its shape and ``model_fingerprint``."""
+    cfg = model.cfg
+    return f"{cfg.architecture}-{cfg.num_layers}x{cfg.hidden_size}:{model_fingerprint(model)}"
+
+
 def save_draft_file(
     state: dict[str, torch.Tensor], vocab: torch.Tensor, model: LlamaModel, path: str | Path, meta: dict
 ) -> None:

@@ -3,9 +3,7 @@ format its linear layers run in (joey.models.weight_formats)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -93,15 +91,14 @@ WEIGHT_CHOICES = ("auto", *FORMATS)
 def set_format(model: LlamaModel, folder: Path, weights: str, progress: bool = True) -> str:
     """``apply_weights`` for a model loaded from ``folder``: its GGUF blocks (if it is a converted
     GGUF), its config's dtype, and a cache key naming the model."""
-    from joey.models.draft_files import model_fingerprint
+    from joey.models.draft_files import model_cache_key
     from joey.models.gguf_blocks import NATIVE_FILE, load_native
     from joey.models.registry import cache_dir
 
     _, hf = read_config(folder)
     native = load_native(folder / NATIVE_FILE) if weights in ("auto", "int8", "int4") else {}
-    cfg = model.cfg
-    key = f"{cfg.architecture}-{cfg.num_layers}x{cfg.hidden_size}:{model_fingerprint(model)}"
-    return apply_weights(model, weights, native, hf.get("torch_dtype") or hf.get("dtype"), key, cache_dir(), progress)
+    return apply_weights(model, weights, native, hf.get("torch_dtype") or hf.get("dtype"), model_cache_key(model),
+                         cache_dir(), progress)
 
 
 def source_formats(native: dict[str, QuantizedWeight], source_dtype: str | None) -> list[str]:
@@ -161,33 +158,27 @@ def fastest_format(
     progress: bool,
 ) -> str:
     """The candidate with the fastest one-token decoding step here (a kernel that fails is skipped)."""
-    from joey.budget import cpu_name, measure
+    from joey.budget import cpu_name, measure, measured_once
 
     if len(candidates) == 1:
         return candidates[0]
     key = json.dumps([cache_key, candidates, cpu_name(), torch.get_num_threads(), torch.__version__])
-    path = cache_root / "weights" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
-    try:
-        data = json.loads(path.read_text())
-        if data.get("key") == key and data.get("best") in candidates:
-            return data["best"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    if progress:
-        print(f"joey: timing weight formats {', '.join(candidates)} on this CPU (once)", file=sys.stderr)
-    timed: dict[str, float] = {}
-    for fmt in candidates:
-        try:
-            model.set_weights(fmt, native, keep_float=True)
-            timed[fmt] = measure(model, tokens=(1,), repeats=5).ms[0]
-        except RuntimeError:  # a kernel this CPU or build lacks
-            continue
-    best = min(timed, key=timed.__getitem__) if timed else "fp32"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "ms": timed, "best": best}))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache only costs a re-measurement next time
-    return best
+
+    def time_each() -> dict:
+        if progress:
+            print(f"joey: timing weight formats {', '.join(candidates)} on this CPU (once)", file=sys.stderr)
+        timed: dict[str, float] = {}
+        for fmt in candidates:
+            try:
+                model.set_weights(fmt, native, keep_float=True)
+                timed[fmt] = measure(model, tokens=(1,), repeats=5).ms[0]
+            except RuntimeError:  # a kernel this CPU or build lacks
+                continue
+        return {"ms": timed, "best": min(timed, key=timed.__getitem__) if timed else "fp32"}
+
+    def read(data: dict) -> str:
+        if data["best"] not in candidates:
+            raise KeyError(data["best"])
+        return data["best"]
+
+    return measured_once(cache_root, "weights", key, time_each, read)
