@@ -156,3 +156,55 @@ def path_moves(lengths: list[int], paths: Sequence[Sequence[int]]) -> tuple[list
                 src.append(start + 1 + node)
                 dst.append(start + 1 + m)
     return rows, src, dst
+
+
+class Lockstep:
+    """The vanilla padded batch that EMS-SD measures itself against (arXiv 2405.07542, §3.2): every
+    row feeds the same number of tokens per step (shorter drafts padded), and all rows share one
+    cache length that advances by the step's largest commit, so the slots a row did not fill (the
+    padding of a shorter prompt, of a shorter draft, or tokens it rejected) stay in its cache as
+    holes that every later query must mask out. joey's default (packed) batches have neither cost;
+    this exists to be measured against (``batch_mode="padded"``).
+
+    ``width`` is the shared cache length; ``real[b]`` the number of real tokens of row b (its next
+    RoPE position); ``valid`` [B, capacity] marks the slots that hold real tokens.
+    """
+
+    def __init__(self, lengths: list[int], capacity: int, device: torch.device | str) -> None:
+        self.width = max(lengths)
+        self.real = list(lengths)
+        self.valid = (torch.arange(capacity)[None] < torch.tensor(lengths)[:, None]).to(device)
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` slots per row (the cache grows with it: holes take slots too)."""
+        extra = capacity - self.valid.shape[1]
+        if extra > 0:
+            self.valid = torch.cat([self.valid, self.valid.new_zeros(len(self.real), extra)], 1)
+
+    def step(
+        self, counts: list[int], parents: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE positions [B, t] and mask [B, 1, t, width + t] of a step where row b feeds
+        ``counts[b]`` real tokens (``parents[b]``: its draft tree) padded to ``t = max(counts)``.
+        A padding cell's output is never read; it sees at least itself, since no query may see nothing."""
+        b, t = len(counts), max(counts)
+        device = self.valid.device
+        depth = torch.tensor([depths_of(p) + list(range(len(p) + 1, t)) for p in parents])
+        positions = (torch.tensor(self.real)[:, None] + depth).to(device)
+        new = step_mask([0] * b, t, t, parents, device) | torch.eye(t, dtype=torch.bool, device=device)
+        cached = self.valid[:, None, None, : self.width].expand(b, 1, t, self.width)
+        return positions, torch.cat([cached, new], -1)
+
+    def commit(self, counts: list[int]) -> int:
+        """Rows keep their first ``counts[b]`` step tokens; all advance by the largest count, which
+        is returned (what the cache's shared length grows by)."""
+        advance = max(counts)
+        for b, n in enumerate(counts):
+            self.valid[b, self.width : self.width + n] = True
+            self.real[b] += n
+        self.width += advance
+        return advance
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.valid = self.valid[rows]
+        self.real = [self.real[r] for r in rows]

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from typing import Any, NoReturn
 
 from joey.config import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD, MAX_DRAFT_LIMIT, SamplingParams, SpecConfig
-from joey.engine import METHODS
+from joey.engine import BATCH_MODES, METHODS
 from joey.errors import InvalidArgumentError, JoeyError, PromptError
 from joey.models.weights import WEIGHT_CHOICES
 
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="system message for the chat template")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    gen.add_argument("--batch-mode", default="packed", choices=list(BATCH_MODES),
+                     help="several prompts: packed = ragged rows without padding (EMS-SD, default); padded = the "
+                          "lock-step baseline, for comparison (same tokens)")
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat (streaming)")
     _model_args(chat)
@@ -135,7 +138,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     batch = prompts if len(prompts) > 1 else prompts[0]
     stream_text = not args.json and len(prompts) == 1
     results = {}
-    for event in engine.stream(batch, params, method=args.method, chat=not args.raw, **_spec_kwargs(args)):
+    for event in engine.stream(batch, params, method=args.method, chat=not args.raw, batch_mode=args.batch_mode,
+                               **_spec_kwargs(args)):
         if stream_text and event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -253,6 +257,11 @@ def _bench_parser(sub: Any) -> None:
     _model_args(bench)
     bench.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for method sps)")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp")
+    bench.add_argument("--batch-size", type=int, nargs="+", default=[], metavar="B",
+                       help="answer first turns in batches of B (several: a sweep, e.g. 1 2 4 8 16) and plot the "
+                            "speedup over batched AR against batch size")
+    bench.add_argument("--batch-modes", default="packed,padded",
+                       help="with --batch-size: comma-separated batch modes to compare (packed, padded)")
     bench.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -273,7 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threshold=args.threshold, tree_nodes=args.tree_nodes, tree_topk=args.tree_topk, adaptive=args.adaptive,
         adapter=args.adapter, head=args.head,
         model=args.model, draft_model=args.draft_model, device=args.device, dtype=args.dtype, weights=args.weights,
-        threads=args.threads,
+        threads=args.threads, batch_sizes=tuple(args.batch_size), batch_modes=split([args.batch_modes]),
         fresh=args.fresh, progress=not args.no_progress,
     ))
     return 0

@@ -14,7 +14,7 @@ from typing import Any, Union
 
 import torch
 
-from joey.batching import depths_of, grid_positions, grid_slots, pack, path_moves, step_mask
+from joey.batching import Lockstep, depths_of, grid_positions, grid_slots, pack, path_moves, step_mask
 from joey.budget import PROBE_EVERY, CostCurve, batch_depths, best_depth, cached_curve
 from joey.config import (
     DEFAULT_MAX_DRAFT,
@@ -52,6 +52,7 @@ METHODS = ("ar", "pld", "sps", "kangaroo", "kangaroo+pld", "jakiro", "jakiro+pld
 KANGAROO_TOPK = 3  # children per expanded node of Kangaroo's tree (benchmarks/tree_sweep.py)
 JAKIRO_TOPK = 2  # children per expanded node of Jakiro's tree (benchmarks/tree_sweep.py)
 PLD_BRANCHES = 3  # distinct continuations prompt lookup may offer at once, when asked for a tree
+BATCH_MODES = ("packed", "padded")  # packed: EMS-SD, no padding; padded: the vanilla baseline (Lockstep)
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ class Engine:
         tree_nodes: int | None = None,
         tree_topk: int = 0,
         adaptive: bool = True,
+        batch_mode: str = "packed",
         **overrides: Any,
     ) -> Iterator[StreamEvent]:
         """Generate for one prompt or a batch, yielding text deltas as tokens are committed.
@@ -226,13 +228,17 @@ class Engine:
         draft confidence below which drafting of a step stops; ``tree_nodes`` (0 = chain, None =
         chosen from the measured verification cost) and ``tree_topk`` shape a draft tree (see
         ``SpecConfig``); ``adaptive`` lets each step draft less, or nothing, when the row's acceptance
-        so far cannot pay for drafting (``joey.budget``). ``overrides`` are SamplingParams fields
+        so far cannot pay for drafting (``joey.budget``). ``batch_mode``: ``"packed"`` (rows keep their
+        own lengths, no padding anywhere) or ``"padded"``, the vanilla baseline EMS-SD measures
+        against (``joey.batching.Lockstep``); both give the same tokens. ``overrides`` are SamplingParams fields
         (``max_new_tokens=64, temperature=0.7, ...``).
         """
         method = method or self.default_method
         params = replace(params or SamplingParams(), **overrides) if overrides else (params or SamplingParams())
         if method not in METHODS:
             raise InvalidArgumentError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        if batch_mode not in BATCH_MODES:
+            raise InvalidArgumentError(f"unknown batch mode '{batch_mode}'; choose from {', '.join(BATCH_MODES)}")
         spec = SpecConfig(max_draft, threshold, tree_nodes, tree_topk, adaptive)
         shape = self.tree_shape(method, spec) if method != "ar" else TreeShape(0, 1)
         drafter_factory = self._drafter_factory(method, params, spec, shape)
@@ -250,7 +256,8 @@ class Engine:
         start = time.perf_counter()
         rows = [_Row(i, ids, IncrementalText(self.tokenizer, params.stop), start) for i, ids in enumerate(encoded)]
         with torch.inference_mode():
-            yield from self._decode(rows, params, generator, drafter_factory, spec, shape, curve, method)
+            yield from self._decode(rows, params, generator, drafter_factory, spec, shape, curve, method,
+                                    batch_mode == "padded")
 
     def generate(
         self,
@@ -394,10 +401,11 @@ class Engine:
         shape: TreeShape,
         curve: CostCurve | None,
         method: str,
+        padded: bool = False,
     ) -> Iterator[StreamEvent]:
         """Prefill, then repeat: draft → one target pass over [pending token + draft] → verify →
         commit ``accepted + 1`` tokens per row. Without a drafter this is plain autoregressive
-        decoding (one token per row per step)."""
+        decoding (one token per row per step). ``padded``: the lock-step baseline (Lockstep)."""
         budget = self._budget(rows, params)
         # room past the last committed slot for a step's draft: a tree's nodes, and in a drafter's
         # own caches also the expanded nodes that did not make it into the tree, and a lookup branch
@@ -407,6 +415,10 @@ class Engine:
             if drafter_factory is not None:
                 row.drafter = drafter_factory(len(row.prompt_ids) + budget + extra, generator)
         logits = self._prefill(cache, rows)
+        lockstep = None
+        if padded:  # every row's cache now ends where the longest prompt does
+            lockstep = Lockstep(cache.lengths, cache.max_len, self.device)
+            cache.advance([lockstep.width - n for n in cache.lengths])
         first = next_tokens(logits, params, generator).tolist()
         active: list[_Row] = []
         for row, tok in zip(rows, first):
@@ -415,7 +427,10 @@ class Engine:
             if row.finish_reason is None:
                 row.pending = tok
                 active.append(row)
-        cache.keep_rows([i for i, r in enumerate(rows) if r.finish_reason is None])
+        alive = [i for i, r in enumerate(rows) if r.finish_reason is None]
+        cache.keep_rows(alive)
+        if lockstep is not None:
+            lockstep.keep_rows(alive)
         while active:
             t0 = time.perf_counter()
             # the bonus token always comes on top of the draft, so a row drafts at most its room - 1
@@ -431,7 +446,7 @@ class Engine:
             skip = not any(depths) and not any(getattr(row.drafter, "self_speculative", False) for row in active)
             proposals = [Proposal.chain([]) if skip else self._propose(row, d, shape) for row, d in zip(active, depths)]
             t1 = time.perf_counter()
-            features = self._verify_pass(cache, active, proposals)  # per row: [1 + draft, hidden]
+            features = self._verify_pass(cache, active, proposals, lockstep)  # per row: [1 + draft, hidden]
             # one LM-head GEMM for the whole step (the head is the largest weight of a small model)
             logits = self.model.head(torch.cat(features)).split([len(f) for f in features])
             still: list[int] = []
@@ -454,9 +469,14 @@ class Engine:
                 row.draft_time += t1 - t0
                 row.verify_time += t2 - t1
             cache.move(*path_moves(cache.lengths, paths))  # a tree's accepted path → contiguous slots
-            cache.advance(counts)
+            if lockstep is not None:
+                cache.advance([lockstep.commit(counts)] * len(counts))
+            else:
+                cache.advance(counts)
             if len(still) < len(active):
                 cache.keep_rows(still)
+                if lockstep is not None:
+                    lockstep.keep_rows(still)
                 active = [active[i] for i in still]
 
     def _depth(
@@ -493,13 +513,16 @@ class Engine:
             row.draft_ms = ms if row.draft_ms is None else 0.8 * row.draft_ms + 0.2 * ms
         return prop
 
-    def _verify_pass(self, cache: KVCache, rows: list[_Row], proposals: list[Proposal]) -> list[torch.Tensor]:
+    def _verify_pass(
+        self, cache: KVCache, rows: list[_Row], proposals: list[Proposal], lockstep: Lockstep | None = None
+    ) -> list[torch.Tensor]:
         """One target forward over each row's pending token followed by its draft; returns each
         row's final-norm features [1 + len(draft), hidden] (``model.head`` makes the logits; feature
         drafters read them).
 
         When rows feed different numbers of tokens they are packed (joey.batching): the dense
-        layers run on exactly the real tokens, with no padding.
+        layers run on exactly the real tokens, with no padding. With a ``lockstep`` (the padded
+        baseline) they are padded to the longest instead, and attention skips the cache's holes.
         """
         lengths = cache.lengths
         counts = [1 + len(p) for p in proposals]
@@ -509,6 +532,8 @@ class Engine:
         # Self-speculative drafts (Kangaroo) come with their layer-l states: the target runs only
         # layers [l, L) on them. Every row of a batch uses the same drafter, so all or none do.
         layer = proposals[0].start_layer if proposals[0].hidden is not None else 0
+        if lockstep is not None:
+            return self._padded_pass(cache, rows, proposals, lockstep, layer)
         if any(c != t for c in counts):
             packing = pack(lengths, counts, self.device, parents)
             if layer:
@@ -531,6 +556,27 @@ class Engine:
             tokens = [[row.pending, *prop.tokens] for row, prop in zip(rows, proposals)]
             hidden = self.model.embed(torch.tensor(tokens, device=self.device))
         return list(self.model.forward_from(hidden, positions, cache, slots, kv_len, mask, layer, head=False))
+
+    def _padded_pass(
+        self, cache: KVCache, rows: list[_Row], proposals: list[Proposal], lockstep: Lockstep, layer: int
+    ) -> list[torch.Tensor]:
+        """``_verify_pass`` of the padded baseline: every row's tokens padded to the longest (the
+        padding repeats the pending token, or zero states for a self-speculative draft), written
+        from the shared cache length; returns only the real tokens' features."""
+        counts = [1 + len(p) for p in proposals]
+        t, width = max(counts), lockstep.width
+        if width + t > cache.max_len:  # holes use slots: grow by half again, not per step
+            cache.grow(width + t + cache.max_len // 2)
+            lockstep.grow(cache.max_len)
+        positions, mask = lockstep.step(counts, [p.parents for p in proposals])
+        if layer:
+            hidden = torch.stack([torch.cat([p.hidden, p.hidden.new_zeros(t - len(p.hidden), p.hidden.shape[1])])
+                                  for p in proposals])
+        else:
+            tokens = [[row.pending, *p.tokens] + [row.pending] * (t - 1 - len(p)) for row, p in zip(rows, proposals)]
+            hidden = self.model.embed(torch.tensor(tokens, device=self.device))
+        features = self.model.forward_from(hidden, positions, cache, width, width + t, mask, layer, head=False)
+        return [f[:n] for f, n in zip(features, counts)]
 
     def _judge(
         self, logits: torch.Tensor, prop: Proposal, params: SamplingParams, generator: torch.Generator | None

@@ -179,6 +179,10 @@ def qfile(tmp_path) -> Path:
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--limit", "0"], "--limit"),
     (["--threads", "0"], "--threads"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "2", "--batch-modes", "ragged"], "unknown batch mode ragged"),
+    (["--batch-size", "2", "--methods", "ar,hf"], "joey's own methods only"),
+    (["--batch-size", "4"], "needs at least that many questions"),
 ])
 def test_cli_errors_before_any_work(qfile, tmp_path, capsys, extra, needle):
     out = tmp_path / "out"
@@ -290,3 +294,27 @@ def test_quick_mode_from_the_cli(qfile, tmp_path):
     assert (out / "report.md").read_text().startswith("# joey bench")
     for name in saved["files"]["plots"]:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_batched_bench_outputs_identical_rows_and_resume(default_engine, qfile, tmp_path):
+    """--batch-size 1 2: every (method, mode, size) has a row in the table, every row's tokens equal
+    packed AR's, the plot is written, and a second run resumes everything from progress.jsonl."""
+    out = tmp_path / "batched"
+    settings = BenchSettings(questions=qfile, out=out, methods=("ar", "pld"), max_new_tokens=6, threads=1,
+                             batch_sizes=(1, 2), progress=False)
+    res = run_bench(settings, engine=default_engine)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["schema"] == "joey-bench-batched/1" and saved["table"] == res["table"]
+    cells = {(r["method"], r["mode"], r["batch_size"]): r for r in saved["table"]}
+    assert set(cells) == {(m, mode, b) for m in ("ar", "pld") for mode in ("packed", "padded") for b in (1, 2)}
+    assert cells[("ar", "packed", 2)]["speedup"] == pytest.approx(1.0)
+    for cell in cells.values():
+        assert cell["identical_rows"] == cell["rows"] and cell["tokens_per_s"] > 0
+    assert cells[("pld", "padded", 1)]["rows"] == 3 and cells[("pld", "padded", 2)]["rows"] == 2  # 3 // 2 batches
+    assert len((out / "progress.jsonl").read_text().splitlines()) == 4 * (3 + 1)
+    md = (out / "report.md").read_text()
+    assert md.startswith("# joey bench: batches") and "| pld | padded |" in md
+    for name in saved["files"]["plots"]:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    again = run_bench(settings, engine=default_engine)  # all done: nothing runs, same per-batch records
+    assert again["per_batch"] == saved["per_batch"]

@@ -13,11 +13,12 @@ import joey
 from joey.config import SamplingParams
 from joey.drafters import JakiroDraft, JakiroDrafter
 from joey.drafters.draft_head import DraftVocabHead
+from joey.drafters.jakiro import Scored
 from joey.drafters.tree import DraftTree
 from joey.engine import Engine
 from joey.errors import InvalidArgumentError, ModelFormatError
 from joey.models.adapter import KangarooAdapter, save_adapter
-from joey.models.jakiro_head import HeadOutput, JakiroHead, load_head, save_head
+from joey.models.jakiro_head import JakiroHead, load_head, save_head
 
 PROMPTS = ["Hello there, how are you today?", "Write a poem about cats and dogs.", "Hi"]
 
@@ -131,24 +132,31 @@ def test_hybrid_last_level_hangs_under_the_node_it_was_computed_from(partial):
             out[r, base], out[r, (base + 1) % vocab_size] = -0.1 - 0.01 * (code % 7), -2.5
         return out
 
+    def scored(nxt, after):  # what a head forward hands back: predictions and their scores
+        return Scored(nxt, after, log_probs(nxt), log_probs(after))
+
     expanded = []
 
-    def expand(tree, nodes, features):
+    def expand(tree, nodes, features, after):
         expanded.append(list(nodes))
         for node in nodes:
             tree.assign_slot(node)
-        k = len(expanded)
-        codes_next = torch.tensor([[10.0 * k + i] for i in range(len(nodes))])
-        codes_after = torch.tensor([[30.0 + 10.0 * k + i] for i in range(len(nodes))])
-        return HeadOutput(codes_next.expand(-1, 4).clone(), codes_after.expand(-1, 4).clone())
+        return list(nodes)  # the request, answered below in place of a head forward
 
-    drafter._log_probs = log_probs
     drafter._expand = expand
     drafter.draft = JakiroDraft(partial.model, partial.jakiro.head,
                                 DraftVocabHead(torch.arange(vocab_size), torch.zeros(1), None))
     tree = DraftTree(base=5)
-    root_next, root_after = torch.full((1, 4), 0.0), torch.full((1, 4), 3.0)
-    drafter._grow(tree, root_next, root_after, 3, 100)
+    grow = drafter._grow(tree, scored(torch.full((1, 4), 0.0), torch.full((1, 4), 3.0)), 3, 100)
+    try:
+        nodes = next(grow)
+        while True:
+            k = len(expanded)
+            codes_next = torch.tensor([[10.0 * k + i] for i in range(len(nodes))])
+            codes_after = torch.tensor([[30.0 + 10.0 * k + i] for i in range(len(nodes))])
+            nodes = grow.send(scored(codes_next.expand(-1, 4).clone(), codes_after.expand(-1, 4).clone()))
+    except StopIteration:
+        pass
     # depth 1: root children; depth 2: children of the two expanded depth-1 nodes; depth 3: hybrid
     assert expanded == [[0, 1]]
     depth3 = [n for n in range(len(tree.tokens)) if tree.depths[n] == 3]

@@ -83,3 +83,44 @@ def _acceptance(plt: Any, folder: Path, results: dict[str, Any], names: list[str
     fig.savefig(folder / file, dpi=110)
     plt.close(fig)
     names.append(file)
+
+
+def write_batch_plot(folder: Path, results: dict[str, Any]) -> list[str]:
+    """Speedup over batched AR against batch size, one line per method, packed solid and padded
+    dashed (the EMS-SD paper's comparison); returns the file name (empty without matplotlib)."""
+    if not available():
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table, sizes = results["table"], results["settings"]["batch_sizes"]
+    methods = list(dict.fromkeys(r["method"] for r in table if r["method"] != "ar"))
+    if not methods:
+        return []
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(methods):
+        for mode, style in (("packed", "-"), ("padded", "--")):
+            rows = sorted((r for r in table if r["method"] == m and r["mode"] == mode), key=lambda r: r["batch_size"])
+            if not rows:
+                continue
+            xs = [r["batch_size"] for r in rows]
+            ys = [r["speedup"] for r in rows]
+            lo = [y - r["speedup_spread"]["min"] for y, r in zip(ys, rows)]
+            hi = [r["speedup_spread"]["max"] - y for y, r in zip(ys, rows)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, marker="o", color=colors[i % len(colors)], capsize=2,
+                        label=f"{m} ({mode})")
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speedup over batched AR (×)")
+    ax.set_title(f"Batched speculative decoding ({results['environment']['model']})")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    file = "speedup_vs_batch_size.png"
+    fig.savefig(folder / file, dpi=110)
+    plt.close(fig)
+    return [file]

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from joey.bench import plots, report
+from joey.bench import batched, plots, report
 from joey.bench.questions import Question, load_questions, select
 from joey.bench.runners import (
     EXTERNAL,
@@ -61,6 +61,8 @@ class BenchSettings:
     dtype: str | None = None
     weights: str = "auto"  # the linear layers' format (joey.load)
     threads: int | None = None  # CPU threads for torch and llama.cpp (None: torch's default)
+    batch_sizes: tuple[int, ...] = ()  # non-empty: first turns answered in batches (joey.bench.batched)
+    batch_modes: tuple[str, ...] = ("packed", "padded")  # for batches: joey's packed rows and the padded baseline
     fresh: bool = False
     progress: bool = True  # tqdm bar on stderr
 
@@ -124,6 +126,7 @@ def _settings_record(s: BenchSettings, methods: Sequence[str], questions: Sequen
         "dtype": s.dtype,
         "weights": s.weights,
         "threads": s.threads,
+        **({"batch_sizes": list(s.batch_sizes), "batch_modes": list(s.batch_modes)} if s.batch_sizes else {}),
     }
 
 
@@ -177,8 +180,16 @@ def run_bench(s: BenchSettings, engine: Engine | None = None) -> dict[str, Any]:
 def _run(s: BenchSettings, engine: Engine | None) -> dict[str, Any]:
     started = time.time()
     has_draft = bool(s.draft_model) if engine is None else engine.draft_model is not None
+    if s.batch_sizes:
+        batched.validate(s.batch_sizes, s.batch_modes, _methods(s.methods, has_draft) if s.methods else ())
     params, methods, questions = _validate(s, has_draft)
     model_name = engine.name if engine is not None else s.model
+    if s.batch_sizes:
+        if not s.methods:  # the default list names baselines that do not run batches
+            methods = tuple(m for m in methods if m in METHODS)
+        questions = batched.first_turns(s)
+        settings = _settings_record(s, methods, questions, model_name)
+        return batched.run_batched(s, engine, settings, params, methods, questions)
     settings = _settings_record(s, methods, questions, model_name)
     store = Store(Path(s.out))
     done = store.open(settings, fresh=s.fresh)

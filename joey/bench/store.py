@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,15 +66,25 @@ def record_from(d: dict[str, Any]) -> QuestionRecord:
 
 
 class Store:
-    """The run's folder: settings, finished questions, and appending new ones."""
+    """The run's folder: settings, finished records, and appending new ones. Records are
+    ``QuestionRecord``s unless ``parse`` (a progress line's object → record) and ``key`` (record →
+    its key) say otherwise (the batched bench stores one record per answered batch)."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(
+        self,
+        out: Path,
+        parse: Callable[[dict[str, Any]], Any] | None = None,
+        key: Callable[[Any], str] | None = None,
+    ) -> None:
         self.out = Path(out)
         self.settings_path = self.out / SETTINGS_FILE
         self.progress_path = self.out / PROGRESS_FILE
+        self.parse = parse or record_from
+        self.key = key or (lambda rec: question_key(rec.question_id))
 
-    def open(self, settings: dict[str, Any], fresh: bool = False) -> dict[str, QuestionRecord]:
-        """Prepare the folder for ``settings``; returns the finished questions by ``question_key``."""
+    def open(self, settings: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
+        """Prepare the folder for ``settings``; returns the finished records by key (for questions:
+        by ``question_key``)."""
         if self.out.exists() and not self.out.is_dir():
             raise InvalidArgumentError(f"--out {self.out} is a file, not a folder")
         try:
@@ -95,7 +106,7 @@ class Store:
                 )
             done = self._read_progress()
             if done:
-                print(f"joey bench: resuming: {len(done)} question(s) already done in {self.progress_path}",
+                print(f"joey bench: resuming: {len(done)} record(s) already done in {self.progress_path}",
                       file=sys.stderr)
         elif fresh and self.progress_path.exists():
             print(f"joey bench: --fresh: discarding the results in {self.progress_path}", file=sys.stderr)
@@ -103,22 +114,22 @@ class Store:
         self.settings_path.write_text(json.dumps(settings, indent=2) + "\n")
         return done
 
-    def _read_progress(self) -> dict[str, QuestionRecord]:
-        done: dict[str, QuestionRecord] = {}
+    def _read_progress(self) -> dict[str, Any]:
+        done: dict[str, Any] = {}
         good: list[str] = []
         lines = self.progress_path.read_text(encoding="utf-8").splitlines()
         for line in lines:
             try:
-                rec = record_from(json.loads(line))
+                rec = self.parse(json.loads(line))
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill: that question runs again
-            done[question_key(rec.question_id)] = rec
+            done[self.key(rec)] = rec
             good.append(line)
         if len(good) != len(lines):  # drop the broken line so the next append starts on a fresh line
             self.progress_path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
         return done
 
-    def append(self, record: QuestionRecord) -> None:
+    def append(self, record: Any) -> None:
         with open(self.progress_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(asdict(record)) + "\n")
             f.flush()

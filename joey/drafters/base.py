@@ -1,10 +1,16 @@
 """The one Drafter protocol: drafters only propose; they never accept, reject or touch the
-target's KV cache. Acceptance lives in ``joey.verify`` for every drafter alike."""
+target's KV cache. Acceptance lives in ``joey.verify`` for every drafter alike.
+
+Drafting a batch: ``propose_all`` asks every row's drafter at once. A drafter class with a
+``propose_batch`` classmethod drafts all its rows together, one forward per draft depth for every
+row still drafting (``draft_in_rounds``), each row keeping its own caches and state.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -70,3 +76,49 @@ class Drafter(Protocol):
         A tree drafter may keep per-node state between calls (its own caches): the next call's
         context tells which path the target committed."""
         ...
+
+
+Request = TypeVar("Request")
+Result = TypeVar("Result")
+
+
+def draft_in_rounds(
+    rows: Sequence[Generator[Request, Result, Proposal]], run: Callable[[list[Request]], list[Result]]
+) -> list[Proposal]:
+    """Drive several rows' drafting together. Each row's drafting is a generator that yields the
+    draft forward it needs next (a request), receives that forward's result and finally returns
+    the row's proposal. Each round, the requests of every row still drafting go to ``run`` as one
+    list (one batched forward), whose results go back to the rows in order; a row whose drafting
+    stopped (confidence stop, its depth reached, depth 0) yields nothing more and drops out."""
+    proposals: list[Proposal | None] = [None] * len(rows)
+    waiting: dict[int, Request] = {}
+
+    def resume(i: int, result: Result | None) -> None:
+        try:
+            waiting[i] = rows[i].send(result)  # type: ignore[arg-type]  # None starts a generator
+        except StopIteration as done:
+            proposals[i] = done.value
+
+    for i in range(len(rows)):
+        resume(i, None)
+    while waiting:
+        order = list(waiting)
+        results = run([waiting.pop(i) for i in order])
+        for i, result in zip(order, results):
+            resume(i, result)
+    return proposals  # type: ignore[return-value]  # every row has returned
+
+
+def propose_all(
+    drafters: Sequence[Drafter], contexts: Sequence[list[int]], max_tokens: Sequence[int], max_nodes: int | None
+) -> list[Proposal]:
+    """Every row's proposal (``Drafter.propose`` of row i with ``contexts[i]``, ``max_tokens[i]``):
+    batched by the drafters' ``propose_batch`` when all rows have drafters of one class that has
+    one, else row by row."""
+    if not drafters:
+        return []
+    kind = type(drafters[0])
+    batch = getattr(kind, "propose_batch", None)
+    if batch is not None and all(type(d) is kind for d in drafters):
+        return batch(list(drafters), list(contexts), list(max_tokens), max_nodes)
+    return [d.propose(c, k, max_nodes) for d, c, k in zip(drafters, contexts, max_tokens)]

@@ -1,16 +1,29 @@
 """Classic speculative sampling with a separate, smaller draft model that shares the tokenizer
-(Leviathan et al. 2023; Chen et al. 2023). The draft model keeps its own KV cache, reused across
-steps up to the longest prefix it shares with the committed context."""
+(Leviathan et al. 2023; Chen et al. 2023). The draft model keeps its own KV cache per row, reused
+across steps up to the longest prefix it shares with the committed context. The rows of a batch
+draft together (``propose_batch``): each draft position is one forward of the draft model over the
+packed new tokens of every row still drafting, attention per row against the row's own cache."""
 
 from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
 
 import torch
 
 from joey.batching import prefix_causal_mask
 from joey.config import SamplingParams
-from joey.drafters.base import Proposal, common_prefix
-from joey.models.llama import LlamaModel
+from joey.drafters.base import Proposal, common_prefix, draft_in_rounds
+from joey.models.llama import LlamaModel, RowSpan
 from joey.sampling import probabilities, sample
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """One row's share of a draft forward: tokens to append to its drafter's cache."""
+
+    drafter: DraftModelDrafter
+    tokens: tuple[int, ...]
 
 
 class DraftModelDrafter:
@@ -27,26 +40,30 @@ class DraftModelDrafter:
         self.cache = model.new_cache(1, max_len)
         self.cached: list[int] = []  # the tokens whose K/V are in self.cache, in order
 
-    def _feed(self, tokens: list[int]) -> torch.Tensor:
-        """Append tokens to the draft cache; return the logits after the last one, [vocab]."""
-        n = self.cache.lengths[0]
-        dev = self.model.lm_head.weight.device
-        x = torch.tensor([tokens], device=dev)
-        pos = torch.arange(n, n + len(tokens), device=dev)[None]
-        mask = prefix_causal_mask(n, len(tokens), dev)
-        logits = self.model(x, pos, self.cache, n, n + len(tokens), mask)
-        self.cache.advance([len(tokens)])
-        self.cached.extend(tokens)
-        return logits[0, -1]
-
     def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
         """A chain of up to ``max_tokens`` (this drafter does not build trees; ``max_nodes`` is ignored)."""
+        return self.propose_batch([self], [context], [max_tokens], max_nodes)[0]
+
+    @classmethod
+    def propose_batch(
+        cls, drafters: list[DraftModelDrafter], contexts: list[list[int]], max_tokens: list[int],
+        max_nodes: int | None,
+    ) -> list[Proposal]:
+        """``propose`` for every row, one draft-model forward per draft position for all rows still
+        drafting. The drafters must share one draft model."""
+        if any(d.model is not drafters[0].model for d in drafters):
+            raise ValueError("rows drafted together must share one draft model")
+        steps = [d._steps(c, k) for d, c, k in zip(drafters, contexts, max_tokens)]
+        return draft_in_rounds(steps, cls._run)
+
+    def _steps(self, context: list[int], max_tokens: int) -> Generator[_Feed, torch.Tensor, Proposal]:
+        """This row's drafting: yields the tokens to feed, receives the logits after the last one [vocab]."""
         if max_tokens < 1:
             return Proposal.chain([])
         common = min(common_prefix(self.cached, context), len(context) - 1)  # always feed the last token
         self.cache.truncate([common])
         del self.cached[common:]
-        logits = self._feed(context[common:])
+        logits = yield _Feed(self, tuple(context[common:]))
         tokens: list[int] = []
         dists: list[torch.Tensor] = []
         for i in range(max_tokens):
@@ -58,5 +75,25 @@ class DraftModelDrafter:
                 dists.append(q[0])
             tokens.append(tok)
             if i + 1 < max_tokens:
-                logits = self._feed([tok])
+                logits = yield _Feed(self, (tok,))
         return Proposal.chain(tokens, torch.stack(dists) if dists else None)
+
+    @staticmethod
+    def _run(feeds: list[_Feed]) -> list[torch.Tensor]:
+        """One draft-model forward over every row's new tokens, packed; appends them to the rows'
+        caches → each row's logits after its last token [vocab]."""
+        model = feeds[0].drafter.model
+        dev = model.lm_head.weight.device
+        spans, positions, last = [], [], []
+        for f in feeds:
+            n, t = f.drafter.cache.lengths[0], len(f.tokens)
+            spans.append(RowSpan(t, f.drafter.cache, n, n + t, prefix_causal_mask(n, t, dev)))
+            positions.extend(range(n, n + t))
+            last.append(len(positions) - 1)
+        tokens = torch.tensor([t for f in feeds for t in f.tokens], device=dev)
+        h = model.run_layers_rows(model.embed(tokens), torch.tensor(positions, device=dev), spans)
+        logits = model.logits(h[torch.tensor(last, device=dev)])  # [rows, vocab]: only what is sampled from
+        for f in feeds:
+            f.drafter.cache.advance([len(f.tokens)])
+            f.drafter.cached.extend(f.tokens)
+        return list(logits)

@@ -21,21 +21,26 @@ cache. Each step:
 
 Candidates are deterministic (top-k), so verification treats them as point masses; sampled
 decoding stays exact through ``joey.verify``'s recursive rejection.
+
+The rows of a batch draft together (``propose_batch``): the catch-ups of all rows are one head
+forward, and so is each tree depth; fc, gate, experts and the draft-vocabulary head run on all rows'
+inputs packed, attention per row against the row's own cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 
 from joey.batching import prefix_causal_mask, visible_slots_mask
 from joey.config import SamplingParams
-from joey.drafters.base import Proposal, common_prefix
+from joey.drafters.base import Proposal, common_prefix, draft_in_rounds
 from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.prompt_lookup import PromptLookupDrafter
-from joey.drafters.tree import DraftTree, candidate_log_probs, contiguous
-from joey.models.jakiro_head import HeadOutput, JakiroHead
+from joey.drafters.tree import DraftTree, Placement, candidate_log_probs
+from joey.models.jakiro_head import JakiroHead
 from joey.models.llama import LlamaModel
 
 
@@ -87,8 +92,32 @@ class JakiroDraft:
         return 1000 * sorted(times[1:])[repeats // 2]
 
 
+@dataclass(frozen=True)
+class _HeadPass:
+    """One row's share of a head forward: inputs (token, feature) at ``where``'s slots of the row's
+    cache, and which outputs the row scores with the draft-vocabulary head."""
+
+    drafter: JakiroDrafter
+    tokens: tuple[int, ...]  # x_{j+1} of each input
+    features: torch.Tensor  # [len(tokens), hidden] f_j: the target's, or the head's own predictions
+    where: Placement
+    last_only: bool  # score only the last output (a catch-up, whose last output is the tree's root)
+    after: bool  # score the contrastive branch too (the next tree level is the hybrid one)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A head forward's predictions at one row's scored positions, with their candidate scores."""
+
+    next: torch.Tensor  # [F, hidden] predicted f_{j+1}
+    after_next: torch.Tensor  # [F, hidden] predicted f_{j+2}
+    logp_next: torch.Tensor  # [F, draft_vocab] candidate log-probabilities of the next token
+    logp_after: torch.Tensor | None  # [F, draft_vocab] of the one after; None unless asked for
+
+
 class JakiroDrafter:
-    """Drafts a dynamic tree (a chain when ``topk == 1``) for one sequence; one instance per row."""
+    """Drafts a dynamic tree (a chain when ``topk == 1``) for one sequence; one instance per row (the
+    rows of a batch draft together through ``propose_batch``)."""
 
     name = "jakiro"
     wants_features = True  # the engine hands it the target's features of committed tokens
@@ -120,21 +149,38 @@ class JakiroDrafter:
         self.features[self.known : self.known + n] = features
         self.known += n
 
-    # -- the head on slots of this drafter's cache -----------------------------------------------
-    def _forward(
-        self, tokens: list[int], features: torch.Tensor, slots: list[int], positions: list[int], mask
-    ) -> HeadOutput:
-        """Head inputs (token, feature) at ``slots`` / RoPE ``positions`` → its two predictions."""
-        model = self.draft.model
-        dev = self.features.device
-        embeds = model.embed(torch.tensor(tokens, device=dev)).to(features.dtype)
-        cos, sin = model.rope(torch.tensor([positions], device=dev))
-        slot: int | torch.Tensor = slots[0] if contiguous(slots) else torch.tensor([slots], device=dev)
-        return self.draft.head(embeds, features, (1, len(tokens)), cos, sin, self.cache, slot, max(slots) + 1, mask)
+    # -- one head forward for the rows of a batch -----------------------------------------------
+    @staticmethod
+    def _run(passes: list[_HeadPass]) -> list[Scored]:
+        """One head forward for several rows' inputs, packed, attention per row against the row's
+        own cache; then one draft-vocabulary GEMM over the outputs the rows score."""
+        draft = passes[0].drafter.draft
+        model = draft.model
+        dtype, dev = draft.head.fc.weight.dtype, draft.head.fc.weight.device
+        embeds = model.embed(torch.tensor([t for p in passes for t in p.tokens], device=dev)).to(dtype)
+        features = torch.cat([p.features for p in passes])
+        cos, sin = model.rope(torch.tensor([q for p in passes for q in p.where.positions], device=dev))
+        out = draft.head.forward_rows(embeds, features, cos, sin, [p.where.span(p.drafter.cache, dev) for p in passes])
+        picks: list[torch.Tensor] = []  # per row: the packed indices of its scored outputs
+        start = 0
+        for p in passes:
+            n = len(p.tokens)
+            picks.append(torch.arange(start + n - 1 if p.last_only else start, start + n, device=dev))
+            start += n
+        after = [pick for p, pick in zip(passes, picks) if p.after]
+        scored = torch.cat([out.next[torch.cat(picks)], *([out.after_next[torch.cat(after)]] if after else [])])
+        logits = draft.vocab_head.logits(scored).split([len(pick) for pick in picks + after])
+        results = []
+        later = iter(logits[len(picks):])
+        for p, pick, rows in zip(passes, picks, logits):
+            lp = p.drafter.params
+            results.append(Scored(out.next[pick], out.after_next[pick], candidate_log_probs(rows, lp),
+                                  candidate_log_probs(next(later), lp) if p.after else None))
+        return results
 
-    def _catch_up(self, context: list[int]) -> HeadOutput:
-        """Head slots j < n - 1 from (context[j + 1], f_j); returns the outputs of the new slots
-        (the last one is the root of this step's tree)."""
+    def _catch_up(self, context: list[int], after: bool) -> _HeadPass:
+        """Head slots j < n - 1 from (context[j + 1], f_j); the forward scores the last new slot,
+        the root of this step's tree (``after``: its contrastive branch too)."""
         n = len(context)
         if self.known < n - 1:
             raise RuntimeError(f"Jakiro needs the target's features of {n - 1} positions; it has {self.known}")
@@ -142,19 +188,37 @@ class JakiroDrafter:
         start = max(0, min(self.done, common_prefix(self.tokens, context) - 1, n - 2))
         self.tokens = list(context)
         self.done = n - 1
-        slots = list(range(start, n - 1))
-        mask = prefix_causal_mask(start, len(slots), self.features.device)
-        return self._forward(context[start + 1 :], self.features[start : n - 1], slots, slots, mask)
+        slots = tuple(range(start, n - 1))
+        where = Placement(slots, slots, prefix_causal_mask(start, len(slots), self.features.device))
+        return _HeadPass(self, tuple(context[start + 1 :]), self.features[start : n - 1], where, True, after)
 
     # -- proposing -------------------------------------------------------------------------------
     def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
         """Up to ``max_tokens`` deep and ``max_nodes`` tokens in all (default: a chain's worth)."""
+        return self.propose_batch([self], [context], [max_tokens], max_nodes)[0]
+
+    @classmethod
+    def propose_batch(
+        cls, drafters: list[JakiroDrafter], contexts: list[list[int]], max_tokens: list[int],
+        max_nodes: int | None,
+    ) -> list[Proposal]:
+        """``propose`` for every row; the catch-ups are one head forward for all rows, and so is each
+        tree depth for the rows still drafting. The drafters must share one ``JakiroDraft``."""
+        if any(d.draft is not drafters[0].draft for d in drafters):
+            raise ValueError("rows drafted together must share one JakiroDraft")
+        steps = [d._steps(c, k, max_nodes) for d, c, k in zip(drafters, contexts, max_tokens)]
+        return draft_in_rounds(steps, cls._run)
+
+    def _steps(
+        self, context: list[int], max_tokens: int, max_nodes: int | None
+    ) -> Generator[_HeadPass, Scored, Proposal]:
+        """This row's drafting: yields the head forwards it needs, receives their scored predictions."""
         if max_tokens < 1:
             return Proposal.chain([])
-        root = self._catch_up(context)
+        root = yield self._catch_up(context, after=self.hybrid and max_tokens == 2)
         # slots after the context: slot j holds the head input for the token at position j + 1
         tree = DraftTree(base=len(context) - 1)
-        self._grow(tree, root.next[-1:], root.after_next[-1:], max_tokens, max_nodes or max_tokens)
+        yield from self._grow(tree, root, max_tokens, max_nodes or max_tokens)
         if self.lookup is not None:
             tree.graft(self.lookup.propose(context, max_tokens).tokens, self.draft.model.cfg.vocab_size)
         order = tree.final
@@ -165,43 +229,43 @@ class JakiroDrafter:
         )
 
     def _grow(
-        self, tree: DraftTree, nxt: torch.Tensor, after: torch.Tensor, max_depth: int, max_nodes: int
-    ) -> None:
-        """EAGLE-2's expansion with Jakiro's hybrid last level. ``nxt``/``after`` [F, hidden]: the
-        predicted features of the frontier's children / grandchildren."""
+        self, tree: DraftTree, root: Scored, max_depth: int, max_nodes: int
+    ) -> Generator[_HeadPass, Scored, None]:
+        """EAGLE-2's expansion with Jakiro's hybrid last level, from the root's predictions (one row).
+        Each expansion is a yielded head forward; its result holds the predicted features of the
+        frontier's children / grandchildren and their scores."""
         vocab = self.draft.vocab_head.vocab
         frontier = [-1]
+        scored = root
         made_by: dict[int, torch.Tensor] = {}  # node → the predicted feature its token was drawn from
         for depth in range(1, max_depth + 1):
-            children = tree.add_children(frontier, self._log_probs(nxt), vocab, self.topk, depth)
+            children = tree.add_children(frontier, scored.logp_next, vocab, self.topk, depth)
             for r, nodes in enumerate(children):
                 for node in nodes:
-                    made_by[node] = nxt[r]
+                    made_by[node] = scored.next[r]
             if depth == max_depth:
                 break
             if self.hybrid and depth == max_depth - 1:
                 # the contrastive prediction of row r belongs under the best child of frontier node r
                 best = [max(nodes, key=lambda c: tree.scores[c]) if nodes else None for nodes in children]
                 rows = [r for r, b in enumerate(best) if b is not None]
-                tree.add_children([best[r] for r in rows], self._log_probs(after[rows]), vocab, self.topk, depth + 1)
+                logp_after = scored.logp_after[rows]  # type: ignore[index]  # asked for at this depth
+                tree.add_children([best[r] for r in rows], logp_after, vocab, self.topk, depth + 1)
                 break
             new = sorted((c for nodes in children for c in nodes), key=lambda node: -tree.scores[node])
             frontier = new[: self.topk]
             if not frontier:
                 break
-            out = self._expand(tree, frontier, torch.stack([made_by[node] for node in frontier]))
-            nxt, after = out.next, out.after_next
+            features = torch.stack([made_by[node] for node in frontier])
+            scored = yield self._expand(tree, frontier, features, after=self.hybrid and depth + 2 == max_depth)
         tree.select(max_nodes)
 
-    def _log_probs(self, features: torch.Tensor) -> torch.Tensor:
-        """Predicted features [F, hidden] → candidate scores over the draft vocabulary [F, draft_vocab]."""
-        return candidate_log_probs(self.draft.vocab_head.logits(features), self.params)
-
-    def _expand(self, tree: DraftTree, nodes: list[int], features: torch.Tensor) -> HeadOutput:
-        """One head forward for ``nodes`` (each sees the context and its own ancestors)."""
-        slots = [tree.assign_slot(node) for node in nodes]
-        positions = [tree.base - 1 + tree.depths[node] for node in nodes]
+    def _expand(self, tree: DraftTree, nodes: list[int], features: torch.Tensor, after: bool) -> _HeadPass:
+        """The head forward for ``nodes`` (each sees the context and its own ancestors)."""
+        slots = tuple(tree.assign_slot(node) for node in nodes)
+        positions = tuple(tree.base - 1 + tree.depths[node] for node in nodes)
         mask = visible_slots_mask(tree.base, [tree.path_slots(node) for node in nodes], max(slots) + 1,
                                   self.features.device)
         tree.expanded.update(nodes)
-        return self._forward([tree.tokens[node] for node in nodes], features, slots, positions, mask)
+        tokens = tuple(tree.tokens[node] for node in nodes)
+        return _HeadPass(self, tokens, features, Placement(slots, positions, mask), False, after)

@@ -25,20 +25,25 @@ entries are moved to contiguous slots. ``topk == 1`` is the chain.
 
 Optionally (method ``kangaroo+pld``) prompt lookup's continuation joins the tree as one more branch
 from the root, a retrieval branch in the spirit of SAM-Decoding; it costs one shallow pass.
+
+The rows of a batch draft together (``propose_batch``, EMS-SD's packing applied to drafting): each
+draft depth is one forward for every row still drafting, the dense layers on all rows' tokens packed,
+attention per row against the row's own caches. A row whose drafting stopped drops out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 
 from joey.batching import prefix_causal_mask, visible_slots_mask
 from joey.config import DEFAULT_THRESHOLD, SamplingParams
-from joey.drafters.base import Proposal, common_prefix
+from joey.drafters.base import Proposal, common_prefix, draft_in_rounds
 from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.prompt_lookup import PromptLookupDrafter
-from joey.drafters.tree import DraftTree, candidate_log_probs, contiguous
+from joey.drafters.tree import DraftTree, Placement, candidate_log_probs, contiguous
 from joey.models.adapter import KangarooAdapter
 from joey.models.llama import LlamaModel
 from joey.sampling import probabilities, sample
@@ -54,6 +59,18 @@ class KangarooDraft:
 
     @classmethod
     def build(cls, model: LlamaModel, adapter: KangarooAdapter) -> KangarooDraft:
+        """When the target runs pre-packed kernels (``LlamaModel.prepack`` / ``set_weights``), so does
+        a copy of the adapter: like the target's, its GEMMs then cost nearly the same for the packed
+        rows of a batch as for one, and a row's result does not depend on the others, so a row
+        drafts exactly the same alone or batched (``propose_batch``)."""
+        if model.kernels():
+            w = adapter.norm.weight
+            copy = KangarooAdapter(model.cfg, adapter.exit_layer, adapter.vocab, mlp=adapter.mlp is not None)
+            copy.load_state_dict(adapter.state_dict())
+            adapter = copy.to(w.device, w.dtype).eval()
+            adapter.self_attn.prepack()
+            if adapter.mlp is not None:
+                adapter.mlp.prepack()
         return cls(model, adapter, DraftVocabHead.build(model, adapter.vocab))
 
     @property
@@ -65,8 +82,21 @@ class KangarooDraft:
         return self.head.logits(states)
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """One row's share of a draft forward: the target's layers [0, l) on ``tokens`` at ``shallow``'s
+    slots, then (unless ``adapt`` is None) the adapter on the stored states of ``adapt``'s slots."""
+
+    drafter: KangarooDrafter
+    tokens: tuple[int, ...]
+    shallow: Placement
+    adapt: Placement | None
+    last_only: bool = False  # only the last adapted slot's draft logits are wanted (a context prefix)
+
+
 class KangarooDrafter:
-    """Drafts a chain (``topk == 1``) or a dynamic tree for one sequence; one instance per row."""
+    """Drafts a chain (``topk == 1``) or a dynamic tree for one sequence; one instance per row (the
+    rows of a batch draft together through ``propose_batch``)."""
 
     name = "kangaroo"
     self_speculative = True  # runs the target's layers [0, l) itself: it must see every step
@@ -98,40 +128,67 @@ class KangarooDrafter:
         self.adapted: list[int] = []  # tokens whose adapter K/V are stored (a prefix of ``cached``)
         self._tree: DraftTree | None = None  # the last proposal, until the committed tokens say which path won
 
-    # -- the target's shallow layers and the adapter, on slots of this drafter's caches ----------
-    def _shallow(self, tokens: list[int], slots: list[int], positions: list[int], mask: torch.Tensor | None) -> None:
-        """Layers [0, l) on tokens at the given slots / RoPE positions; stores their K/V and layer-l states."""
-        model = self.draft.model
-        dev = self.hidden.device
-        x = model.embed(torch.tensor([tokens], device=dev))
-        pos = torch.tensor([positions], device=dev)
-        slot: int | torch.Tensor = slots[0] if contiguous(slots) else torch.tensor([slots], device=dev)
-        h = model.run_layers(x, pos, self.shallow, slot, max(slots) + 1, mask, 0, self.draft.exit_layer)
-        if contiguous(slots):
-            self.hidden[slots[0] : slots[-1] + 1] = h[0]
+    # -- one draft forward for the rows of a batch ----------------------------------------------
+    @staticmethod
+    def _run(passes: list[_Pass]) -> list[torch.Tensor | None]:
+        """One draft forward for several rows: the target's layers [0, l) on every row's new tokens,
+        packed, storing their K/V and layer-l states in the row's caches; then the adapter on the
+        stored states of the slots each row asks for, packed → each row's draft logits
+        [len(adapt slots) or 1, draft_vocab], None for a row that asked for the shallow layers only."""
+        draft = passes[0].drafter.draft
+        model = draft.model
+        dev = model.lm_head.weight.device
+        tokens = torch.tensor([t for p in passes for t in p.tokens], device=dev)
+        positions = torch.tensor([q for p in passes for q in p.shallow.positions], device=dev)
+        spans = [p.shallow.span(p.drafter.shallow, dev) for p in passes]
+        h = model.run_layers_rows(model.embed(tokens), positions, spans, 0, draft.exit_layer)
+        for p, states in zip(passes, h.split([len(p.tokens) for p in passes])):
+            p.drafter._store(p.shallow.slots, states)
+        adapting = [p for p in passes if p.adapt is not None]
+        out: list[torch.Tensor | None] = [None] * len(passes)
+        if not adapting:
+            return out
+        states = torch.cat([p.drafter._states(p.adapt.slots) for p in adapting])  # type: ignore[union-attr]
+        cos, sin = model.rope(torch.tensor([q for p in adapting for q in p.adapt.positions], device=dev))  # type: ignore[union-attr]
+        spans = [p.adapt.span(p.drafter.adapter_cache, dev) for p in adapting]  # type: ignore[union-attr]
+        normed = draft.adapter.forward_rows(states, cos, sin, spans)
+        # the head only where logits are used: a prefix's last slot, every expanded node
+        want, counts, start = [], [], 0
+        for p in adapting:
+            n = len(p.adapt.slots)  # type: ignore[union-attr]
+            want.extend([start + n - 1] if p.last_only else range(start, start + n))
+            counts.append(1 if p.last_only else n)
+            start += n
+        logits = draft.logits(normed[torch.tensor(want, device=dev)]).split(counts)
+        index = {id(p): i for i, p in enumerate(passes)}
+        for p, rows in zip(adapting, logits):
+            out[index[id(p)]] = rows
+        return out
+
+    def _store(self, slots: tuple[int, ...], states: torch.Tensor) -> None:
+        """Keep the layer-l states [len(slots), hidden] of these slots (the adapter's and verification's input)."""
+        if contiguous(list(slots)):
+            self.hidden[slots[0] : slots[-1] + 1] = states
         else:
-            self.hidden[torch.tensor(slots, device=dev)] = h[0]
+            self.hidden[torch.tensor(slots, device=self.hidden.device)] = states
 
-    def _adapt(self, slots: list[int], positions: list[int], mask: torch.Tensor | None) -> torch.Tensor:
-        """The adapter on the stored states of ``slots`` → draft logits [len(slots), draft_vocab]."""
+    def _states(self, slots: tuple[int, ...]) -> torch.Tensor:
+        """The stored layer-l states of ``slots`` [len(slots), hidden]."""
+        if contiguous(list(slots)):
+            return self.hidden[slots[0] : slots[-1] + 1]
+        return self.hidden[torch.tensor(slots, device=self.hidden.device)]
+
+    def _prefix(self, start: int, end: int, adapt_from: int | None) -> _Pass:
+        """Context slots [start, end) through the shallow layers, then the adapter on [adapt_from, end)
+        (its last draft logits only); none when ``adapt_from`` is None."""
         dev = self.hidden.device
-        n = len(slots)
-        cos, sin = self.draft.model.rope(torch.tensor([positions], device=dev))
-        slot: int | torch.Tensor = slots[0] if contiguous(slots) else torch.tensor([slots], device=dev)
-        states = self.hidden[slots[0] : slots[-1] + 1] if contiguous(slots) else self.hidden[torch.tensor(slots)]
-        out = self.draft.adapter(states, (1, n), cos, sin, self.adapter_cache, slot, max(slots) + 1, mask)
-        return self.draft.logits(out)
-
-    def _run_prefix(self, start: int, end: int, adapt_from: int | None) -> torch.Tensor | None:
-        """Context slots [start, end): shallow layers, then the adapter on [adapt_from, end) → the
-        draft logits after the last one ([draft_vocab]); None when ``adapt_from`` is None."""
-        if end > start:
-            self._shallow(self.cached[start:end], list(range(start, end)), list(range(start, end)),
-                          prefix_causal_mask(start, end - start, self.hidden.device))
-        if adapt_from is None:
-            return None
-        slots = list(range(adapt_from, end))
-        return self._adapt(slots, slots, prefix_causal_mask(adapt_from, len(slots), self.hidden.device))[-1]
+        span = tuple(range(start, end))
+        shallow = Placement(span, span, prefix_causal_mask(start, end - start, dev))
+        adapt = None
+        if adapt_from is not None:
+            slots = tuple(range(adapt_from, end))
+            adapt = Placement(slots, slots, prefix_causal_mask(adapt_from, len(slots), dev))
+        return _Pass(self, tuple(self.cached[start:end]), shallow, adapt, last_only=True)
 
     # -- following the committed path through the last tree --------------------------------------
     def _follow(self, context: list[int]) -> None:
@@ -156,6 +213,24 @@ class KangarooDrafter:
     # -- proposing -----------------------------------------------------------------------------
     def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
         """Up to ``max_tokens`` deep and ``max_nodes`` tokens in all (default: a chain's worth)."""
+        return self.propose_batch([self], [context], [max_tokens], max_nodes)[0]
+
+    @classmethod
+    def propose_batch(
+        cls, drafters: list[KangarooDrafter], contexts: list[list[int]], max_tokens: list[int],
+        max_nodes: int | None,
+    ) -> list[Proposal]:
+        """``propose`` for every row; each draft depth is one forward (shallow layers, adapter, head)
+        for all rows still drafting. The drafters must share one ``KangarooDraft``."""
+        if any(d.draft is not drafters[0].draft for d in drafters):
+            raise ValueError("rows drafted together must share one KangarooDraft")
+        steps = [d._steps(c, k, max_nodes) for d, c, k in zip(drafters, contexts, max_tokens)]
+        return draft_in_rounds(steps, cls._run)
+
+    def _steps(
+        self, context: list[int], max_tokens: int, max_nodes: int | None
+    ) -> Generator[_Pass, torch.Tensor | None, Proposal]:
+        """This row's drafting: yields the draft forwards it needs, receives their draft logits."""
         self._follow(context)
         n = len(context)
         # Shallow K/V: keep the prefix shared with the committed context; the last context token
@@ -165,19 +240,19 @@ class KangarooDrafter:
         self.cached = list(context)
         exit_layer = self.draft.exit_layer
         if max_tokens < 1:
-            self._run_prefix(s, n, None)
+            yield self._prefix(s, n, None)
             self.adapted = self.adapted[:a]
             return Proposal(tokens=(), parents=(), hidden=self.hidden[n - 1 : n].clone(), start_layer=exit_layer)
-        logits = self._run_prefix(s, n, a)
+        logits = yield self._prefix(s, n, a)
         self.adapted = list(context)
         tree = DraftTree(base=n)
         grow = self._grow_sampled if not self.params.greedy and self.topk == 1 else self._grow
-        grow(tree, logits, max_tokens, max_nodes or max_tokens)
+        yield from grow(tree, logits[-1], max_tokens, max_nodes or max_tokens)  # type: ignore[index]
         if self.lookup is not None:
             tree.graft(self.lookup.propose(context, max_tokens).tokens, self.draft.model.cfg.vocab_size)
         missing = [node for node in tree.final if node not in tree.slots]
         if missing:  # candidates never expanded: verification still needs their layer-l states
-            self._expand(tree, missing, adapt=False)
+            yield self._expand(tree, missing, adapt=False)
         self._tree = tree
         order = tree.final
         index = {node: i for i, node in enumerate(order)}
@@ -190,20 +265,21 @@ class KangarooDrafter:
             start_layer=exit_layer,
         )
 
-    def _expand(self, tree: DraftTree, nodes: list[int], adapt: bool) -> torch.Tensor | None:
-        """One forward for ``nodes``: shallow layers (and the adapter when ``adapt``) at fresh slots;
-        each node sees the context and its own ancestors. → draft logits [len(nodes), draft_vocab]."""
-        slots = [tree.assign_slot(node) for node in nodes]
-        positions = [tree.base - 1 + tree.depths[node] for node in nodes]
+    def _expand(self, tree: DraftTree, nodes: list[int], adapt: bool) -> _Pass:
+        """The forward for ``nodes``: shallow layers (and the adapter when ``adapt``) at fresh slots;
+        each node sees the context and its own ancestors. Its result: draft logits [len(nodes), draft_vocab]."""
+        slots = tuple(tree.assign_slot(node) for node in nodes)
+        positions = tuple(tree.base - 1 + tree.depths[node] for node in nodes)
         mask = visible_slots_mask(tree.base, [tree.path_slots(node) for node in nodes], max(slots) + 1,
                                   self.hidden.device)
-        self._shallow([tree.tokens[node] for node in nodes], slots, positions, mask)
-        if not adapt:
-            return None
-        tree.expanded.update(nodes)
-        return self._adapt(slots, positions, mask)
+        where = Placement(slots, positions, mask)
+        if adapt:
+            tree.expanded.update(nodes)
+        return _Pass(self, tuple(tree.tokens[node] for node in nodes), where, where if adapt else None)
 
-    def _grow(self, tree: DraftTree, logits: torch.Tensor, max_depth: int, max_nodes: int) -> None:
+    def _grow(
+        self, tree: DraftTree, logits: torch.Tensor, max_depth: int, max_nodes: int
+    ) -> Generator[_Pass, torch.Tensor | None, None]:
         """Deterministic top-k expansion (greedy, or sampling with point-mass candidates)."""
         vocab = self.draft.adapter.vocab
         frontier, rows = [-1], logits[None]  # [len(frontier), draft_vocab]
@@ -214,10 +290,12 @@ class KangarooDrafter:
                 break
             new.sort(key=lambda node: -tree.scores[node])
             frontier = new[: self.topk]
-            rows = self._expand(tree, frontier, adapt=True)
+            rows = yield self._expand(tree, frontier, adapt=True)
         tree.select(max_nodes)
 
-    def _grow_sampled(self, tree: DraftTree, logits: torch.Tensor, max_depth: int, max_nodes: int) -> None:
+    def _grow_sampled(
+        self, tree: DraftTree, logits: torch.Tensor, max_depth: int, max_nodes: int
+    ) -> Generator[_Pass, torch.Tensor | None, None]:
         """A chain of tokens sampled from the draft distribution q (speculative sampling's proposal)."""
         vocab = self.draft.adapter.vocab
         full_vocab = self.draft.model.cfg.vocab_size
@@ -229,5 +307,5 @@ class KangarooDrafter:
             parent = tree.add(int(vocab[local]), parent, 0.0, depth, full.index_copy_(0, vocab, q))
             if depth == min(max_depth, max_nodes) or float(q.max()) < self.threshold:
                 break
-            logits = self._expand(tree, [parent], adapt=True)[0]
+            logits = (yield self._expand(tree, [parent], adapt=True))[0]  # type: ignore[index]
         tree.select(len(tree.tokens))

@@ -4,13 +4,18 @@ Nodes are kept in creation order with their parent, the cumulative log-probabili
 their depth and, for drafters with their own caches, the slot each node's state occupies there.
 ``select`` keeps the best nodes (EAGLE-2's final rerank: a parent always outranks its children, so
 the kept set is a tree); ``graft`` adds a retrieval branch; ``follow`` finds the committed path.
+``Placement`` says where one row's tokens of a draft forward sit in that row's own caches.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from joey.config import SamplingParams
+from joey.models.kv_cache import KVCache
+from joey.models.llama import RowSpan
 from joey.sampling import probabilities
 
 
@@ -25,6 +30,23 @@ def candidate_log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.T
 def contiguous(slots: list[int]) -> bool:
     """Whether slots are consecutive (then a slice, not a scatter, writes them)."""
     return slots == list(range(slots[0], slots[0] + len(slots)))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One row's tokens of a draft forward in the row's own caches: their slots, RoPE positions and
+    what each may attend to."""
+
+    slots: tuple[int, ...]
+    positions: tuple[int, ...]
+    mask: torch.Tensor | None  # [1, 1, len(slots), max(slots) + 1] bool; None = causal
+
+    def span(self, cache: KVCache, device: torch.device | str) -> RowSpan:
+        """The row's part of a packed forward (``LlamaModel.run_layers_rows``) against ``cache``."""
+        first: int | torch.Tensor = self.slots[0]
+        if not contiguous(list(self.slots)):
+            first = torch.tensor([self.slots], device=device)
+        return RowSpan(len(self.slots), cache, first, max(self.slots) + 1, self.mask)
 
 
 class DraftTree:

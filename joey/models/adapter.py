@@ -14,6 +14,7 @@ the model it was trained for (shape and a fingerprint of its embedding), checked
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from joey.errors import ModelFormatError
 from joey.models.draft_files import find_shipped, load_checked, read_meta, save_draft_file
 from joey.models.kv_cache import KVCache
-from joey.models.llama import MLP, Attention, LlamaModel, ModelConfig, RMSNorm
+from joey.models.llama import MLP, Attention, LlamaModel, ModelConfig, RMSNorm, RowSpan
 
 FORMAT = "joey-kangaroo-adapter/1"
 
@@ -74,9 +75,23 @@ class KangarooAdapter(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """→ normalised states [B*T, hidden], ready for the (draft-vocabulary) LM head."""
-        h = hidden + self.self_attn(
-            self.input_layernorm(hidden), shape, cos, sin, cache.k[0], cache.v[0], slots, kv_len, mask
-        )
+        x = self.input_layernorm(hidden)
+        return self._finish(hidden, self.self_attn(x, shape, cos, sin, cache.k[0], cache.v[0], slots, kv_len, mask))
+
+    def forward_rows(
+        self,
+        hidden: torch.Tensor,  # [N, hidden]: several rows' layer-l states, packed row after row
+        cos: torch.Tensor,  # [N, 1, head_dim]
+        sin: torch.Tensor,
+        rows: Sequence[RowSpan],  # each row's share of the states and its own one-layer adapter cache
+    ) -> torch.Tensor:
+        """``forward`` for rows that each keep their own cache (one drafter per row): the dense
+        parts run once on all packed states, attention per row → normalised states [N, hidden]."""
+        return self._finish(hidden, self.self_attn.forward_rows(self.input_layernorm(hidden), cos, sin, rows, 0))
+
+    def _finish(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual, the optional MLP and the final norm after attention's output ``attn``."""
+        h = hidden + attn
         if self.mlp is not None:
             h = h + self.mlp(self.post_attention_layernorm(h))
         return self.norm(h)

@@ -19,6 +19,7 @@ file holds; the embedding and LM head are the target's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from torch import nn
 from joey.errors import ModelFormatError
 from joey.models.draft_files import find_shipped, load_checked, read_meta, save_draft_file
 from joey.models.kv_cache import KVCache
-from joey.models.llama import MLP, Attention, Linear, LlamaModel, ModelConfig, RMSNorm
+from joey.models.llama import MLP, Attention, Linear, LlamaModel, ModelConfig, RMSNorm, RowSpan
 
 FORMAT = "joey-jakiro-head/1"
 
@@ -85,6 +86,24 @@ class JakiroHead(nn.Module):
     ) -> HeadOutput:
         x = self.fc(torch.cat([embeds, features], dim=-1))
         x = x + self.self_attn(self.input_layernorm(x), shape, cos, sin, cache.k[0], cache.v[0], slots, kv_len, mask)
+        return self._experts(x)
+
+    def forward_rows(
+        self,
+        embeds: torch.Tensor,  # [N, hidden] several rows' inputs, packed row after row
+        features: torch.Tensor,  # [N, hidden]
+        cos: torch.Tensor,  # [N, 1, head_dim]
+        sin: torch.Tensor,
+        rows: Sequence[RowSpan],  # each row's share of the inputs and its own one-layer head cache
+    ) -> HeadOutput:
+        """``forward`` for rows that each keep their own cache (one drafter per row): fc, gate and
+        experts run once on all packed inputs, attention per row."""
+        x = self.fc(torch.cat([embeds, features], dim=-1))
+        x = x + self.self_attn.forward_rows(self.input_layernorm(x), cos, sin, rows, 0)
+        return self._experts(x)
+
+    def _experts(self, x: torch.Tensor) -> HeadOutput:
+        """The mixture of experts and the contrastive branch on the states after attention [N, hidden]."""
         y = self.post_attention_layernorm(x)
         gate = self.gate(y)  # [N, experts + 2]
         mix = gate[:, : self.num_experts].softmax(-1)  # [N, experts]

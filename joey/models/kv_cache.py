@@ -64,6 +64,16 @@ class KVCache:
         self.keys[:, r, :, d] = self.keys[:, r, :, s]
         self.values[:, r, :, d] = self.values[:, r, :, s]
 
+    def grow(self, max_len: int) -> None:
+        """Room for ``max_len`` slots per row, keeping what is stored (a padded batch's holes use
+        slots, so its cache cannot be sized from the token budget alone)."""
+        extra = max_len - self.max_len
+        if extra <= 0:
+            return
+        pad = (0, 0, 0, extra)  # the slot axis, second to last
+        self._set(torch.nn.functional.pad(self.keys, pad), torch.nn.functional.pad(self.values, pad))
+        self.max_len = max_len
+
     def keep_rows(self, rows: list[int]) -> None:
         """Drop every row not in ``rows`` (finished sequences), so they stop costing compute."""
         if rows == list(range(self.batch)):

@@ -9,6 +9,7 @@ Weights are read from Hugging Face names; nothing in transformers is patched or 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,16 +206,57 @@ class Attention(nn.Module):
         packing: Packing | None = None,  # x holds packed ragged rows (then ``shape`` is the padded grid)
     ) -> torch.Tensor:
         """Write this forward's keys/values into their cache slots, then attend → [tokens, hidden]."""
-        cfg = self.cfg
-        b, t = shape
-        nh, nkv = cfg.num_heads, cfg.num_kv_heads
+        nh, nkv = self.cfg.num_heads, self.cfg.num_kv_heads
         qkv = self.project_qkv(x)
         qk = apply_rope(qkv[:, : nh + nkv], cos, sin)  # queries and keys rotated in one go
+        out = self._attend(qk, qkv[:, nh + nkv :], shape, k_cache, v_cache, slots, kv_len, mask, packing)
+        return self.o_proj(out)
+
+    def forward_rows(
+        self,
+        x: torch.Tensor,  # [N, hidden]: the rows' tokens packed, row after row
+        cos: torch.Tensor,  # [N, 1, head_dim]
+        sin: torch.Tensor,  # [N, 1, head_dim]
+        rows: Sequence[RowSpan],  # each row's share of x and its own cache
+        layer: int,  # which layer of the rows' caches this attention is
+    ) -> torch.Tensor:
+        """Like ``forward`` for rows that each keep their own batch-1 cache (a drafter per row):
+        the projections run once on all packed tokens, RoPE, the cache write and attention per row
+        against that row's cache → [N, hidden]."""
+        nh, nkv = self.cfg.num_heads, self.cfg.num_kv_heads
+        qkv = self.project_qkv(x)
+        qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
+        outs = []
+        start = 0
+        for row in rows:
+            end = start + row.tokens
+            outs.append(self._attend(qk[start:end], qkv[start:end, nh + nkv :], (1, row.tokens),
+                                     row.cache.k[layer], row.cache.v[layer], row.slots, row.kv_len, row.mask))
+            start = end
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+    def _attend(
+        self,
+        qk: torch.Tensor,  # [tokens, heads + kv_heads, head_dim]: rotated queries, then keys
+        v: torch.Tensor,  # [tokens, kv_heads, head_dim]
+        shape: tuple[int, int],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: int | torch.Tensor,
+        kv_len: int,
+        mask: torch.Tensor | None,
+        packing: Packing | None = None,
+    ) -> torch.Tensor:
+        """Store the keys/values, attend → [tokens, heads * head_dim] (before ``o_proj``);
+        arguments as in ``forward``."""
+        cfg = self.cfg
+        b, t = shape
+        nh = cfg.num_heads
         if packing is not None:
-            write_kv(k_cache, v_cache, qk[:, nh:], qkv[:, nh + nkv :], shape, packing.slots, packing.rows)
+            write_kv(k_cache, v_cache, qk[:, nh:], v, shape, packing.slots, packing.rows)
             q_rows = torch.cat([qk[:, :nh], qk.new_zeros(1, nh, cfg.head_dim)])[packing.to_grid]
         else:
-            write_kv(k_cache, v_cache, qk[:, nh:], qkv[:, nh + nkv :], shape, slots)
+            write_kv(k_cache, v_cache, qk[:, nh:], v, shape, slots)
             q_rows = qk[:, :nh]
         q = q_rows.reshape(b, t, nh, cfg.head_dim).transpose(1, 2).to(k_cache.dtype)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
@@ -225,10 +267,23 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        out = out.transpose(1, 2).reshape(b * t, cfg.num_heads * cfg.head_dim).to(x.dtype)
+        out = out.transpose(1, 2).reshape(b * t, cfg.num_heads * cfg.head_dim).to(qk.dtype)
         if packing is not None:
             out = out[packing.from_grid]  # back to the packed tokens: the dense layers skip the padding
-        return self.o_proj(out)
+        return out
+
+
+@dataclass(frozen=True)
+class RowSpan:
+    """One row of a packed forward whose attention runs against the row's own batch-1 cache
+    (drafters keep a cache per row, so rows join and leave a batch freely); the row's tokens are
+    ``tokens`` consecutive rows of the packed input."""
+
+    tokens: int
+    cache: KVCache  # batch 1
+    slots: int | torch.Tensor  # first slot of a contiguous run, or [1, tokens] slot of each token
+    kv_len: int  # attend to slots [0, kv_len) (after this forward's writes)
+    mask: torch.Tensor | None  # [1, 1, tokens, kv_len] bool; None = causal
 
 
 def write_kv(
@@ -430,31 +485,48 @@ class LlamaModel(nn.Module):
         """Run layers [start, end), writing their K/V into ``slots``; returns the hidden state after
         them (no final norm). Lengths in the cache are the caller's to advance or roll back."""
         b, t, h = hidden.shape
-        x = self._layers(hidden.reshape(b * t, h), (b, t), positions, cache, slots, kv_len, mask, start, end, None)
-        return x.view(b, t, h)
+
+        def attend(i: int, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            return attn(x, (b, t), cos, sin, cache.k[i], cache.v[i], slots, kv_len, mask)
+
+        return self._layers(hidden.reshape(b * t, h), positions, attend, start, end).view(b, t, h)
+
+    def run_layers_rows(
+        self,
+        hidden: torch.Tensor,  # [N, hidden]: the rows' tokens packed, row after row, no padding
+        positions: torch.Tensor,  # [N] RoPE position of each token
+        rows: Sequence[RowSpan],  # each row's share of the tokens and its own batch-1 cache
+        start: int = 0,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Layers [start, end) for rows that each keep their own cache (one drafter per row): norms,
+        projections and MLPs run once on all packed tokens, RoPE, the cache writes and attention
+        per row. Returns the packed states after the layers [N, hidden] (no final norm). A row's
+        result is what ``run_layers`` gives for it alone, bit for bit, when the linear layers run
+        row-invariant kernels (``prepack`` / ``set_weights``)."""
+
+        def attend(i: int, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            return attn.forward_rows(x, cos, sin, rows, i)
+
+        return self._layers(hidden, positions, attend, start, end)
 
     def _layers(
         self,
         x: torch.Tensor,  # [tokens, hidden]: B*T in grid order, or packed ragged rows
-        shape: tuple[int, int],
         positions: torch.Tensor,  # one position per token of x (any shape with that many elements)
-        cache: KVCache,
-        slots: int | torch.Tensor,
-        kv_len: int,
-        mask: torch.Tensor | None,
+        attend: Callable[[int, Attention, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         start: int,
         end: int | None,
-        packing: Packing | None,
     ) -> torch.Tensor:
+        """Layers [start, end) on x; ``attend(layer index, attention, normed x, cos, sin)`` says where
+        each layer's attention reads and writes its keys and values."""
         # Dense layers see 2-D [tokens, hidden] activations (what GEMM kernels and EMS-SD's packed
         # batches want); attention reshapes per row.
         end = self.cfg.num_layers if end is None else end
         cos, sin = self.rope(positions)
         for i in range(start, end):
             layer = self.model.layers[i]
-            x = x + layer.self_attn(
-                layer.input_layernorm(x), shape, cos, sin, cache.k[i], cache.v[i], slots, kv_len, mask, packing
-            )
+            x = x + attend(i, layer.self_attn, layer.input_layernorm(x), cos, sin)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
 
@@ -471,7 +543,11 @@ class LlamaModel(nn.Module):
         """Ragged rows without padding in the dense layers (EMS-SD) → logits [N, vocab], or with
         ``head=False`` the final-norm features [N, hidden] (``self.head`` makes the logits)."""
         x = self.embed(inputs) if inputs.dtype == torch.long else inputs
-        x = self._layers(x, packing.grid, packing.positions, cache, packing.slots, kv_len, mask, start, None, packing)
+
+        def attend(i: int, attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            return attn(h, packing.grid, cos, sin, cache.k[i], cache.v[i], packing.slots, kv_len, mask, packing)
+
+        x = self._layers(x, packing.positions, attend, start, None)
         return self.logits(x) if head else self.model.norm(x)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
