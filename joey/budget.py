@@ -182,6 +182,28 @@ def best_depth(
     return best
 
 
+class StepScale:
+    """How much longer a batch's steps really take than the batch-1 curve says for their token
+    count: per-row attention over longer contexts, masks, packing. An exponential average of
+    observed ÷ predicted milliseconds, kept apart for plain steps (every row feeds one token, no
+    mask) and drafted steps (packed rows, a mask): only the second pay for packing, and that
+    difference is part of what a draft costs a batch. Before a drafted step is seen it is priced
+    like a plain one."""
+
+    WEIGHT = 0.2  # of the newest observation; ~10 steps of memory
+
+    def __init__(self) -> None:
+        self._ratio: dict[bool, float] = {}
+
+    def observe(self, drafted: bool, predicted_ms: float, observed_ms: float) -> None:
+        ratio = observed_ms / predicted_ms
+        old = self._ratio.get(drafted)
+        self._ratio[drafted] = ratio if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * ratio
+
+    def __call__(self, drafted: bool) -> float:
+        return self._ratio.get(drafted, self._ratio.get(False, 1.0))
+
+
 def batch_depths(
     curve: CostCurve,
     caps: Sequence[int],
@@ -190,6 +212,8 @@ def batch_depths(
     accepted: Sequence[Sequence[int]],
     nodes_at: Sequence[int],
     draft_ms: Sequence[float | None],
+    scale: Callable[[bool], float] | None = None,
+    together: bool = False,
 ) -> list[int]:
     """Draft depths for the rows of one packed step (EMS-SD), each at most its ``cap`` (what
     ``best_depth`` chose for it alone); ``forced`` rows (probing, or not measured yet) keep theirs.
@@ -199,26 +223,31 @@ def batch_depths(
     at batch 8 on a 2-core CPU that can be several times more. Starting from no drafts, the row and
     depth that raise the step's expected committed tokens per millisecond most are taken, one at a
     time, while any does; so a batch drafts less or not at all where verification stops being
-    cheap (vLLM and SGLang turn speculation down under load for the same reason).
+    cheap (vLLM and SGLang turn speculation down under load for the same reason). ``scale``
+    (a ``StepScale``) corrects the curve by what this batch's plain and drafted steps really took.
+    ``together``: rows draft together (one forward per depth for all), so drafting costs the
+    deepest row's depths, not every row's one after another.
     """
     rows = len(caps)
     depths = [cap if force else 0 for cap, force in zip(caps, forced)]
 
     def rate(ds: list[int]) -> float:
         tokens = sum(expected_tokens(dr, ac, d) for dr, ac, d in zip(drafted, accepted, ds))
-        ms = curve.cost(rows + sum(nodes_at[d] for d in ds))
-        ms += sum(d * (m or 0.0) for d, m in zip(ds, draft_ms))  # rows draft one after another
+        ms = curve.cost(rows + sum(nodes_at[d] for d in ds)) * (scale(any(ds)) if scale else 1.0)
+        costs = [d * (m or 0.0) for d, m in zip(ds, draft_ms)]
+        ms += max(costs) if together else sum(costs)
         return tokens / ms
 
     best_rate = rate(depths)
-    while True:
-        choice = None
-        for i in range(rows):
-            for d in range(depths[i] + 1, caps[i] + 1):
-                trial = depths[:i] + [d] + depths[i + 1 :]
-                r = rate(trial)
-                if r > best_rate:
-                    best_rate, choice = r, (i, d)
-        if choice is None:
-            return depths
-        depths[choice[0]] = choice[1]
+    floor = list(depths)  # forced rows never go below their depth
+    for _ in range(4 * rows * (max(caps, default=0) + 1)):  # a bound; each move raises the rate
+        trials = [depths[:i] + [d] + depths[i + 1 :] for i in range(rows)
+                  for d in range(floor[i], caps[i] + 1) if d != depths[i]]
+        if together:  # drafting is shared: many rows drafting may pay where one alone does not
+            trials += [[max(x, min(cap, d)) for x, cap in zip(depths, caps)] for d in range(1, max(caps) + 1)]
+        scored = [(rate(t), t) for t in trials]
+        top = max(scored, key=lambda st: st[0], default=None)
+        if top is None or top[0] <= best_rate:
+            break
+        best_rate, depths = top
+    return depths

@@ -15,7 +15,7 @@ from typing import Any, Union
 import torch
 
 from joey.batching import Lockstep, depths_of, grid_positions, grid_slots, pack, path_moves, step_mask
-from joey.budget import PROBE_EVERY, CostCurve, batch_depths, best_depth, cached_curve
+from joey.budget import PROBE_EVERY, CostCurve, StepScale, batch_depths, best_depth, cached_curve
 from joey.config import (
     DEFAULT_MAX_DRAFT,
     DEFAULT_THRESHOLD,
@@ -36,6 +36,7 @@ from joey.drafters import (
     PromptLookupDrafter,
     Proposal,
 )
+from joey.drafters.base import drafts_together, propose_all
 from joey.errors import InvalidArgumentError, PromptError
 from joey.models.adapter import KangarooAdapter
 from joey.models.jakiro_head import JakiroHead
@@ -336,28 +337,34 @@ class Engine:
     def _budget(self, rows: list[_Row], params: SamplingParams) -> int:
         return min(params.max_new_tokens, self.context_length - max(len(r.prompt_ids) for r in rows))
 
-    def _prefill(self, cache: KVCache, rows: list[_Row]) -> torch.Tensor:
-        """Run the prompts (right-padded into one forward) and return each row's last logits [B, vocab];
-        drafters that read the target's features get those of every prompt position.
+    def _prefill(self, cache: KVCache, rows: list[_Row], padded: bool = False) -> torch.Tensor:
+        """Run the prompts in one forward and return each row's last logits [B, vocab]; drafters
+        that read the target's features get those of every prompt position.
 
-        Causal attention alone is right for right padding: a real token never sees a later slot,
-        and the padding's K/V lie past the row's length, where the next writes overwrite them.
+        Prompts of different lengths are packed like a ragged step (joey.batching): the dense
+        layers see only real tokens, so a batch of one long and many short prompts costs their sum,
+        not the batch size times the longest. ``padded`` (the lock-step baseline) right-pads them
+        instead: causal attention alone is right then, since a real token never sees a later slot and
+        the padding's K/V lie past the row's length (holes the baseline masks from then on).
         """
-        prompts = [r.prompt_ids for r in rows]
-        lengths = [len(p) for p in prompts]
+        lengths = [len(r.prompt_ids) for r in rows]
         t = max(lengths)
-        tokens = torch.zeros(len(prompts), t, dtype=torch.long, device=self.device)
-        for b, p in enumerate(prompts):
-            tokens[b, : len(p)] = torch.tensor(p, device=self.device)
-        positions = torch.arange(t, device=self.device).expand(len(prompts), t)
-        # features of every position, but the LM head only where a token is chosen
-        features = self.model.forward_from(self.model.embed(tokens), positions, cache, 0, t, None, 0, head=False)
+        if padded or all(n == t for n in lengths):  # one shape: a plain causal forward
+            tokens = torch.tensor([r.prompt_ids + [0] * (t - len(r.prompt_ids)) for r in rows], device=self.device)
+            positions = torch.arange(t, device=self.device).expand(len(rows), t)
+            grid = self.model.forward_from(self.model.embed(tokens), positions, cache, 0, t, None, 0, head=False)
+            features = list(grid)
+        else:
+            packing = pack([0] * len(rows), lengths, self.device)
+            inputs = torch.tensor([tok for r in rows for tok in r.prompt_ids], device=self.device)
+            mask = step_mask([0] * len(rows), t, t, None, self.device)
+            features = list(self.model.forward_packed(inputs, cache, packing, t, mask, 0, False).split(lengths))
         cache.advance(lengths)
-        for b, row in enumerate(rows):
+        for row, f in zip(rows, features):
             if getattr(row.drafter, "wants_features", False):
-                row.drafter.observe(features[b, : lengths[b]])
-        last = torch.tensor(lengths, device=self.device) - 1
-        return self.model.head(features[torch.arange(len(prompts), device=self.device), last])
+                row.drafter.observe(f[: len(row.prompt_ids)])
+        # the LM head only where a token is chosen
+        return self.model.head(torch.stack([f[len(row.prompt_ids) - 1] for row, f in zip(rows, features)]))
 
     def _commit(
         self, row: _Row, tokens: list[int], budget: int, params: SamplingParams, method: str = "ar"
@@ -414,7 +421,7 @@ class Engine:
         for row in rows:
             if drafter_factory is not None:
                 row.drafter = drafter_factory(len(row.prompt_ids) + budget + extra, generator)
-        logits = self._prefill(cache, rows)
+        logits = self._prefill(cache, rows, padded)
         lockstep = None
         if padded:  # every row's cache now ends where the longest prompt does
             lockstep = Lockstep(cache.lengths, cache.max_len, self.device)
@@ -431,6 +438,7 @@ class Engine:
         cache.keep_rows(alive)
         if lockstep is not None:
             lockstep.keep_rows(alive)
+        scale = StepScale()  # what this batch's steps really cost, against the curve
         while active:
             t0 = time.perf_counter()
             # the bonus token always comes on top of the draft, so a row drafts at most its room - 1
@@ -440,11 +448,12 @@ class Engine:
             if len(active) > 1 and curve is not None:  # price each row's draft at what it adds to the packed step
                 nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
                 depths = batch_depths(curve, depths, [f for _, f in alone], [r.drafted for r in active],
-                                      [r.accepted for r in active], nodes_at, [r.draft_ms for r in active])
+                                      [r.accepted for r in active], nodes_at, [r.draft_ms for r in active], scale,
+                                      drafts_together([r.drafter for r in active]))
             # No row drafts: a plain decoding step, and drafters catch up on the skipped tokens later.
             # Not for a self-speculative drafter: the target's own cache lacks the layers it runs.
             skip = not any(depths) and not any(getattr(row.drafter, "self_speculative", False) for row in active)
-            proposals = [Proposal.chain([]) if skip else self._propose(row, d, shape) for row, d in zip(active, depths)]
+            proposals = [Proposal.chain([]) for _ in active] if skip else self._propose(active, depths, shape)
             t1 = time.perf_counter()
             features = self._verify_pass(cache, active, proposals, lockstep)  # per row: [1 + draft, hidden]
             # one LM-head GEMM for the whole step (the head is the largest weight of a small model)
@@ -465,6 +474,9 @@ class Engine:
                     row.pending = verdict.bonus
                     still.append(i)
             t2 = time.perf_counter()
+            if len(active) > 1 and curve is not None:
+                fed = sum(len(f) for f in features)
+                scale.observe(fed > len(active), curve.cost(fed), 1000 * (t2 - t1))
             for row in active:
                 row.draft_time += t1 - t0
                 row.verify_time += t2 - t1
@@ -501,17 +513,26 @@ class Engine:
             row.probe_every = PROBE_EVERY
         return depth, False
 
-    def _propose(self, row: _Row, depth: int, shape: TreeShape) -> Proposal:
-        if row.drafter is None:
-            return Proposal.chain([])
+    def _propose(self, rows: list[_Row], depths: list[int], shape: TreeShape) -> list[Proposal]:
+        """Every row's draft, drafted together where the drafter can (one forward per draft depth
+        for all rows: ``propose_all``). Each row's ``draft_ms`` follows what one depth cost: the
+        whole call ÷ the deepest draft for rows that draft together (they share each forward), the
+        row's own share for drafters that go row by row."""
+        if rows[0].drafter is None:
+            return [Proposal.chain([]) for _ in rows]
+        drafters = [row.drafter for row in rows]
+        together = drafts_together(drafters)
         start = time.perf_counter()
         # asked even for depth 0 while other rows draft: a self-speculative drafter still supplies
         # the pending token's state, since one verification pass starts from one layer for all rows
-        prop = row.drafter.propose(row.prompt_ids + row.new_ids, depth, shape.nodes)
-        if len(prop):
-            ms = 1000 * (time.perf_counter() - start) / max(depths_of(prop.parents))
-            row.draft_ms = ms if row.draft_ms is None else 0.8 * row.draft_ms + 0.2 * ms
-        return prop
+        props = propose_all(drafters, [row.prompt_ids + row.new_ids for row in rows], depths, shape.nodes)
+        ms = 1000 * (time.perf_counter() - start)
+        deepest = [max(depths_of(p.parents)) if len(p) else 0 for p in props]
+        for row, d in zip(rows, deepest):
+            if d:
+                per_depth = ms / max(deepest) if together else ms / len(rows) / d
+                row.draft_ms = per_depth if row.draft_ms is None else 0.8 * row.draft_ms + 0.2 * per_depth
+        return props
 
     def _verify_pass(
         self, cache: KVCache, rows: list[_Row], proposals: list[Proposal], lockstep: Lockstep | None = None

@@ -123,8 +123,9 @@ def test_kangaroo_chain(kangaroo, threshold):
         assert [len(p) for p in steps[0]] == DEPTHS[0]
 
 
-def test_kangaroo_tree(kangaroo):
-    steps = run_steps(lambda: KangarooDrafter(kangaroo, GREEDY, None, MAX_LEN, 0.05, topk=3), DEPTHS, 8)
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED])  # sampled trees: top-k candidates of the warped q
+def test_kangaroo_tree(kangaroo, params):
+    steps = run_steps(lambda: KangarooDrafter(kangaroo, params, None, MAX_LEN, 0.05, topk=3), DEPTHS, 8)
     assert any(p.parents != tuple(range(-1, len(p) - 1)) for ps in steps for p in ps)  # real trees
 
 
@@ -155,6 +156,7 @@ def test_jakiro_tree(jakiro, model, lookup):
     steps = run_steps(make, DEPTHS, 8, _features(model))
     assert any(p.parents != tuple(range(-1, len(p) - 1)) for ps in steps for p in ps)
     run_steps(lambda: JakiroDrafter(jakiro, GREEDY, MAX_LEN, topk=1, hybrid=False), DEPTHS, None, _features(model))
+    run_steps(lambda: JakiroDrafter(jakiro, SAMPLED, MAX_LEN, topk=2), DEPTHS, 6, _features(model))
 
 
 def test_propose_all_batches_one_class_and_loops_mixed(model, kangaroo):
@@ -216,8 +218,8 @@ def test_sampled_first_tokens_follow_the_row_distribution(model):
 
 @pytest.mark.parametrize("kind", ["sps", "kangaroo"])
 def test_one_forward_per_draft_depth(model, kangaroo, monkeypatch, kind):
-    """Depths 3, 0, 1, 4: the catch-up of every row is one forward, then each depth one more for the
-    rows still drafting (3 for the deepest row), not one per row and depth."""
+    """Depths 3, 0, 1, 4: the catch-up of every row is one forward, then each round one more for
+    all rows still drafting, not one per row and depth."""
     calls: list[int] = []
     run = model.run_layers_rows
 
@@ -232,5 +234,10 @@ def test_one_forward_per_draft_depth(model, kangaroo, monkeypatch, kind):
         drafters = [KangarooDrafter(kangaroo, GREEDY, None, MAX_LEN, threshold=0.0) for _ in range(4)]
     with torch.inference_mode():
         type(drafters[0]).propose_batch(drafters, contexts(4), [3, 0, 1, 4], None)
-    # sps: a depth-0 row feeds nothing; Kangaroo: it still runs its pending token's shallow layers
-    assert calls == ([3, 2, 1, 1] if kind == "sps" else [4, 2, 1, 1])
+    if kind == "sps":  # a depth-0 row feeds nothing; each token but a row's last is fed
+        assert calls == [3, 2, 2, 1]
+    else:
+        # a depth-0 row still runs its pending token's shallow layers; a row's last round is the
+        # shallow pass of its last tokens (verification needs their layer-l states), in the same
+        # forward as the other rows' expansions
+        assert calls == [4, 3, 2, 2, 1]

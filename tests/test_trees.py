@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from joey.batching import depths_of, grid_positions, pack, path_moves, step_mask
-from joey.budget import CostCurve, batch_depths, best_depth, cached_curve, expected_tokens
+from joey.budget import CostCurve, StepScale, batch_depths, best_depth, cached_curve, expected_tokens
 from joey.drafters import PromptLookupDrafter
 
 TREE = (-1, -1, 0, 0, 1, 2, 4)  # parents: two root children, branching below both, depth 4
@@ -193,6 +193,31 @@ def test_batch_depths_price_a_draft_at_the_whole_packed_step():
     assert batch_depths(steep, [4, 4, 4, 4], [False, True, False, False], *args)[1] == 4
     # never deeper than a row would draft alone
     assert batch_depths(flat, [2, 0, 1, 3], [False] * 4, *free) == [2, 0, 1, 3]
+    # rows that draft together share each draft forward: what one row alone cannot pay for, four can
+    shared = args[:3] + ([3.0] * 4,)
+    assert batch_depths(flat, [4, 4, 4, 4], [False] * 4, *shared) == [0, 0, 0, 0]
+    assert batch_depths(flat, [4, 4, 4, 4], [False] * 4, *shared, None, True) == [4, 4, 4, 4]
+
+
+def test_step_scale_prices_the_packing_overhead_a_batch_really_pays():
+    """Drafted (packed) steps observed at twice their predicted cost while plain steps cost what the
+    curve says: drafts that paid on the curve alone no longer do, and the batch decodes plainly."""
+    nodes_at = list(range(7))
+    curve = CostCurve((1, 2, 4, 8, 16), (10.0, 11.0, 12.0, 14.0, 20.0), "cpu", "int4", 2)
+    rows = ([50] * 6, [30] * 6)  # accepted 60 % of the time at every depth
+    args = ([rows[0]] * 4, [rows[1]] * 4, nodes_at, [0.0] * 4)
+    scale = StepScale()
+    assert scale(True) == scale(False) == 1.0  # nothing seen: the curve as measured
+    assert batch_depths(curve, [4] * 4, [False] * 4, *args, scale) == batch_depths(curve, [4] * 4, [False] * 4, *args)
+    assert any(batch_depths(curve, [4] * 4, [False] * 4, *args, scale))
+    for _ in range(20):
+        scale.observe(False, 12.0, 12.0)
+        scale.observe(True, 14.0, 28.0)
+    assert scale(False) == pytest.approx(1.0) and scale(True) == pytest.approx(2.0, rel=0.02)
+    assert batch_depths(curve, [4] * 4, [False] * 4, *args, scale) == [0, 0, 0, 0]
+    fresh = StepScale()
+    fresh.observe(False, 10.0, 15.0)
+    assert fresh(True) == 1.5  # a drafted step not seen yet is priced like a plain one
 
 
 def test_cost_curve_is_cached_and_a_corrupt_cache_is_remeasured(tiny_engine, tmp_path):

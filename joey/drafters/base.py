@@ -109,6 +109,12 @@ def draft_in_rounds(
     return proposals  # type: ignore[return-value]  # every row has returned
 
 
+def drafts_together(drafters: Sequence[Drafter | None]) -> bool:
+    """Whether ``propose_all`` drafts these rows together (one forward per depth for all of them)."""
+    kind = type(drafters[0]) if drafters else None
+    return getattr(kind, "propose_batch", None) is not None and all(type(d) is kind for d in drafters)
+
+
 def propose_all(
     drafters: Sequence[Drafter], contexts: Sequence[list[int]], max_tokens: Sequence[int], max_nodes: int | None
 ) -> list[Proposal]:
@@ -117,8 +123,6 @@ def propose_all(
     one, else row by row."""
     if not drafters:
         return []
-    kind = type(drafters[0])
-    batch = getattr(kind, "propose_batch", None)
-    if batch is not None and all(type(d) is kind for d in drafters):
-        return batch(list(drafters), list(contexts), list(max_tokens), max_nodes)
+    if drafts_together(drafters):
+        return type(drafters[0]).propose_batch(list(drafters), list(contexts), list(max_tokens), max_nodes)
     return [d.propose(c, k, max_nodes) for d, c, k in zip(drafters, contexts, max_tokens)]

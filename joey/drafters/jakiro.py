@@ -167,15 +167,15 @@ class JakiroDrafter:
             n = len(p.tokens)
             picks.append(torch.arange(start + n - 1 if p.last_only else start, start + n, device=dev))
             start += n
-        after = [pick for p, pick in zip(passes, picks) if p.after]
-        scored = torch.cat([out.next[torch.cat(picks)], *([out.after_next[torch.cat(after)]] if after else [])])
-        logits = draft.vocab_head.logits(scored).split([len(pick) for pick in picks + after])
+        nexts = [out.next[pick] for pick in picks]
+        afters = [out.after_next[pick] for p, pick in zip(passes, picks) if p.after]
+        logits = draft.vocab_head.logits(torch.cat(nexts + afters)).split([len(x) for x in nexts + afters])
+        after_logits = iter(logits[len(nexts) :])
         results = []
-        later = iter(logits[len(picks):])
-        for p, pick, rows in zip(passes, picks, logits):
+        for p, pick, nxt, rows in zip(passes, picks, nexts, logits):
             lp = p.drafter.params
-            results.append(Scored(out.next[pick], out.after_next[pick], candidate_log_probs(rows, lp),
-                                  candidate_log_probs(next(later), lp) if p.after else None))
+            results.append(Scored(nxt, out.after_next[pick], candidate_log_probs(rows, lp),
+                                  candidate_log_probs(next(after_logits), lp) if p.after else None))
         return results
 
     def _catch_up(self, context: list[int], after: bool) -> _HeadPass:

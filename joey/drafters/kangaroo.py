@@ -144,25 +144,26 @@ class KangarooDrafter:
         h = model.run_layers_rows(model.embed(tokens), positions, spans, 0, draft.exit_layer)
         for p, states in zip(passes, h.split([len(p.tokens) for p in passes])):
             p.drafter._store(p.shallow.slots, states)
-        adapting = [p for p in passes if p.adapt is not None]
+        adapting = [(i, p, p.adapt) for i, p in enumerate(passes) if p.adapt is not None]
         out: list[torch.Tensor | None] = [None] * len(passes)
         if not adapting:
             return out
-        states = torch.cat([p.drafter._states(p.adapt.slots) for p in adapting])  # type: ignore[union-attr]
-        cos, sin = model.rope(torch.tensor([q for p in adapting for q in p.adapt.positions], device=dev))  # type: ignore[union-attr]
-        spans = [p.adapt.span(p.drafter.adapter_cache, dev) for p in adapting]  # type: ignore[union-attr]
+        states = torch.cat([p.drafter._states(where.slots) for _, p, where in adapting])
+        cos, sin = model.rope(torch.tensor([q for _, _, where in adapting for q in where.positions], device=dev))
+        spans = [where.span(p.drafter.adapter_cache, dev) for _, p, where in adapting]
         normed = draft.adapter.forward_rows(states, cos, sin, spans)
         # the head only where logits are used: a prefix's last slot, every expanded node
-        want, counts, start = [], [], 0
-        for p in adapting:
-            n = len(p.adapt.slots)  # type: ignore[union-attr]
+        want: list[int] = []
+        counts: list[int] = []
+        start = 0
+        for _, p, where in adapting:
+            n = len(where.slots)
             want.extend([start + n - 1] if p.last_only else range(start, start + n))
             counts.append(1 if p.last_only else n)
             start += n
         logits = draft.logits(normed[torch.tensor(want, device=dev)]).split(counts)
-        index = {id(p): i for i, p in enumerate(passes)}
-        for p, rows in zip(adapting, logits):
-            out[index[id(p)]] = rows
+        for (i, _, _), rows in zip(adapting, logits):
+            out[i] = rows
         return out
 
     def _store(self, slots: tuple[int, ...], states: torch.Tensor) -> None:
