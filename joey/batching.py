@@ -123,6 +123,24 @@ def step_mask(
     return mask.to(device)
 
 
+def row_mask(length: int, count: int, parents: Sequence[int] | None, device: torch.device | str) -> torch.Tensor | None:
+    """Mask [1, 1, count, length + count] of one row's step (its cached prefix, then its own tokens
+    as a chain or a tree), or None where attention needs none (a single new token sees everything)."""
+    if count == 1:
+        return None
+    return step_mask([length], count, length + count, [parents] if parents is not None else None, device)
+
+
+def rows_pay_off(lengths: Sequence[int], counts: Sequence[int]) -> bool:
+    """Whether attention row by row beats one padded grid: the grid computes every row's queries
+    against the longest row's keys, so rows of very different lengths (a long prompt among short
+    ones) waste most of it; a call per row costs a little overhead, so the grid must waste at least
+    half its work."""
+    grid = len(counts) * max(counts) * (max(lengths) + max(counts))
+    real = sum(c * (n + c) for n, c in zip(lengths, counts))
+    return grid > 2 * real
+
+
 def visible_slots_mask(
     prefix: int, visible: Sequence[Sequence[int]], kv_len: int, device: torch.device | str
 ) -> torch.Tensor:

@@ -14,7 +14,17 @@ from typing import Any, Union
 
 import torch
 
-from joey.batching import Lockstep, depths_of, grid_positions, grid_slots, pack, path_moves, step_mask
+from joey.batching import (
+    Lockstep,
+    depths_of,
+    grid_positions,
+    grid_slots,
+    pack,
+    path_moves,
+    row_mask,
+    rows_pay_off,
+    step_mask,
+)
 from joey.budget import PROBE_EVERY, CostCurve, StepScale, batch_depths, best_depth, cached_curve
 from joey.config import (
     DEFAULT_MAX_DRAFT,
@@ -41,7 +51,7 @@ from joey.errors import InvalidArgumentError, PromptError
 from joey.models.adapter import KangarooAdapter
 from joey.models.jakiro_head import JakiroHead
 from joey.models.kv_cache import KVCache
-from joey.models.llama import LlamaModel
+from joey.models.llama import LlamaModel, RowSpan
 from joey.models.registry import ModelSource
 from joey.models.weights import read_config
 from joey.sampling import next_tokens, probabilities
@@ -342,8 +352,9 @@ class Engine:
         that read the target's features get those of every prompt position.
 
         Prompts of different lengths are packed like a ragged step (joey.batching): the dense
-        layers see only real tokens, so a batch of one long and many short prompts costs their sum,
-        not the batch size times the longest. ``padded`` (the lock-step baseline) right-pads them
+        layers see only real tokens and attention runs per row, so a batch of one long and many
+        short prompts costs their sum, not the batch size times the longest; and each row's prefill
+        is what it would be alone. ``padded`` (the lock-step baseline) right-pads them
         instead: causal attention alone is right then, since a real token never sees a later slot and
         the padding's K/V lie past the row's length (holes the baseline masks from then on).
         """
@@ -354,11 +365,12 @@ class Engine:
             positions = torch.arange(t, device=self.device).expand(len(rows), t)
             grid = self.model.forward_from(self.model.embed(tokens), positions, cache, 0, t, None, 0, head=False)
             features = list(grid)
-        else:
-            packing = pack([0] * len(rows), lengths, self.device)
+        else:  # attention row by row, each prompt against itself only: Σ n², not rows × longest²
             inputs = torch.tensor([tok for r in rows for tok in r.prompt_ids], device=self.device)
-            mask = step_mask([0] * len(rows), t, t, None, self.device)
-            features = list(self.model.forward_packed(inputs, cache, packing, t, mask, 0, False).split(lengths))
+            positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+            spans = [RowSpan(n, cache.row(b), 0, n, None) for b, n in enumerate(lengths)]
+            x = self.model.run_layers_rows(self.model.embed(inputs), positions, spans)
+            features = list(self.model.model.norm(x).split(lengths))
         cache.advance(lengths)
         for row, f in zip(rows, features):
             if getattr(row.drafter, "wants_features", False):
@@ -542,7 +554,9 @@ class Engine:
         drafters read them).
 
         When rows feed different numbers of tokens they are packed (joey.batching): the dense
-        layers run on exactly the real tokens, with no padding. With a ``lockstep`` (the padded
+        layers run on exactly the real tokens, with no padding; where rows' lengths differ so much
+        that a padded attention grid would mostly compute padding, attention runs row by row
+        (``rows_pay_off``). With a ``lockstep`` (the padded
         baseline) they are padded to the longest instead, and attention skips the cache's holes.
         """
         lengths = cache.lengths
@@ -555,7 +569,8 @@ class Engine:
         layer = proposals[0].start_layer if proposals[0].hidden is not None else 0
         if lockstep is not None:
             return self._padded_pass(cache, rows, proposals, lockstep, layer)
-        if any(c != t for c in counts):
+        by_rows = rows_pay_off(lengths, counts)
+        if by_rows or any(c != t for c in counts):
             packing = pack(lengths, counts, self.device, parents)
             if layer:
                 inputs = torch.cat([prop.hidden for prop in proposals])
@@ -563,8 +578,15 @@ class Engine:
                 inputs = torch.tensor(
                     [tok for row, prop in zip(rows, proposals) for tok in (row.pending, *prop.tokens)]
                 )
+            inputs = inputs.to(self.device)
+            if by_rows:  # attention row by row, each against its own length
+                spans = [RowSpan(c, cache.row(b), n, n + c, row_mask(n, c, p, self.device))
+                         for b, (n, c, p) in enumerate(zip(lengths, counts, parents))]
+                hidden = inputs if layer else self.model.embed(inputs)
+                x = self.model.run_layers_rows(hidden, packing.positions, spans, start=layer)
+                return list(self.model.model.norm(x).split(counts))
             mask = step_mask(lengths, t, kv_len, parents, self.device)
-            features = self.model.forward_packed(inputs.to(self.device), cache, packing, kv_len, mask, layer, False)
+            features = self.model.forward_packed(inputs, cache, packing, kv_len, mask, layer, False)
             return list(features.split(counts))
         positions = grid_positions(lengths, t, parents, self.device)
         uniform = all(n == lengths[0] for n in lengths)

@@ -139,3 +139,23 @@ def test_padded_cache_grows_past_its_first_size(engine):
 def test_unknown_batch_mode_is_refused(engine):
     with pytest.raises(InvalidArgumentError, match="batch mode"):
         engine.generate("Hi", batch_mode="ragged")
+
+
+def test_a_long_prompt_among_short_ones_runs_attention_row_by_row(engine, monkeypatch):
+    """One long prompt among short ones: the grid would mostly compute padding, so the prefill and
+    the steps attend row by row; every row still gets exactly its tokens alone."""
+    import joey.engine as engine_module
+    from joey.batching import rows_pay_off
+
+    assert rows_pay_off([300, 20, 25], [1, 1, 1]) and not rows_pay_off([30, 28, 31], [3, 2, 3])
+    calls = []
+    monkeypatch.setattr(engine_module, "rows_pay_off", lambda *a: calls.append(rows_pay_off(*a)) or calls[-1])
+    long = "Summarize this: " + " ".join(f"item {i} is {i * 7 % 13}." for i in range(30))
+    prompts = [long, "Hi", PROMPTS[0]]
+    kw = dict(max_new_tokens=12, ignore_eos=True, adaptive=False)
+    alone = [engine.generate(p, method="ar", **kw).token_ids for p in prompts]
+    for method, extra in [("ar", {}), ("pld", {}), ("kangaroo", {"threshold": 0.0, "tree_nodes": 6, "tree_topk": 2}),
+                          ("jakiro", {"tree_nodes": 6})]:
+        calls.clear()
+        assert _tokens(engine.generate(prompts, method=method, **kw, **extra)) == alone, method
+        assert any(calls), method  # the row-by-row path really ran

@@ -64,6 +64,15 @@ class KVCache:
         self.keys[:, r, :, d] = self.keys[:, r, :, s]
         self.values[:, r, :, d] = self.values[:, r, :, s]
 
+    def row(self, b: int) -> KVCache:
+        """Row b as a batch-1 cache sharing this one's storage (writes land here): for work done
+        row by row, such as attention over rows of very different lengths."""
+        view = KVCache.__new__(KVCache)
+        view._set(self.keys[:, b : b + 1], self.values[:, b : b + 1])
+        view.max_len = self.max_len
+        view.lengths = [self.lengths[b]]
+        return view
+
     def grow(self, max_len: int) -> None:
         """Room for ``max_len`` slots per row, keeping what is stored (a padded batch's holes use
         slots, so its cache cannot be sized from the token budget alone)."""
