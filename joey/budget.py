@@ -220,9 +220,10 @@ def batch_depths(
 
     A packed step is one target forward over every row's tokens, so a row's draft costs what its
     tokens add to the *whole* step (the curve at the batch's total), not what they would cost alone;
-    at batch 8 on a 2-core CPU that can be several times more. Starting from no drafts, the row and
-    depth that raise the step's expected committed tokens per millisecond most are taken, one at a
-    time, while any does; so a batch drafts less or not at all where verification stops being
+    at batch 8 on a 2-core CPU that can be several times more. Starting from no drafts (forced rows
+    at theirs), a local search takes the move that raises the step's expected committed tokens per
+    millisecond most (one row's depth up or down, or with ``together`` all rows up to a depth at
+    once) while any does; so a batch drafts less or not at all where verification stops being
     cheap (vLLM and SGLang turn speculation down under load for the same reason). ``scale``
     (a ``StepScale``) corrects the curve by what this batch's plain and drafted steps really took.
     ``together``: rows draft together (one forward per depth for all), so drafting costs the

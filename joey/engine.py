@@ -446,26 +446,30 @@ class Engine:
             if row.finish_reason is None:
                 row.pending = tok
                 active.append(row)
-        alive = [i for i, r in enumerate(rows) if r.finish_reason is None]
-        cache.keep_rows(alive)
-        if lockstep is not None:
-            lockstep.keep_rows(alive)
+        def keep(alive: list[int]) -> None:  # finished rows leave the cache (and the lock-step's holes)
+            cache.keep_rows(alive)
+            if lockstep is not None:
+                lockstep.keep_rows(alive)
+
+        keep([i for i, r in enumerate(rows) if r.finish_reason is None])
         scale = StepScale()  # what this batch's steps really cost, against the curve
+        # draft tokens of a tree of each depth (a chain: the depth), and whether rows draft together
+        nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
+        together = drafts_together([row.drafter for row in active])
         while active:
             t0 = time.perf_counter()
             # the bonus token always comes on top of the draft, so a row drafts at most its room - 1
             rooms = [budget - len(row.new_ids) - 1 for row in active]
-            alone = [self._depth(row, room, spec, shape, curve) for row, room in zip(active, rooms)]
+            alone = [self._depth(row, room, spec, nodes_at, curve) for row, room in zip(active, rooms)]
             depths = [min(room, d) for room, (d, _) in zip(rooms, alone)]
             if len(active) > 1 and curve is not None:  # price each row's draft at what it adds to the packed step
-                nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
                 depths = batch_depths(curve, depths, [f for _, f in alone], [r.drafted for r in active],
                                       [r.accepted for r in active], nodes_at, [r.draft_ms for r in active], scale,
-                                      drafts_together([r.drafter for r in active]))
+                                      together)
             # No row drafts: a plain decoding step, and drafters catch up on the skipped tokens later.
             # Not for a self-speculative drafter: the target's own cache lacks the layers it runs.
             skip = not any(depths) and not any(getattr(row.drafter, "self_speculative", False) for row in active)
-            proposals = [Proposal.chain([]) for _ in active] if skip else self._propose(active, depths, shape)
+            proposals = [Proposal.chain([]) for _ in active] if skip else self._propose(active, depths, shape, together)
             t1 = time.perf_counter()
             features = self._verify_pass(cache, active, proposals, lockstep)  # per row: [1 + draft, hidden]
             # one LM-head GEMM for the whole step (the head is the largest weight of a small model)
@@ -498,13 +502,11 @@ class Engine:
             else:
                 cache.advance(counts)
             if len(still) < len(active):
-                cache.keep_rows(still)
-                if lockstep is not None:
-                    lockstep.keep_rows(still)
+                keep(still)
                 active = [active[i] for i in still]
 
     def _depth(
-        self, row: _Row, room: int, spec: SpecConfig, shape: TreeShape, curve: CostCurve | None
+        self, row: _Row, room: int, spec: SpecConfig, nodes_at: list[int], curve: CostCurve | None
     ) -> tuple[int, bool]:
         """How deep this row would draft this step alone, and whether that depth is forced: the most
         the budget expects to pay (joey.budget), the full depth before anything is measured and,
@@ -518,14 +520,13 @@ class Engine:
             row.idle = 0
             row.probe_every = min(8 * PROBE_EVERY, 2 * row.probe_every)
             return spec.max_draft, True
-        nodes_at = [min(shape.nodes, shape.topk * d) for d in range(spec.max_draft + 1)]
         depth = best_depth(curve, row.drafted, row.accepted, spec.max_draft, nodes_at, row.draft_ms)
         row.idle = row.idle + 1 if depth == 0 else 0
         if depth:
             row.probe_every = PROBE_EVERY
         return depth, False
 
-    def _propose(self, rows: list[_Row], depths: list[int], shape: TreeShape) -> list[Proposal]:
+    def _propose(self, rows: list[_Row], depths: list[int], shape: TreeShape, together: bool) -> list[Proposal]:
         """Every row's draft, drafted together where the drafter can (one forward per draft depth
         for all rows: ``propose_all``). Each row's ``draft_ms`` follows what one depth cost: the
         whole call ÷ the deepest draft for rows that draft together (they share each forward), the
@@ -533,7 +534,6 @@ class Engine:
         if rows[0].drafter is None:
             return [Proposal.chain([]) for _ in rows]
         drafters = [row.drafter for row in rows]
-        together = drafts_together(drafters)
         start = time.perf_counter()
         # asked even for depth 0 while other rows draft: a self-speculative drafter still supplies
         # the pending token's state, since one verification pass starts from one layer for all rows

@@ -21,7 +21,7 @@ from typing import Any
 
 from joey.bench import plots, report
 from joey.bench.metrics import spread
-from joey.bench.questions import Question, load_questions, select
+from joey.bench.questions import Question
 from joey.bench.store import Store
 from joey.config import SamplingParams, SpecConfig
 from joey.engine import BATCH_MODES, METHODS, Engine
@@ -47,11 +47,16 @@ class BatchRun:
 
     @property
     def key(self) -> str:
-        return f"{self.method}|{self.mode}|{self.batch_size}|{self.repeat}|{self.chunk}"
+        return run_key(self.method, self.mode, self.batch_size, self.repeat, self.chunk)
 
     @property
     def new_tokens(self) -> int:
         return sum(len(t) for t in self.token_ids)
+
+
+def run_key(method: str, mode: str, batch_size: int, repeat: int, chunk: int) -> str:
+    """The progress file's key of one answered batch."""
+    return f"{method}|{mode}|{batch_size}|{repeat}|{chunk}"
 
 
 def batch_run_from(d: dict[str, Any]) -> BatchRun:
@@ -75,14 +80,11 @@ def validate(sizes: Sequence[int], modes: Sequence[str], methods: Sequence[str])
         raise InvalidArgumentError(f"--batch-size runs joey's own methods only; leave out {', '.join(external)}")
 
 
-def first_turns(s: Any) -> list[Question]:
-    """The run's questions (``--categories``/``--limit`` as in the per-question bench), as many as
-    the largest batch needs at least."""
-    questions = select(load_questions(s.questions), s.categories, s.limit)
-    if len(questions) < max(s.batch_sizes):
-        raise InvalidArgumentError(f"batch size {max(s.batch_sizes)} needs at least that many questions; "
+def check_enough(questions: Sequence[Question], sizes: Sequence[int]) -> None:
+    """The run's questions (selected as in the per-question bench) must fill the largest batch."""
+    if len(questions) < max(sizes):
+        raise InvalidArgumentError(f"batch size {max(sizes)} needs at least that many questions; "
                                    f"the selection has {len(questions)} (raise --limit or add --categories)")
-    return questions
 
 
 def run_batched(s: Any, engine: Engine | None, settings: dict[str, Any], params: SamplingParams,
@@ -105,12 +107,12 @@ def run_batched(s: Any, engine: Engine | None, settings: dict[str, Any], params:
     if REFERENCE not in pairs:
         pairs.insert(0, REFERENCE)
     plan = [(r, b, c) for r in range(s.repeats) for b in s.batch_sizes for c in range(len(questions) // b)]
-    if any(f"{m}|{mode}|{b}|{r}|{c}" not in done for r, b, c in plan for m, mode in pairs):
+    if any(run_key(m, mode, b, r, c) not in done for r, b, c in plan for m, mode in pairs):
         warm = replace(params, max_new_tokens=min(16, params.max_new_tokens))
         for m, mode in pairs:  # untimed: lazy initialisation, kernel selection, the cost curve
             engine.generate([q.turns[0] for q in questions[:2]], warm, method=m, batch_mode=mode, **asdict(spec))
     _loop(engine, plan, pairs, questions, params, spec, done, store, s.progress)
-    runs = [done[f"{m}|{mode}|{b}|{r}|{c}"] for r, b, c in plan for m, mode in pairs]
+    runs = [done[run_key(m, mode, b, r, c)] for r, b, c in plan for m, mode in pairs]
     return _write(Path(s.out), runs, pairs, settings, engine, params, started)
 
 
@@ -126,8 +128,8 @@ def _loop(engine: Engine, plan: list[tuple[int, int, int]], pairs: list[tuple[st
             rows = questions[c * b : (c + 1) * b]
             k = n % len(pairs)  # rotated, so drift on the machine falls on every pair alike
             for m, mode in pairs[k:] + pairs[:k]:
-                run_key = f"{m}|{mode}|{b}|{r}|{c}"
-                if run_key in done:
+                key = run_key(m, mode, b, r, c)
+                if key in done:
                     continue
                 bar.set_postfix_str(f"batch {b} #{c} {m} {mode}", refresh=False)
                 gens = engine.generate([q.turns[0] for q in rows], params, method=m, batch_mode=mode,
@@ -136,7 +138,7 @@ def _loop(engine: Engine, plan: list[tuple[int, int, int]], pairs: list[tuple[st
                                tuple(g.token_ids for g in gens), tuple(g.stats.steps for g in gens),
                                max(g.wall_time_s for g in gens))
                 store.append(run)
-                done[run_key] = run
+                done[key] = run
                 bar.update()
     finally:
         bar.close()

@@ -187,7 +187,7 @@ def _run(s: BenchSettings, engine: Engine | None) -> dict[str, Any]:
     if s.batch_sizes:
         if not s.methods:  # the default list names baselines that do not run batches
             methods = tuple(m for m in methods if m in METHODS)
-        questions = batched.first_turns(s)
+        batched.check_enough(questions, s.batch_sizes)
         settings = _settings_record(s, methods, questions, model_name)
         return batched.run_batched(s, engine, settings, params, methods, questions)
     settings = _settings_record(s, methods, questions, model_name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -107,6 +107,40 @@ def draft_in_rounds(
         for i, result in zip(order, results):
             resume(i, result)
     return proposals  # type: ignore[return-value]  # every row has returned
+
+
+class BatchedDrafter:
+    """A drafter whose rows draft together: ``propose`` is ``propose_batch`` of one row, so a row
+    alone and a batch run one code path. A subclass gives ``shared`` (what its draft forwards run
+    on; the rows of one batch must share it), ``_steps`` (one row's drafting: a generator of the
+    draft forwards it needs, returning its proposal) and ``_run`` (one packed forward for a list
+    of such requests)."""
+
+    @property
+    def shared(self) -> object:
+        raise NotImplementedError
+
+    def _steps(self, context: list[int], max_tokens: int, max_nodes: int | None) -> Generator[Any, Any, Proposal]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _run(requests: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
+        """``Drafter.propose``: this row alone."""
+        return self.propose_batch([self], [context], [max_tokens], max_nodes)[0]
+
+    @classmethod
+    def propose_batch(
+        cls, drafters: Sequence[BatchedDrafter], contexts: Sequence[list[int]], max_tokens: Sequence[int],
+        max_nodes: int | None,
+    ) -> list[Proposal]:
+        """``propose`` for every row; each draft forward runs once for all rows still drafting."""
+        if any(d.shared is not drafters[0].shared for d in drafters):
+            raise ValueError(f"rows drafted together must share one {type(drafters[0].shared).__name__}")
+        steps = [d._steps(c, k, max_nodes) for d, c, k in zip(drafters, contexts, max_tokens)]
+        return draft_in_rounds(steps, cls._run)
 
 
 def drafts_together(drafters: Sequence[Drafter | None]) -> bool:

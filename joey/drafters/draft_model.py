@@ -13,7 +13,7 @@ import torch
 
 from joey.batching import prefix_causal_mask
 from joey.config import SamplingParams
-from joey.drafters.base import Proposal, common_prefix, draft_in_rounds
+from joey.drafters.base import BatchedDrafter, Proposal, common_prefix
 from joey.models.llama import LlamaModel, RowSpan
 from joey.sampling import probabilities, sample
 
@@ -26,7 +26,7 @@ class _Feed:
     tokens: tuple[int, ...]
 
 
-class DraftModelDrafter:
+class DraftModelDrafter(BatchedDrafter):
     """Drafts a chain token by token with a small model; one instance per sequence."""
 
     name = "sps"
@@ -40,23 +40,14 @@ class DraftModelDrafter:
         self.cache = model.new_cache(1, max_len)
         self.cached: list[int] = []  # the tokens whose K/V are in self.cache, in order
 
-    def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
-        """A chain of up to ``max_tokens`` (this drafter does not build trees; ``max_nodes`` is ignored)."""
-        return self.propose_batch([self], [context], [max_tokens], max_nodes)[0]
+    @property
+    def shared(self) -> LlamaModel:
+        """The draft model (rows drafted together share it). This drafter draws chains: ``max_nodes`` is ignored."""
+        return self.model
 
-    @classmethod
-    def propose_batch(
-        cls, drafters: list[DraftModelDrafter], contexts: list[list[int]], max_tokens: list[int],
-        max_nodes: int | None,
-    ) -> list[Proposal]:
-        """``propose`` for every row, one draft-model forward per draft position for all rows still
-        drafting. The drafters must share one draft model."""
-        if any(d.model is not drafters[0].model for d in drafters):
-            raise ValueError("rows drafted together must share one draft model")
-        steps = [d._steps(c, k) for d, c, k in zip(drafters, contexts, max_tokens)]
-        return draft_in_rounds(steps, cls._run)
-
-    def _steps(self, context: list[int], max_tokens: int) -> Generator[_Feed, torch.Tensor, Proposal]:
+    def _steps(
+        self, context: list[int], max_tokens: int, max_nodes: int | None
+    ) -> Generator[_Feed, torch.Tensor, Proposal]:
         """This row's drafting: yields the tokens to feed, receives the logits after the last one [vocab]."""
         if max_tokens < 1:
             return Proposal.chain([])

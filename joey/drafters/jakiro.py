@@ -36,7 +36,7 @@ import torch
 
 from joey.batching import prefix_causal_mask, visible_slots_mask
 from joey.config import SamplingParams
-from joey.drafters.base import Proposal, common_prefix, draft_in_rounds
+from joey.drafters.base import BatchedDrafter, Proposal, common_prefix
 from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.prompt_lookup import PromptLookupDrafter
 from joey.drafters.tree import DraftTree, Placement, candidate_log_probs
@@ -115,7 +115,7 @@ class Scored:
     logp_after: torch.Tensor | None  # [F, draft_vocab] of the one after; None unless asked for
 
 
-class JakiroDrafter:
+class JakiroDrafter(BatchedDrafter):
     """Drafts a dynamic tree (a chain when ``topk == 1``) for one sequence; one instance per row (the
     rows of a batch draft together through ``propose_batch``)."""
 
@@ -193,21 +193,10 @@ class JakiroDrafter:
         return _HeadPass(self, tuple(context[start + 1 :]), self.features[start : n - 1], where, True, after)
 
     # -- proposing -------------------------------------------------------------------------------
-    def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
-        """Up to ``max_tokens`` deep and ``max_nodes`` tokens in all (default: a chain's worth)."""
-        return self.propose_batch([self], [context], [max_tokens], max_nodes)[0]
-
-    @classmethod
-    def propose_batch(
-        cls, drafters: list[JakiroDrafter], contexts: list[list[int]], max_tokens: list[int],
-        max_nodes: int | None,
-    ) -> list[Proposal]:
-        """``propose`` for every row; the catch-ups are one head forward for all rows, and so is each
-        tree depth for the rows still drafting. The drafters must share one ``JakiroDraft``."""
-        if any(d.draft is not drafters[0].draft for d in drafters):
-            raise ValueError("rows drafted together must share one JakiroDraft")
-        steps = [d._steps(c, k, max_nodes) for d, c, k in zip(drafters, contexts, max_tokens)]
-        return draft_in_rounds(steps, cls._run)
+    @property
+    def shared(self) -> JakiroDraft:
+        """The target and head every row drafts from (rows drafted together share it)."""
+        return self.draft
 
     def _steps(
         self, context: list[int], max_tokens: int, max_nodes: int | None

@@ -40,7 +40,7 @@ import torch
 
 from joey.batching import prefix_causal_mask, visible_slots_mask
 from joey.config import DEFAULT_THRESHOLD, SamplingParams
-from joey.drafters.base import Proposal, common_prefix, draft_in_rounds
+from joey.drafters.base import BatchedDrafter, Proposal, common_prefix
 from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.prompt_lookup import PromptLookupDrafter
 from joey.drafters.tree import DraftTree, Placement, candidate_log_probs, contiguous
@@ -94,7 +94,7 @@ class _Pass:
     last_only: bool = False  # only the last adapted slot's draft logits are wanted (a context prefix)
 
 
-class KangarooDrafter:
+class KangarooDrafter(BatchedDrafter):
     """Drafts a chain (``topk == 1``) or a dynamic tree for one sequence; one instance per row (the
     rows of a batch draft together through ``propose_batch``)."""
 
@@ -212,21 +212,10 @@ class KangarooDrafter:
         self.adapted = self.cached[: tree.base + adapted]  # the adapter ran on the whole context
 
     # -- proposing -----------------------------------------------------------------------------
-    def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
-        """Up to ``max_tokens`` deep and ``max_nodes`` tokens in all (default: a chain's worth)."""
-        return self.propose_batch([self], [context], [max_tokens], max_nodes)[0]
-
-    @classmethod
-    def propose_batch(
-        cls, drafters: list[KangarooDrafter], contexts: list[list[int]], max_tokens: list[int],
-        max_nodes: int | None,
-    ) -> list[Proposal]:
-        """``propose`` for every row; each draft depth is one forward (shallow layers, adapter, head)
-        for all rows still drafting. The drafters must share one ``KangarooDraft``."""
-        if any(d.draft is not drafters[0].draft for d in drafters):
-            raise ValueError("rows drafted together must share one KangarooDraft")
-        steps = [d._steps(c, k, max_nodes) for d, c, k in zip(drafters, contexts, max_tokens)]
-        return draft_in_rounds(steps, cls._run)
+    @property
+    def shared(self) -> KangarooDraft:
+        """The target, adapter and head every row drafts from (rows drafted together share it)."""
+        return self.draft
 
     def _steps(
         self, context: list[int], max_tokens: int, max_nodes: int | None
