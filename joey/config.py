@@ -8,6 +8,7 @@ from joey.errors import InvalidArgumentError
 
 DEFAULT_MAX_DRAFT = 6  # most draft tokens on one path per step (Kangaroo's γ)
 DEFAULT_THRESHOLD = 0.6  # Kangaroo's confidence stop η (the paper's single-sequence value)
+METHODS = ("ar", "pld", "sps", "kangaroo", "kangaroo+pld", "jakiro", "jakiro+pld")  # drafting methods
 MAX_DRAFT_LIMIT = 64  # keeps draft positions inside the RoPE table's margin past the context
 MAX_TREE_NODES = 128
 MAX_TREE_TOPK = 16

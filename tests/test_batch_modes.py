@@ -144,12 +144,12 @@ def test_unknown_batch_mode_is_refused(engine):
 def test_a_long_prompt_among_short_ones_runs_attention_row_by_row(engine, monkeypatch):
     """One long prompt among short ones: the grid would mostly compute padding, so the prefill and
     the steps attend row by row; every row still gets exactly its tokens alone."""
-    import joey.engine as engine_module
+    import joey.continuous as continuous
     from joey.batching import rows_pay_off
 
     assert rows_pay_off([300, 20, 25], [1, 1, 1]) and not rows_pay_off([30, 28, 31], [3, 2, 3])
     calls = []
-    monkeypatch.setattr(engine_module, "rows_pay_off", lambda *a: calls.append(rows_pay_off(*a)) or calls[-1])
+    monkeypatch.setattr(continuous, "rows_pay_off", lambda *a: calls.append(rows_pay_off(*a)) or calls[-1])
     long = "Summarize this: " + " ".join(f"item {i} is {i * 7 % 13}." for i in range(30))
     prompts = [long, "Hi", PROMPTS[0]]
     kw = dict(max_new_tokens=12, ignore_eos=True, adaptive=False)

@@ -83,6 +83,14 @@ class KVCache:
         self._set(torch.nn.functional.pad(self.keys, pad), torch.nn.functional.pad(self.values, pad))
         self.max_len = max_len
 
+    def extend(self, other: KVCache) -> None:
+        """Append ``other``'s rows after this cache's (requests that join a running batch are
+        prefilled in a cache of their own); both are widened to the larger ``max_len``."""
+        self.grow(other.max_len)
+        other.grow(self.max_len)
+        self._set(torch.cat([self.keys, other.keys], 1), torch.cat([self.values, other.values], 1))
+        self.lengths = self.lengths + other.lengths
+
     def keep_rows(self, rows: list[int]) -> None:
         """Drop every row not in ``rows`` (finished sequences), so they stop costing compute."""
         if rows == list(range(self.batch)):
