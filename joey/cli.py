@@ -1,10 +1,11 @@
-"""The ``joey`` command line: generate, chat, info, bench, train-adapter, train-drafter. The only module that
-parses arguments."""
+"""The ``joey`` command line: generate, chat, serve, info, bench, train-adapter, train-drafter. The only
+module that parses arguments."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from typing import Any, NoReturn
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show the model, device, dtype and cache")
     _model_args(info)
+    _serve_parser(sub)
     _bench_parser(sub)
     _train_parser(sub)
     _train_drafter_parser(sub)
@@ -233,6 +235,48 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    _model_args(p)
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help="the drafting method of every request (default: the model's default method)")
+    p.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for --method sps)")
+    p.add_argument("--adapter", default=None, help="Kangaroo adapter file (default: the one shipped for the model)")
+    p.add_argument("--head", default=None, help="Jakiro head file (default: the one shipped for the model)")
+    p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most draft tokens per step (γ)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="Kangaroo's confidence stop η")
+    _tree_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("JOEY_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $JOEY_API_KEY; none = open)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests decoding at once (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting for the batch; past it requests get 429 (default 64)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the model's name)")
+    p.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="length limit of a chat request without max_tokens (default 1024)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from joey.server import ServerSettings, serve
+
+    if args.method == "sps" and not args.draft_model:
+        raise InvalidArgumentError("--method sps needs --draft-model (a smaller model sharing the tokenizer)")
+    for name in ("max_batch", "default_max_tokens"):
+        if getattr(args, name) < 1:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0:
+        raise InvalidArgumentError("--max-queue must be >= 0")
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
+    settings = ServerSettings(method=args.method, spec=SpecConfig(**_spec_kwargs(args)), max_batch=args.max_batch,
+                              max_queue=args.max_queue, api_key=args.api_key or None,
+                              model_name=args.served_model_name, default_max_tokens=args.default_max_tokens)
+    return serve(lambda: _load(args), settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def _bench_parser(sub: Any) -> None:
@@ -392,7 +436,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench,
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "bench": cmd_bench,
                 "train-adapter": cmd_train_adapter, "train-drafter": cmd_train_drafter}
     try:
         return handlers[args.command](args)

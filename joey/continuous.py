@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,6 +60,8 @@ class StreamEvent:
     token_ids: tuple[int, ...]  # tokens committed in this event
     generation: Generation | None = None
     error: Exception | None = None
+    draft_tokens: int = 0  # draft tokens this row's step proposed (0: a plain step, or the prefill)
+    accepted: int = 0  # of which the target accepted (the accepted path's length)
 
     @property
     def last(self) -> bool:
@@ -205,6 +207,13 @@ class ContinuousBatch:
         ``"cancelled"``. Unknown or finished keys are ignored."""
         self._cancelled.add(key)
 
+    def abort(self, exc: Exception) -> list[StreamEvent]:
+        """Fail every row, waiting or running (the server's last resort after an unexpected error)."""
+        events = [self._failed(row, exc) for row in self.waiting + self.active]
+        self.waiting = []
+        self._keep([])
+        return events
+
     def step(self) -> list[StreamEvent]:
         """Drop cancelled rows, admit waiting ones (prefill + first token), then one decoding step
         for every running row. Returns the events of this step, in row order."""
@@ -323,7 +332,7 @@ class ContinuousBatch:
                 if getattr(row.drafter, "wants_features", False):  # pending token + accepted path
                     row.drafter.observe(features[i][[0, *(1 + j for j in verdict.path)]])
                 tokens = [prop.tokens[j] for j in verdict.path] + [verdict.bonus]
-                events.append(self._commit(row, tokens))
+                events.append(replace(self._commit(row, tokens), draft_tokens=len(prop), accepted=verdict.accepted))
             except Exception as exc:  # this row's own work failed: it leaves, the others go on
                 events.append(self._failed(row, exc))
                 counts.append(1)
