@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import joey
+from joey.engine import Engine
+from joey.models.adapter import KangarooAdapter
+from joey.models.jakiro_head import JakiroHead
 from joey.models.registry import resolve
 
 
@@ -74,3 +77,25 @@ def first_token_histogram(engine, prompt: str, method: str, n: int, **kw) -> dic
 
 def total_variation(a: dict[int, int], b: dict[int, int], n: int) -> float:
     return 0.5 * sum(abs(a.get(t, 0) - b.get(t, 0)) for t in set(a) | set(b)) / n
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_folder) -> Engine:
+    """A tiny target whose deep layers are damped (so the shallow Kangaroo drafts are partly right),
+    with an adapter at layer 1, a Jakiro head that passes its input token through, and the target
+    itself as sps's draft model (every draft accepted: rows of a step commit different counts)."""
+    eng = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, adapter=False, head=False)
+    model = eng.model
+    h = model.cfg.hidden_size
+    vocab = torch.arange(model.cfg.vocab_size)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.self_attn.o_proj.weight.mul_(0.3)
+            layer.mlp.down_proj.weight.mul_(0.3)
+        adapter = KangarooAdapter.initialized_from(model, 1, vocab)
+        head = JakiroHead(model.cfg, vocab, experts=2)
+        head.fc.weight.zero_()
+        head.fc.weight[:, :h] = torch.eye(h)
+        head.fc.bias.zero_()
+    return Engine(model, eng.tokenizer, eng.source, draft_model=model, adapter=adapter, head=head.eval())

@@ -5,14 +5,9 @@ rows keep the distribution they have when run alone; the padded baseline's holes
 from __future__ import annotations
 
 import pytest
-import torch
 
-import joey
 from joey.batching import Lockstep
-from joey.engine import Engine
 from joey.errors import InvalidArgumentError
-from joey.models.adapter import KangarooAdapter
-from joey.models.jakiro_head import JakiroHead
 
 # different lengths; the first two repeat themselves so prompt lookup has matches
 PROMPTS = [
@@ -33,28 +28,6 @@ DRAFTERS = [
     ("jakiro", {"tree_nodes": 6}),
     ("jakiro+pld", {"tree_nodes": 6}),
 ]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_folder) -> Engine:
-    """A tiny target whose deep layers are damped (so the shallow Kangaroo drafts are partly right),
-    with an adapter at layer 1, a Jakiro head that passes its input token through, and the target
-    itself as sps's draft model (every draft accepted: rows of a step commit different counts)."""
-    eng = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, adapter=False, head=False)
-    model = eng.model
-    h = model.cfg.hidden_size
-    vocab = torch.arange(model.cfg.vocab_size)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in model.model.layers[1:]:
-            layer.self_attn.o_proj.weight.mul_(0.3)
-            layer.mlp.down_proj.weight.mul_(0.3)
-        adapter = KangarooAdapter.initialized_from(model, 1, vocab)
-        head = JakiroHead(model.cfg, vocab, experts=2)
-        head.fc.weight.zero_()
-        head.fc.weight[:, :h] = torch.eye(h)
-        head.fc.bias.zero_()
-    return Engine(model, eng.tokenizer, eng.source, draft_model=model, adapter=adapter, head=head.eval())
 
 
 def _tokens(gens) -> list[tuple[int, ...]]:
