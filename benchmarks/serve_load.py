@@ -121,13 +121,15 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def load_prompts(path: Path) -> list[str]:
-    prompts = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            turns = json.loads(line).get("turns") or []
-            if turns:
-                prompts.append(str(turns[0]))
-    return prompts
+    """First turns, taken round-robin over Spec-Bench's six reported categories (MT-bench's eight
+    sub-categories in turn within it), so any number of requests samples every kind of task."""
+    from joey.bench.questions import load_questions, select
+
+    by_group: dict[str, list[str]] = {}
+    for q in select(load_questions(path), None, None):
+        by_group.setdefault(q.group, []).append(q.turns[0])
+    lists = list(by_group.values())
+    return [x[i] for i in range(max(map(len, lists), default=0)) for x in lists if i < len(x)]
 
 
 def default_gguf() -> Path | None:
@@ -512,7 +514,8 @@ def main() -> None:
     notes = [f"{name}: {res['status']}" for name, res in results.items() if res["status"] != "ok"]
     md = "\n".join([
         "# Serving load benchmark", "", f"Command: `{command}`  ", f"CPU: {cpu}, 1-min load average {load}  ",
-        f"Greedy, max_tokens={args.max_tokens}, prompts: first turns of {args.questions.name} in file order.", "",
+        f"Greedy, max_tokens={args.max_tokens}, prompts: first turns of {args.questions.name}, by category in turn.",
+        "",
         table, "",
         "tok/s: all completion tokens of the level / its wall time. TTFT: first content chunk − request sent. "
         "ITL: (last − first content chunk) / (completion tokens − 1) per request. lost: errors or no finish_reason. "

@@ -68,6 +68,16 @@ class StreamEvent:
         return self.generation is not None or self.error is not None
 
 
+def count_by_depth(drafted: list[int], accepted: list[int], prop: Proposal, verdict: Verdict) -> None:
+    """Add one step to per-depth counts: the depths its draft reached, and those its accepted path reached."""
+    for d in range(max(depths_of(prop.parents))):
+        if d == len(drafted):
+            drafted.append(0)
+            accepted.append(0)
+        drafted[d] += 1
+        accepted[d] += d < verdict.accepted
+
+
 class _Row:
     """Mutable bookkeeping for one sequence while it is being generated."""
 
@@ -96,6 +106,10 @@ class _Row:
         self.accepted: list[int] = []  # ... and steps whose accepted path reached it
         self.draft_tokens = 0
         self.draft_ms: float | None = None  # running estimate of one draft depth's cost
+        # pseudo-counts per depth, from the rows before this one (ContinuousBatch._prior): what the
+        # budget assumes about drafting for this request until its own steps say otherwise
+        self.prior_drafted: list[float] = []
+        self.prior_accepted: list[float] = []
         self.idle = 0  # consecutive steps the budget chose not to draft
         self.probe_every = PROBE_EVERY  # idle steps before drafting again; doubles after each probe
         self.draft_time = 0.0
@@ -104,13 +118,16 @@ class _Row:
     def record(self, prop: Proposal, verdict: Verdict) -> None:
         self.steps += 1
         self.draft_tokens += len(prop)
-        deepest = max(depths_of(prop.parents))
-        for d in range(deepest):
-            if d == len(self.drafted):
-                self.drafted.append(0)
-                self.accepted.append(0)
-            self.drafted[d] += 1
-            self.accepted[d] += d < verdict.accepted
+        count_by_depth(self.drafted, self.accepted, prop, verdict)
+
+    def evidence(self) -> tuple[list[float], list[float]]:
+        """Drafted / accepted counts per depth for the budget: the row's own plus its prior."""
+        n = max(len(self.drafted), len(self.prior_drafted))
+
+        def add(own: list[int], prior: list[float]) -> list[float]:
+            return [(own[d] if d < len(own) else 0) + (prior[d] if d < len(prior) else 0.0) for d in range(n)]
+
+        return add(self.drafted, self.prior_drafted), add(self.accepted, self.prior_accepted)
 
     def stats(self) -> GenerationStats:
         return GenerationStats(
@@ -170,6 +187,11 @@ class ContinuousBatch:
         self.cache: KVCache | None = None
         self.lockstep: Lockstep | None = None
         self.scale = StepScale()  # what this batch's steps really cost, against the curve
+        # what drafting was worth for every row so far (per depth) and what a draft depth cost: a
+        # request that joins later starts from these instead of probing at full depth (_prior)
+        self.drafted: list[int] = []
+        self.accepted: list[int] = []
+        self.draft_ms: float | None = None
         self._cancelled: set[Hashable] = set()
         self._started = False
         self._keys = itertools.count()
@@ -266,6 +288,7 @@ class ContinuousBatch:
             for row in joiners:
                 if self.factory is not None:
                     row.drafter = self.factory(len(row.prompt_ids) + row.budget + self.extra, row.generator, row.params)
+                    self._prior(row)
             logits = self._prefill(cache, joiners)
         except Exception as exc:  # a prompt that breaks the prefill fails the rows that brought it
             events.extend(self._failed(row, exc) for row in joiners)
@@ -295,6 +318,20 @@ class ContinuousBatch:
             self.cache.extend(cache)
         self.active += [joiners[i] for i in alive]
 
+    PRIOR_STEPS = 8  # how many steps of the earlier rows' acceptance a new row starts with (0: none)
+
+    def _prior(self, row: _Row) -> None:
+        """Start a joining row from what drafting has been worth for the rows before it: their
+        acceptance per depth as ``PRIOR_STEPS`` pseudo-steps, and their draft cost. Without this
+        every request would first draft at full depth to measure itself, which a large batch pays
+        for on every arrival. Rows admitted together at the start (``Engine.stream``) have none."""
+        if not self.PRIOR_STEPS or not self.drafted or self.draft_ms is None:
+            return
+        weight = self.PRIOR_STEPS / self.drafted[0]
+        row.prior_drafted = [weight * n for n in self.drafted]
+        row.prior_accepted = [weight * a for a in self.accepted]
+        row.draft_ms = self.draft_ms
+
     # -- the decoding step -----------------------------------------------------------------------
     def _decode_step(self, events: list[StreamEvent]) -> None:
         """One draft → verify → commit step for every running row."""
@@ -307,8 +344,9 @@ class ContinuousBatch:
             depths = [min(room, d) for room, (d, _) in zip(rooms, alone)]
             together = drafts_together([row.drafter for row in active])
             if len(active) > 1 and curve is not None:  # price each row's draft at what it adds to the packed step
-                depths = batch_depths(curve, depths, [f for _, f in alone], [r.drafted for r in active],
-                                      [r.accepted for r in active], self.nodes_at, [r.draft_ms for r in active],
+                evidence = [r.evidence() for r in active]
+                depths = batch_depths(curve, depths, [f for _, f in alone], [e[0] for e in evidence],
+                                      [e[1] for e in evidence], self.nodes_at, [r.draft_ms for r in active],
                                       self.scale, together)
             # No row drafts: a plain decoding step, and drafters catch up on the skipped tokens later.
             # Not for a self-speculative drafter: the target's own cache lacks the layers it runs.
@@ -329,6 +367,7 @@ class ContinuousBatch:
             try:
                 verdict = self._judge(logits[i], prop, row)
                 row.record(prop, verdict)
+                count_by_depth(self.drafted, self.accepted, prop, verdict)
                 if getattr(row.drafter, "wants_features", False):  # pending token + accepted path
                     row.drafter.observe(features[i][[0, *(1 + j for j in verdict.path)]])
                 tokens = [prop.tokens[j] for j in verdict.path] + [verdict.bonus]
@@ -371,7 +410,7 @@ class ContinuousBatch:
             row.idle = 0
             row.probe_every = min(8 * PROBE_EVERY, 2 * row.probe_every)
             return spec.max_draft, True
-        depth = best_depth(self.curve, row.drafted, row.accepted, spec.max_draft, self.nodes_at, row.draft_ms)
+        depth = best_depth(self.curve, *row.evidence(), spec.max_draft, self.nodes_at, row.draft_ms)
         row.idle = row.idle + 1 if depth == 0 else 0
         if depth:
             row.probe_every = PROBE_EVERY
@@ -395,6 +434,7 @@ class ContinuousBatch:
             if d:
                 per_depth = ms / max(deepest) if together else ms / len(rows) / d
                 row.draft_ms = per_depth if row.draft_ms is None else 0.8 * row.draft_ms + 0.2 * per_depth
+                self.draft_ms = per_depth if self.draft_ms is None else 0.8 * self.draft_ms + 0.2 * per_depth
         return props
 
     def _judge(self, logits: torch.Tensor, prop: Proposal, row: _Row) -> Verdict:

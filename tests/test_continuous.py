@@ -138,3 +138,23 @@ def test_bad_requests_and_settings_are_refused(engine):
     padded.step()
     with pytest.raises(InvalidArgumentError, match="padded batch"):
         padded.add(engine.encode(PROMPTS[1]), GREEDY)
+
+
+def test_a_joining_request_starts_from_what_drafting_was_worth_before(engine):
+    """Rows admitted together start with no prior (they probe at full depth); a request that joins
+    later starts from the earlier rows' acceptance (PRIOR_STEPS pseudo-steps) and draft cost, so it
+    is not forced to draft at full depth first."""
+    batch = ContinuousBatch(engine, "kangaroo", SpecConfig(threshold=0.0))  # drafts every step
+    batch.add(engine.encode(PROMPTS[0]), GREEDY, key=0)
+    for _ in range(6):
+        batch.step()
+    assert batch.active[0].prior_drafted == [] and batch.drafted and batch.draft_ms is not None
+    batch.add(engine.encode(PROMPTS[1]), GREEDY, key=1)
+    batch._admit([])
+    joined = batch.active[1]
+    assert joined.prior_drafted[0] == ContinuousBatch.PRIOR_STEPS and joined.draft_ms == batch.draft_ms
+    rate = [a / n for a, n in zip(batch.accepted, batch.drafted)]
+    assert [a / n for a, n in zip(joined.prior_accepted, joined.prior_drafted)] == pytest.approx(rate)
+    assert batch._depth(joined, 10)[1] is False  # not forced
+    events = _run(batch, {})
+    assert events[1][-1].generation.token_ids == _alone(engine, PROMPTS[1], "kangaroo", {"threshold": 0.0})
