@@ -97,6 +97,23 @@ def causal_mask(lengths: list[int], t: int, kv_len: int, device: torch.device | 
     return (k < start + q + 1).unsqueeze(1)
 
 
+def window_mask(
+    mask: torch.Tensor | None, window: int, t: int, kv_len: int, device: torch.device | str
+) -> torch.Tensor:
+    """Restrict a mask [B, 1, t, kv_len] (None: causal with the queries on the last ``t`` slots) to
+    a sliding window: a query at position p keeps only keys at positions > p - ``window``.
+
+    Every query of a step sees exactly its own history, one key per position, in slot order (the
+    cached prefix, whose slots are its positions, or Lockstep's holes skipped; then its ancestors in
+    the tree, which sit before it). So a key's position is its rank among the slots the query sees,
+    and the window keeps the query's last ``window`` visible keys, trees and padded batches included.
+    """
+    if mask is None:
+        mask = causal_mask([kv_len - t], t, kv_len, device)
+    later = mask.flip(-1).cumsum(-1).flip(-1)  # visible keys at or after each slot
+    return mask & (later <= window)
+
+
 def ancestors(parents: Sequence[int]) -> torch.Tensor:
     """[1 + k, 1 + k] bool over step tokens [pending, nodes...]: entry (i, j) says j is i or an ancestor of i."""
     n = len(parents) + 1

@@ -207,7 +207,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "model": engine.name,
         "folder": str(engine.source.folder) if engine.source else None,
         "gguf": str(engine.source.gguf) if engine.source and engine.source.gguf else None,
-        "architecture": cfg.architecture,
+        "family": cfg.architecture,
+        "features": ", ".join(cfg.features()) or "none beyond a plain Llama decoder",
         "parameters": param_count(engine.model),
         "layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
@@ -223,6 +224,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         kd = engine.kangaroo
         info["kangaroo adapter"] = (f"exit layer {kd.exit_layer}, {param_count(kd.adapter)} parameters, "
                                     f"draft vocabulary {kd.head.vocab.numel()}")
+    else:  # adapters are trained per model
+        info["kangaroo adapter"] = "none for this model (joey train-adapter makes one)"
     if engine.jakiro is not None:
         jd = engine.jakiro
         info["jakiro head"] = (f"{jd.head.num_experts} experts, {param_count(jd.head)} parameters, "

@@ -26,26 +26,64 @@ def default_engine(default_source) -> joey.Engine:
     return joey.load(None, device="cpu", prepack=False, progress=False)
 
 
-def make_tiny(folder: Path, arch: str, tokenizer_from: Path, seed: int = 0) -> Path:
-    """Save a random-weight llama or qwen2 model with a real tokenizer, as a HF folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+# Tiny random-weight models of every family joey's decoder covers: (transformers config and model
+# class names, the config's own fields). All share the real default tokenizer's vocabulary.
+TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_theta=10000.0)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False, rope_theta=1e6)),
+    # Llama 3.1-3.3: an original context of 64 puts the 16-channel heads' wavelengths on both sides
+    # of the blend's bounds (16 and 64)
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "linear": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
+    "yarn": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 128})),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True, rope_theta=1e6)),
+    # longrope with a quarter of each head unrotated; every position tested stays inside the original
+    # context (past it transformers re-encodes the whole sequence: see joey.models.rope)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        partial_rotary_factor=0.75, original_max_position_embeddings=128, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 128,
+        "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0]})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8, rope_theta=10000.0)),
+    # two local layers with a window of 8 and their own RoPE base, one global layer with linear
+    # scaling, a final logit soft-cap
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=32, query_pre_attn_scalar=24, sliding_window=8, final_logit_softcapping=30.0,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    # Gemma 2: local/global alternation and both soft-caps (attention scores too)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=32, query_pre_attn_scalar=24, sliding_window=8, final_logit_softcapping=30.0,
+        attn_logit_softcapping=20.0)),
+}
 
+
+def make_tiny(folder: Path, arch: str, tokenizer_from: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random-weight model of family ``arch`` (a key of ``TINY_FAMILIES``) with a real
+    tokenizer, as a HF folder; ``overrides`` replace config fields."""
+    import transformers
+
+    config_name, model_name, fields = TINY_FAMILIES[arch]
     torch.manual_seed(seed)
     common = dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         rms_norm_eps=1e-5, eos_token_id=2, bos_token_id=1, pad_token_id=2,
     )
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True, rope_theta=10000.0))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1e6))
-        with torch.no_grad():  # make the q/k/v biases matter
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    with torch.no_grad():  # sharper logits so greedy ties are improbable
-        for p in model.parameters():
+    config = getattr(transformers, config_name)(**{**common, **fields, **overrides})
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):  # make the q/k/v biases matter
+                p.normal_(0, 0.5)
+            elif "norm" in name and arch not in ("llama", "qwen2"):  # norms that are not all ones (Gemma's
+                # start at zero: 1 + w); the two original families keep the weights other tests were tuned on
+                p.add_(torch.randn_like(p) * 0.3)
+        for p in model.parameters():  # sharper logits so greedy ties are improbable
             p.mul_(4.0)
     model.save_pretrained(folder)
     for f in tokenizer_from.iterdir():

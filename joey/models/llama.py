@@ -1,4 +1,7 @@
-"""A compact Llama-family decoder (llama, mistral, smollm, qwen2) that joey controls end to end.
+"""A compact decoder for the Llama family and its relatives (llama incl. 3.x, mistral, smollm, qwen2,
+qwen3, phi3, gemma2, gemma3) that joey controls end to end. The families differ only in ``ModelConfig``'s
+data (RoPE variant, sliding windows, q/k norms, norm placement, activation, scales, soft-caps);
+there is one set of modules for all of them.
 
 Compared with the transformers implementation it exposes what speculative decoding needs:
 explicit position ids, KV slots named by the caller (so rows of a batch and nodes of a tree can
@@ -17,19 +20,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from joey.batching import Packing
+from joey.batching import Packing, causal_mask, window_mask
 from joey.errors import UnsupportedArchitectureError
 from joey.models.kv_cache import KVCache
+from joey.models.rope import RopeConfig, rope_table
 from joey.models.weight_formats import FORMATS, LinearKernel, QuantizedWeight, concat_rows, make_kernel
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+}
+_MODEL_TYPES = {"gemma3_text": "gemma3"}  # configs that name only a model type
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a decoder, read from a Hugging Face config.json."""
+    """The shape of a decoder, read from a Hugging Face config.json. Families differ only here:
+    every field past ``attention_bias`` defaults to plain Llama."""
 
-    architecture: str
+    architecture: str  # the family: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -38,46 +50,182 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
+    rope: RopeConfig = RopeConfig()
+    local_rope: RopeConfig | None = None  # RoPE of the sliding-window layers when theirs differs (Gemma 3)
+    sliding_window: int | None = None  # a query sees the keys of its last ``sliding_window`` positions
+    sliding_layers: tuple[bool, ...] = ()  # which layers use the window (all of them when empty)
+    qk_norm: bool = False  # RMSNorm on each query and key head before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # checkpoints store norm weights minus this (Gemma's 1 + w); added at load
+    sandwich_norms: bool = False  # norms after attention and around the MLP too (Gemma 2 and 3)
+    activation: str = "silu"  # of the gated MLP: silu (SwiGLU), gelu_tanh or gelu (GeGLU)
+    embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden))
+    attn_scale: float | None = None  # query scale; None = head_dim ** -0.5
+    attn_softcap: float | None = None  # scores become cap * tanh(scores / cap)
+    final_softcap: float | None = None  # the same on the output logits
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope.theta
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and (not self.sliding_layers or self.sliding_layers[layer])
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``, None where it attends to every earlier position."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
+    def layer_rope(self, layer: int) -> RopeConfig:
+        return self.local_rope if self.local_rope is not None and self.is_sliding(layer) else self.rope
+
+    def features(self) -> list[str]:
+        """What this model uses beyond a plain Llama decoder, in words (``joey info``)."""
+        out = []
+        if self.rope.kind != "default" or self.rope.rotary_fraction != 1.0:
+            out.append(f"RoPE {self.rope.describe()}")
+        if self.local_rope is not None:
+            out.append(f"local RoPE {self.local_rope.describe()}")
+        if self.sliding_window is not None:
+            glob = [i for i in range(self.num_layers) if not self.is_sliding(i)]
+            every = glob[0] + 1 if glob else 0
+            if not glob:
+                where = "all layers"
+            elif glob == list(range(every - 1, self.num_layers, every)):
+                where = f"every {_ordinal(every)} layer global"
+            else:
+                where = f"{self.num_layers - len(glob)} of {self.num_layers} layers"
+            out.append(f"sliding window {self.sliding_window} ({where})")
+        if self.head_dim * self.num_heads != self.hidden_size:
+            out.append(f"head dim {self.head_dim}")
+        if self.num_kv_heads != self.num_heads:
+            out.append(f"grouped-query attention ({self.num_heads}/{self.num_kv_heads} heads)")
+        if self.qk_norm:
+            out.append("q/k norm")
+        if self.attention_bias:
+            out.append("q/k/v bias")
+        if self.sandwich_norms:
+            out.append("pre/post norms")
+        if self.norm_offset:
+            out.append(f"norms scale by ({self.norm_offset:g} + w)")
+        if self.activation != "silu":
+            out.append(f"{self.activation} MLP")
+        if self.embed_scale != 1.0:
+            out.append(f"embeddings x {self.embed_scale:.4g}")
+        if self.attn_scale is not None:
+            out.append(f"attention scale {self.attn_scale:.4g}")
+        if self.attn_softcap:
+            out.append(f"attention soft-cap {self.attn_softcap:g}")
+        if self.final_softcap:
+            out.append(f"logit soft-cap {self.final_softcap:g}")
+        if self.tie_word_embeddings:
+            out.append("tied embeddings")
+        return out
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         archs = hf.get("architectures") or []
         model_type = hf.get("model_type", "")
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None and model_type in SUPPORTED_ARCHITECTURES.values():
-            arch = model_type
+        if arch is None and model_type in (*SUPPORTED_ARCHITECTURES.values(), *_MODEL_TYPES):
+            arch = _MODEL_TYPES.get(model_type, model_type)
         if arch is None:
             name = ", ".join(archs) or model_type or "unknown"
             raise UnsupportedArchitectureError(
                 f"unsupported architecture '{name}'; joey supports {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise UnsupportedArchitectureError(f"unsupported RoPE scaling '{rope_type}'")
-        if hf.get("sliding_window") and hf.get("use_sliding_window", arch == "mistral"):
-            raise UnsupportedArchitectureError("sliding-window attention is not supported")
+        gemma = arch in ("gemma2", "gemma3")
+        for flag, what in (("use_bidirectional_attention", "bidirectional attention"), ("mlp_bias", "MLP biases")):
+            if hf.get(flag):
+                raise UnsupportedArchitectureError(f"unsupported feature of this {arch} model: {what}")
+        act_name = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+        if act_name not in ACTIVATIONS:
+            raise UnsupportedArchitectureError(f"unsupported activation '{act_name}' in a {arch} model")
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
+        num_layers = hf["num_hidden_layers"]
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        max_pos = hf.get("max_position_embeddings", 2048)
+        rope, local_rope = _read_rope(hf, arch, max_pos)
+        for r in (rope, local_rope):
+            if r is not None and r.kind == "longrope" and len(r.short_factor) != r.rotary_dim(head_dim) // 2:
+                raise UnsupportedArchitectureError("RoPE type 'longrope' needs a short factor per rotary pair")
+        window, sliding_layers = _read_window(hf, arch, num_layers)
+        if not any(sliding_layers) and sliding_layers:
+            window = None
+        query_scalar = hf.get("query_pre_attn_scalar") if gemma else None
         return cls(
             architecture=arch,
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
             intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hidden // num_heads,
+            head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
+            rope=rope,
+            local_rope=local_rope if local_rope != rope and window is not None else None,
+            sliding_window=window,
+            sliding_layers=sliding_layers if not all(sliding_layers) else (),
+            qk_norm=arch in ("qwen3", "gemma3"),
+            norm_offset=1.0 if gemma else 0.0,
+            sandwich_norms=gemma,
+            activation=ACTIVATIONS[act_name],
+            embed_scale=hidden**0.5 if gemma else 1.0,
+            attn_scale=float(query_scalar) ** -0.5 if query_scalar else None,
+            # Gemma 3 configs may carry Gemma 2's attention soft-cap, but the reference Gemma 3
+            # attention does not apply it (and released Gemma 3 models set none)
+            attn_softcap=hf.get("attn_logit_softcapping") if arch == "gemma2" else None,
+            final_softcap=hf.get("final_logit_softcapping") if gemma else None,
         )
+
+
+def _ordinal(n: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+
+
+def _read_rope(hf: dict[str, Any], arch: str, max_pos: int) -> tuple[RopeConfig, RopeConfig | None]:
+    """The global RoPE and, for Gemma 3, the local layers' one. transformers 5 keeps ``rope_theta``
+    and the scaling in ``rope_parameters`` (per layer type for Gemma 3); older configs have
+    ``rope_theta`` + ``rope_scaling`` (+ Gemma's ``rope_local_base_freq``)."""
+    fraction = float(hf.get("partial_rotary_factor") or 1.0)
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and set(params) & set(LAYER_TYPES):
+        full = RopeConfig.from_hf(params.get("full_attention"), 1e6 if arch == "gemma3" else 10000.0, fraction,
+                                  max_pos)
+        local = RopeConfig.from_hf(params.get("sliding_attention"), 10000.0, fraction, max_pos)
+        return full, local
+    theta = float(hf.get("rope_theta") or (1e6 if arch == "gemma3" else 10000.0))
+    rope = RopeConfig.from_hf(params or hf.get("rope_scaling"), theta, fraction, max_pos)
+    if arch == "gemma3":
+        return rope, RopeConfig(theta=float(hf.get("rope_local_base_freq") or 10000.0), rotary_fraction=fraction)
+    return rope, None
+
+
+def _read_window(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
+    """The sliding window and which layers use it (empty: all), from ``layer_types`` where the config
+    has them, else each family's own rule."""
+    window = hf.get("sliding_window")
+    if not window or not hf.get("use_sliding_window", True):  # Qwen2/3 keep a window they do not use
+        return None, ()
+    types = hf.get("layer_types")
+    if types:
+        unknown = sorted(set(types) - set(LAYER_TYPES))
+        if unknown:
+            raise UnsupportedArchitectureError(f"unsupported attention layer type '{unknown[0]}' in a {arch} model")
+        return int(window), tuple(t == "sliding_attention" for t in types)
+    if arch in ("gemma2", "gemma3"):  # every 2nd (Gemma 2) or 6th (Gemma 3) layer is global
+        pattern = int(hf.get("sliding_window_pattern") or (2 if arch == "gemma2" else 6))
+        return int(window), tuple((i + 1) % pattern != 0 for i in range(num_layers))
+    if arch in ("qwen2", "qwen3"):
+        first = int(hf.get("max_window_layers", num_layers))
+        return int(window), tuple(i >= first for i in range(num_layers))
+    return int(window), ()
 
 
 class Linear(nn.Linear):
@@ -148,31 +296,40 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables, [max_len, head_dim], in fp32."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-    t = torch.arange(max_len, dtype=torch.float64)
-    freqs = torch.outer(t, inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float().to(device), emb.sin().float().to(device)
+def rope_tables(
+    cfg: ModelConfig, max_len: int, device: torch.device | str, rope: RopeConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of ``rope`` (default: the model's global RoPE), [max_len, rotary_dim], fp32."""
+    return rope_table(rope or cfg.rope, cfg.head_dim, max_len, device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, heads, head_dim]; cos/sin: [N, 1, head_dim]."""
-    half = x.shape[-1] // 2
+    """x: [N, heads, head_dim]; cos/sin: [N, 1, rotary_dim]. Channels past ``rotary_dim`` (a
+    partial rotary factor) pass through unrotated."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+    half = rot // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Grouped-query attention over a KV cache; ``window``: the layer's sliding window (None = all
+    earlier positions). Drafters' own attention blocks are built without one."""
+
+    def __init__(self, cfg: ModelConfig, window: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.window = window
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
         self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.num_heads * d, h, bias=False)
+        if cfg.qk_norm:  # plain float modules: weight formats concern the linear layers only
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self._qkv: LinearKernel | None = None
 
     def set_weights(self, fmt: str, sources: list[WeightSource] | None = None) -> None:
@@ -192,6 +349,15 @@ class Attention(nn.Module):
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         return qkv.view(x.shape[0], -1, self.cfg.head_dim)
 
+    def rotate_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Queries and keys of ``project_qkv``'s output, normed per head where the model does so,
+        then rotated in one go → [N, heads + kv_heads, head_dim]."""
+        nh, nkv = self.cfg.num_heads, self.cfg.num_kv_heads
+        qk = qkv[:, : nh + nkv]
+        if self.cfg.qk_norm:
+            qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
+        return apply_rope(qk, cos, sin)
+
     def forward(
         self,
         x: torch.Tensor,  # [B*T, hidden] (2-D: see run_layers)
@@ -208,7 +374,7 @@ class Attention(nn.Module):
         """Write this forward's keys/values into their cache slots, then attend → [tokens, hidden]."""
         nh, nkv = self.cfg.num_heads, self.cfg.num_kv_heads
         qkv = self.project_qkv(x)
-        qk = apply_rope(qkv[:, : nh + nkv], cos, sin)  # queries and keys rotated in one go
+        qk = self.rotate_qk(qkv, cos, sin)
         out = self._attend(qk, qkv[:, nh + nkv :], shape, k_cache, v_cache, slots, kv_len, mask, packing)
         return self.o_proj(out)
 
@@ -225,7 +391,7 @@ class Attention(nn.Module):
         against that row's cache → [N, hidden]."""
         nh, nkv = self.cfg.num_heads, self.cfg.num_kv_heads
         qkv = self.project_qkv(x)
-        qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
+        qk = self.rotate_qk(qkv, cos, sin)
         outs = []
         start = 0
         for row in rows:
@@ -261,16 +427,41 @@ class Attention(nn.Module):
         q = q_rows.reshape(b, t, nh, cfg.head_dim).transpose(1, 2).to(k_cache.dtype)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         gqa = cfg.num_heads != cfg.num_kv_heads
-        if mask is None:
+        if self.window is not None and kv_len > self.window:
+            mask = window_mask(mask, self.window, t, kv_len, q.device)
+        if cfg.attn_softcap:
+            out = softcapped_attention(q, keys, values, mask, cfg.attn_scale, cfg.attn_softcap)
+        elif mask is None:
             # Causal with the queries at the end of the key range: only a prefill without past
             # (t == kv_len) or a single query, which may see every key, comes here.
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=gqa, scale=cfg.attn_scale)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa, scale=cfg.attn_scale)
         out = out.transpose(1, 2).reshape(b * t, cfg.num_heads * cfg.head_dim).to(qk.dtype)
         if packing is not None:
             out = out[packing.from_grid]  # back to the packed tokens: the dense layers skip the padding
         return out
+
+
+def softcapped_attention(
+    q: torch.Tensor,  # [B, heads, T, head_dim]
+    keys: torch.Tensor,  # [B, kv_heads, kv_len, head_dim]
+    values: torch.Tensor,  # [B, kv_heads, kv_len, head_dim]
+    mask: torch.Tensor | None,  # [B, 1, T, kv_len] bool; None = causal with the queries last
+    scale: float | None,
+    cap: float,
+) -> torch.Tensor:
+    """Attention whose scores pass through cap * tanh(s / cap) before the softmax (Gemma 2's
+    attention soft-capping), which the fused kernel cannot do → [B, heads, T, head_dim]."""
+    t, kv_len = q.shape[2], keys.shape[2]
+    if mask is None:
+        mask = causal_mask([kv_len - t], t, kv_len, q.device)
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = q @ keys.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / cap) * cap
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ values
 
 
 @dataclass(frozen=True)
@@ -311,8 +502,11 @@ def write_kv(
 
 
 class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU or GeGLU as the config says."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.activation = cfg.activation
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
@@ -329,17 +523,31 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is not None and not torch.is_grad_enabled():
             gate, up = self._gate_up(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    def act(self, gate: torch.Tensor) -> torch.Tensor:
+        if self.activation == "silu":
+            return F.silu(gate)
+        return F.gelu(gate, approximate="tanh" if self.activation == "gelu_tanh" else "none")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Layer ``index`` of a decoder: its window and RoPE come from the config. Llama-style layers
+    norm before attention and before the MLP (``post_attention_layernorm`` is the MLP's input norm);
+    with ``sandwich_norms`` (Gemma 3) ``post_attention_layernorm`` norms the attention's output and
+    the MLP gets a norm on each side."""
+
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, cfg.layer_window(index))
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = cfg.layer_rope(index)
 
 
 class Backbone(nn.Module):
@@ -348,7 +556,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -362,7 +570,7 @@ class LlamaModel(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope: dict[RopeConfig, tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin tables
         self._format: str | None = None  # set_weights' format; None = plain float weights
 
     def prepack(self) -> bool:
@@ -455,21 +663,28 @@ class LlamaModel(nn.Module):
             self.cfg.head_dim, dtype=self.cache_dtype, device=self.lm_head.weight.device,
         )
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for positions [B, T] → [B*T, 1, head_dim] each, in the model's dtype."""
+    def rope(self, positions: torch.Tensor, rope: RopeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of ``rope`` (default: the global one, which drafters' own attention uses) for
+        positions [B, T] → [B*T, 1, rotary_dim] each, in the model's dtype."""
+        rope = rope or self.cfg.rope
         # a margin past the context: draft and padding tokens of a step may sit beyond the last
         # committable position (they are verified and dropped, never committed)
         need = self.cfg.max_position_embeddings + 256
-        if self._rope is None or self._rope[0].device != positions.device:
-            self._rope = rope_tables(self.cfg, need, positions.device)
-        cos, sin = self._rope
+        table = self._rope.get(rope)
+        if table is None or table[0].device != positions.device:
+            table = self._rope[rope] = rope_tables(self.cfg, need, positions.device, rope)
+        cos, sin = table
         dtype = self.lm_head.weight.dtype
         flat = positions.reshape(-1)
         return cos[flat].unsqueeze(1).to(dtype), sin[flat].unsqueeze(1).to(dtype)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] → hidden [B, T, hidden]."""
-        return self.model.embed_tokens(tokens)
+        x = self.model.embed_tokens(tokens)
+        if self.cfg.embed_scale != 1.0:
+            # the scale rounded to the embedding's dtype first, as the reference implementation does
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        return x
 
     def run_layers(
         self,
@@ -523,9 +738,16 @@ class LlamaModel(nn.Module):
         # Dense layers see 2-D [tokens, hidden] activations (what GEMM kernels and EMS-SD's packed
         # batches want); attention reshapes per row.
         end = self.cfg.num_layers if end is None else end
-        cos, sin = self.rope(positions)
+        tables = {}  # one cos/sin lookup per RoPE in use (Gemma 3's local and global layers differ)
         for i in range(start, end):
             layer = self.model.layers[i]
+            if layer.rope not in tables:
+                tables[layer.rope] = self.rope(positions, layer.rope)
+            cos, sin = tables[layer.rope]
+            if self.cfg.sandwich_norms:
+                x = x + layer.post_attention_layernorm(attend(i, layer.self_attn, layer.input_layernorm(x), cos, sin))
+                x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+                continue
             x = x + attend(i, layer.self_attn, layer.input_layernorm(x), cos, sin)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
@@ -552,7 +774,10 @@ class LlamaModel(nn.Module):
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """LM head on final-norm features: [..., hidden] → [..., vocab] (fp32)."""
-        return self.lm_head(features).float()
+        logits = self.lm_head(features).float()
+        if self.cfg.final_softcap:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: [..., hidden] → [..., vocab] (fp32)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from joey.errors import InvalidArgumentError, ModelFormatError
-from joey.models.llama import LlamaModel, ModelConfig
+from joey.models.llama import LlamaModel, ModelConfig, RMSNorm
 from joey.models.weight_formats import FORMATS, QuantizedWeight
 
 
@@ -50,7 +50,7 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> LlamaM
     cfg, _ = read_config(folder)
     with torch.device("meta"):
         model = LlamaModel(cfg)
-    state = _read_state(folder)
+    state = to_decoder_layout(_read_state(folder), model)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = set(model.state_dict())
@@ -70,6 +70,34 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> LlamaM
     # Parameters keep requires_grad=True: generation runs under inference_mode anyway, and
     # inductor's weight freezing (which enables its fast CPU GEMM kernels) skips no-grad params.
     return model.to(device=device, dtype=dtype).eval()
+
+
+def to_decoder_layout(state: dict[str, torch.Tensor], model: LlamaModel) -> dict[str, torch.Tensor]:
+    """Hugging Face weights → the decoder's: fused projections (Phi-3's ``qkv_proj`` and
+    ``gate_up_proj``) split into joey's separate linears, which fuse them again in their kernels;
+    norm weights stored as an offset from ``norm_offset`` (Gemma's 1 + w) made plain scales, so one
+    RMSNorm serves every family."""
+    cfg = model.cfg
+    q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name.endswith(".self_attn.qkv_proj.weight") and tensor.shape[0] == q_rows + 2 * kv_rows:
+            base = name[: -len("qkv_proj.weight")]
+            q, k, v = tensor.split([q_rows, kv_rows, kv_rows])
+            out.update({f"{base}q_proj.weight": q, f"{base}k_proj.weight": k, f"{base}v_proj.weight": v})
+        elif name.endswith(".mlp.gate_up_proj.weight") and tensor.shape[0] == 2 * cfg.intermediate_size:
+            base = name[: -len("gate_up_proj.weight")]
+            gate, up = tensor.chunk(2)
+            out.update({f"{base}gate_proj.weight": gate, f"{base}up_proj.weight": up})
+        else:
+            out[name] = tensor
+    if cfg.norm_offset:
+        norms = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, RMSNorm)}
+        for name in norms & set(out):
+            # added in fp32 (a bf16 model then rounds the sum once, where the reference rounds
+            # its product: equal in fp32, within bf16 rounding otherwise)
+            out[name] = out[name].float() + cfg.norm_offset
+    return out
 
 
 def load_tokenizer(folder: Path):
