@@ -68,6 +68,17 @@ class StreamEvent:
         return self.generation is not None or self.error is not None
 
 
+def fill_gaps(alive: list[int]) -> list[int]:
+    """The rows to keep (ascending old indices) as a new order in which each gap left by a row that
+    went is filled by a kept row from the end: [0, 2, 3, 4] (row 1 left) → [0, 4, 2, 3]."""
+    n = len(alive)
+    kept = set(alive)
+    order = list(range(n))
+    for gap, tail in zip((i for i in range(n) if i not in kept), (r for r in alive if r >= n)):
+        order[gap] = tail
+    return order
+
+
 def count_by_depth(drafted: list[int], accepted: list[int], prop: Proposal, verdict: Verdict) -> None:
     """Add one step to per-depth counts: the depths its draft reached, and those its accepted path reached."""
     for d in range(max(depths_of(prop.parents))):
@@ -250,16 +261,19 @@ class ContinuousBatch:
 
     # -- joining and leaving ---------------------------------------------------------------------
     def _keep(self, alive: list[int]) -> None:
-        """Keep only the running rows at these indices (finished rows leave cache and lock-step)."""
+        """Keep only the running rows at these indices (finished rows leave cache and lock-step).
+        Each gap is filled with a row from the end, so only as many cache rows move as leave."""
         if len(alive) == len(self.active):
             return
-        self.active = [self.active[i] for i in alive]
-        if not self.active:  # an empty batch frees its cache; the next request starts a new one
+        if not alive:  # an empty batch frees its cache; the next request starts a new one
+            self.active = []
             self.cache = self.lockstep = None
             return
-        self.cache.keep_rows(alive)
+        order = fill_gaps(alive)
+        self.active = [self.active[i] for i in order]
+        self.cache.keep_rows(order)
         if self.lockstep is not None:
-            self.lockstep.keep_rows(alive)
+            self.lockstep.keep_rows(order)
 
     def _drop_cancelled(self, events: list[StreamEvent]) -> None:
         if not self._cancelled:
@@ -281,22 +295,27 @@ class ContinuousBatch:
         if room <= 0 or not self.waiting:
             return
         joiners, self.waiting = self.waiting[:room], self.waiting[room:]
+        need = max(len(r.prompt_ids) + r.budget + self.extra for r in joiners)
+        if self.cache is None:
+            self.cache = self.model.new_cache(0, need)
+        cache, start = self.cache, self.cache.batch
+        rows = cache.add_rows(len(joiners), need)  # the joiners' own cache, in the batch's storage
         try:
-            cache = self.model.new_cache(
-                len(joiners), max(len(r.prompt_ids) + r.budget + self.extra for r in joiners)
-            )
             for row in joiners:
                 if self.factory is not None:
                     row.drafter = self.factory(len(row.prompt_ids) + row.budget + self.extra, row.generator, row.params)
                     self._prior(row)
-            logits = self._prefill(cache, joiners)
+            logits = self._prefill(rows, joiners)
         except Exception as exc:  # a prompt that breaks the prefill fails the rows that brought it
             events.extend(self._failed(row, exc) for row in joiners)
+            cache.keep_rows(list(range(start)))
+            if not start:
+                self.cache = None
             return
-        lockstep = None
-        if self.padded:  # every row's cache now ends where the longest prompt does
-            lockstep = Lockstep(cache.lengths, cache.max_len, self.engine.device)
-            cache.advance([lockstep.width - n for n in cache.lengths])
+        cache.set_lengths(start, rows.lengths)
+        if self.padded:  # all rows join at once; every row's cache now ends where the longest prompt does
+            self.lockstep = Lockstep(cache.lengths, cache.max_len, self.engine.device)
+            cache.advance([self.lockstep.width - n for n in cache.lengths])
         for i, row in enumerate(joiners):
             try:
                 tok = int(next_tokens(logits[i : i + 1], row.params, row.generator)[0])
@@ -305,18 +324,8 @@ class ContinuousBatch:
                 row.pending = tok
             except Exception as exc:
                 events.append(self._failed(row, exc))
-        alive = [i for i, r in enumerate(joiners) if r.finish_reason is None]
-        if not alive:
-            return
-        cache.keep_rows(alive)
-        if lockstep is not None:
-            lockstep.keep_rows(alive)
-            self.lockstep = lockstep
-        if self.cache is None:
-            self.cache = cache
-        else:
-            self.cache.extend(cache)
-        self.active += [joiners[i] for i in alive]
+        self.active += joiners
+        self._keep([i for i, r in enumerate(self.active) if r.finish_reason is None])
 
     PRIOR_STEPS = 8  # how many steps of the earlier rows' acceptance a new row starts with (0: none)
 

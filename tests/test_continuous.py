@@ -6,12 +6,14 @@ cache at the next step; a failure in one row's own work fails only that row."""
 from __future__ import annotations
 
 import pytest
+import torch
 from test_batch_modes import DRAFTERS, PROMPTS
 
 from joey.config import SamplingParams, SpecConfig
-from joey.continuous import ContinuousBatch
+from joey.continuous import ContinuousBatch, fill_gaps
 from joey.detokenize import IncrementalText
 from joey.errors import InvalidArgumentError, PromptError
+from joey.models.kv_cache import KVCache
 
 GREEDY = SamplingParams(max_new_tokens=20, ignore_eos=True)
 
@@ -158,3 +160,21 @@ def test_a_joining_request_starts_from_what_drafting_was_worth_before(engine):
     assert batch._depth(joined, 10)[1] is False  # not forced
     events = _run(batch, {})
     assert events[1][-1].generation.token_ids == _alone(engine, PROMPTS[1], "kangaroo", {"threshold": 0.0})
+
+
+def test_the_cache_adds_rows_into_spare_storage_and_fills_gaps_from_the_end():
+    assert fill_gaps([0, 2, 3, 4]) == [0, 4, 2, 3] and fill_gaps([1, 2]) == [2, 1] and fill_gaps([0, 1]) == [0, 1]
+    cache = KVCache(2, 0, 1, 4, 2, dtype=torch.float32, device="cpu")
+    rows = cache.add_rows(3, 4)
+    rows.keys.copy_(torch.arange(3.0).view(1, 3, 1, 1, 1).expand_as(rows.keys))  # each row holds its index
+    rows.advance([1, 2, 3])
+    cache.set_lengths(0, rows.lengths)
+    assert cache.batch == 3 and cache.lengths == [1, 2, 3] and cache.keys[:, 2].eq(2).all()
+    storage = cache._store[0].data_ptr()
+    cache.keep_rows(fill_gaps([0, 2]))  # row 1 leaves: row 2 moves into its place, nothing else is copied
+    assert cache.lengths == [1, 3] and cache.keys[:, 1].eq(2).all() and cache.keys[:, 0].eq(0).all()
+    cache.add_rows(1, 4)  # spare storage: no reallocation
+    assert cache._store[0].data_ptr() == storage and cache.batch == 3 and cache.lengths == [1, 3, 0]
+    cache.add_rows(2, 7)  # more rows and slots than stored: grows (doubling) and keeps what was there
+    assert cache.capacity == 6 and cache.max_len == 7 and cache.lengths == [1, 3, 0, 0, 0]
+    assert cache.keys[:, 1, :, :4].eq(2).all() and cache.keys[:, 1, :, 4:].eq(0).all()

@@ -72,8 +72,8 @@ def client(host: str, key: str = "unused") -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def live(engine):
-    # Kangaroo trees with no confidence stop: every step drafts, so the speculative counters move
-    spec = SpecConfig(threshold=0.0, tree_nodes=6, tree_topk=2)
+    # Kangaroo trees with no confidence stop nor budget: every step drafts, so the speculative counters move
+    spec = SpecConfig(threshold=0.0, tree_nodes=6, tree_topk=2, adaptive=False)
     with running(lambda: engine, method="kangaroo", spec=spec, max_batch=8, max_queue=64) as (host, server):
         wait_ready(server)
         yield host, server

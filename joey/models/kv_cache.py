@@ -7,7 +7,10 @@ later). After a tree step the accepted path's keys/values are moved to contiguou
 (``move``). Lengths are kept on the host as a list, so bookkeeping never forces a device sync.
 
 All layers live in one tensor per keys and values, so a compaction moves every layer in one op;
-``k[i]`` / ``v[i]`` are views of layer i.
+``k[i]`` / ``v[i]`` are views of layer i. The storage may hold more rows than the batch uses
+(``capacity``): a continuous batch adds rows into spare ones (``add_rows``) and a row that leaves is
+replaced by moving one other row into its place (``keep_rows``), so joining and leaving copy only
+the rows involved, not the whole cache.
 """
 
 from __future__ import annotations
@@ -30,9 +33,18 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
-        self._set(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self._use(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), batch)
         self.max_len = max_len
         self.lengths: list[int] = [0] * batch
+
+    def _use(self, keys: torch.Tensor, values: torch.Tensor, rows: int) -> None:
+        """Make ``keys``/``values`` [layers, capacity, ...] the storage, of which the first ``rows`` are the batch."""
+        self._store = (keys, values)
+        self._set(keys[:, :rows], values[:, :rows])
+
+    @property
+    def capacity(self) -> int:
+        return self._store[0].shape[1]
 
     def _set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys, self.values = keys, values  # [layers, B, kv_heads, max_len, head_dim]
@@ -67,34 +79,63 @@ class KVCache:
     def row(self, b: int) -> KVCache:
         """Row b as a batch-1 cache sharing this one's storage (writes land here): for work done
         row by row, such as attention over rows of very different lengths."""
+        return self._rows_view(b, b + 1)
+
+    def _rows_view(self, start: int, end: int) -> KVCache:
         view = KVCache.__new__(KVCache)
-        view._set(self.keys[:, b : b + 1], self.values[:, b : b + 1])
+        view._use(self._store[0][:, start:end], self._store[1][:, start:end], end - start)
         view.max_len = self.max_len
-        view.lengths = [self.lengths[b]]
+        view.lengths = self.lengths[start:end]
         return view
 
     def grow(self, max_len: int) -> None:
         """Room for ``max_len`` slots per row, keeping what is stored (a padded batch's holes use
         slots, so its cache cannot be sized from the token budget alone)."""
-        extra = max_len - self.max_len
-        if extra <= 0:
-            return
-        pad = (0, 0, 0, extra)  # the slot axis, second to last
-        self._set(torch.nn.functional.pad(self.keys, pad), torch.nn.functional.pad(self.values, pad))
-        self.max_len = max_len
+        self.reserve(self.capacity, max_len)
 
-    def extend(self, other: KVCache) -> None:
-        """Append ``other``'s rows after this cache's (requests that join a running batch are
-        prefilled in a cache of their own); both are widened to the larger ``max_len``."""
-        self.grow(other.max_len)
-        other.grow(self.max_len)
-        self._set(torch.cat([self.keys, other.keys], 1), torch.cat([self.values, other.values], 1))
-        self.lengths = self.lengths + other.lengths
+    def reserve(self, rows: int, max_len: int) -> None:
+        """Storage for at least ``rows`` rows of ``max_len`` slots; reallocates (one copy of the
+        batch's rows) only when the current storage is too small."""
+        if rows <= self.capacity and max_len <= self.max_len:
+            return
+        keys, values = self._store
+        shape = (keys.shape[0], max(rows, self.capacity), keys.shape[2], max(max_len, self.max_len), keys.shape[4])
+        new_k = keys.new_zeros(shape)
+        new_v = values.new_zeros(shape)
+        n = self.batch
+        new_k[:, :n, :, : self.max_len] = self.keys
+        new_v[:, :n, :, : self.max_len] = self.values
+        self._use(new_k, new_v, n)
+        self.max_len = shape[3]
+
+    def add_rows(self, count: int, max_len: int) -> KVCache:
+        """Append ``count`` empty rows of at least ``max_len`` slots to the batch, and return them as
+        a cache of their own sharing this one's storage (a joining request is prefilled there; copy
+        its lengths back with ``set_lengths``). Storage grows by doubling, so joins rarely copy."""
+        n = self.batch
+        rows = self.capacity if n + count <= self.capacity else max(n + count, 2 * self.capacity)
+        slots = self.max_len if max_len <= self.max_len else max(max_len, self.max_len * 3 // 2)
+        self.reserve(rows, slots)
+        self._set(self._store[0][:, : n + count], self._store[1][:, : n + count])
+        self.lengths = self.lengths + [0] * count
+        return self._rows_view(n, n + count)
+
+    def set_lengths(self, start: int, lengths: list[int]) -> None:
+        """Rows ``start...`` now hold ``lengths`` tokens (written through a view from ``add_rows``)."""
+        self.lengths[start : start + len(lengths)] = lengths
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Drop every row not in ``rows`` (finished sequences), so they stop costing compute."""
+        """Keep only the rows ``rows`` (old indices), in that order: finished sequences stop costing
+        compute. Only rows whose index changes are copied (``rows`` may be any order: a caller that
+        fills each gap with a row from the end moves as few rows as leave)."""
         if rows == list(range(self.batch)):
             return
-        index = torch.tensor(rows, device=self.keys.device, dtype=torch.long)
-        self._set(self.keys.index_select(1, index), self.values.index_select(1, index))
+        moves = [(i, r) for i, r in enumerate(rows) if r != i]
+        if moves:
+            dev = self.keys.device
+            dst = torch.tensor([i for i, _ in moves], device=dev)
+            src = torch.tensor([r for _, r in moves], device=dev)
+            for store in self._store:  # the sources are gathered before any destination is written
+                store[:, dst] = store[:, src]
+        self._set(self._store[0][:, : len(rows)], self._store[1][:, : len(rows)])
         self.lengths = [self.lengths[r] for r in rows]
