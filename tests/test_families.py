@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_FAMILIES, make_tiny
 
 import joey
-from joey.batching import causal_mask, grid_positions, pack, step_mask
+from joey.batching import grid_positions, step_mask
 from joey.errors import UnsupportedArchitectureError
 from joey.models.llama import ModelConfig
 from joey.models.weights import load_model
@@ -108,27 +108,16 @@ def test_window_in_a_tree_uses_positions(windowed_model):
 
 def test_window_in_packed_rows(windowed_model):
     """EMS-SD packing with rows of different lengths on both sides of the window."""
+    from test_model import packed_rows
+
     model = windowed_model
     prefixes = [list(range(300, 303)), list(range(400, 420)), list(range(500, 511))]
     news = [[7], [8, 9, 10, 11], [12, 13]]
     with torch.inference_mode():
         singles = [_prefill(model, p + n)[len(p) :] for p, n in zip(prefixes, news)]
-        cache = model.new_cache(3, 64)
-        lengths = [len(p) for p in prefixes]
-        for b, p in enumerate(prefixes):
-            one = model.new_cache(1, 64)
-            model(torch.tensor([p]), torch.arange(len(p))[None], one, 0, len(p), None)
-            for layer in range(model.cfg.num_layers):
-                cache.k[layer][b, :, : len(p)] = one.k[layer][0, :, : len(p)]
-                cache.v[layer][b, :, : len(p)] = one.v[layer][0, :, : len(p)]
-        cache.advance(lengths)
-        counts = [len(n) for n in news]
-        packing = pack(lengths, counts, "cpu")
-        kv_len = max(lengths) + max(counts)
-        tokens = torch.tensor([tok for n in news for tok in n])
-        logits = model.forward_packed(tokens, cache, packing, kv_len, causal_mask(lengths, max(counts), kv_len, "cpu"))
-    for got, want in zip(logits.split(counts), singles):
-        assert torch.allclose(got, want, atol=1e-4)
+    got, _ = packed_rows(model, prefixes, news)
+    for g, want in zip(got, singles):
+        assert torch.allclose(g, want, atol=1e-4)
 
 
 def test_longrope_long_factors_past_the_original_context(tmp_path, default_source):

@@ -109,17 +109,13 @@ def test_ragged_batch_rows_match_single_rows(tiny_engine):
         assert torch.allclose(logits[b, -1], singles[b], atol=1e-4)
 
 
-def test_packed_ragged_rows_match_single_rows(tiny_engine):
-    """EMS-SD packing: rows feeding 1, 4 and 2 new tokens, packed without padding, give the same
-    logits (and leave the same cache) as running each row on its own."""
+def packed_rows(model, prefixes: list[list[int]], news: list[list[int]]):
+    """Each prefix prefilled alone into its row of one cache, then every row's new tokens in one
+    packed forward (no padding): each row's logits of its new tokens, and the packing."""
     from joey.batching import pack
 
-    model = tiny_engine.model
-    prefixes = [list(range(300, 311)), list(range(400, 405)), list(range(500, 520))]
-    news = [[7], [8, 9, 10, 11], [12, 13]]
     with torch.inference_mode():
-        singles = [_prefill(model, p + n)[0][0, len(p) :] for p, n in zip(prefixes, news)]
-        cache = model.new_cache(3, 64)
+        cache = model.new_cache(len(prefixes), 64)
         for b, p in enumerate(prefixes):  # fill each row's cache from its own single-row prefill
             _, one = _prefill(model, p)
             for layer in range(model.cfg.num_layers):
@@ -132,6 +128,18 @@ def test_packed_ragged_rows_match_single_rows(tiny_engine):
         kv_len = max(lengths) + max(counts)
         tokens = torch.tensor([tok for n in news for tok in n])
         logits = model.forward_packed(tokens, cache, packing, kv_len, causal_mask(lengths, max(counts), kv_len, "cpu"))
-    for got, want in zip(logits.split(counts), singles):
-        assert torch.allclose(got, want, atol=1e-4)
+    return logits.split(counts), packing
+
+
+def test_packed_ragged_rows_match_single_rows(tiny_engine):
+    """EMS-SD packing: rows feeding 1, 4 and 2 new tokens, packed without padding, give the same
+    logits as running each row on its own."""
+    model = tiny_engine.model
+    prefixes = [list(range(300, 311)), list(range(400, 405)), list(range(500, 520))]
+    news = [[7], [8, 9, 10, 11], [12, 13]]
+    with torch.inference_mode():
+        singles = [_prefill(model, p + n)[0][0, len(p) :] for p, n in zip(prefixes, news)]
+    got, packing = packed_rows(model, prefixes, news)
+    for g, want in zip(got, singles):
+        assert torch.allclose(g, want, atol=1e-4)
     assert packing.from_grid.tolist() == [0, 4, 5, 6, 7, 8, 9]
