@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from joey.config import SpecConfig
+from joey.config import Generation, SpecConfig
 from joey.continuous import ContinuousBatch, StreamEvent
 from joey.errors import JoeyError
 from joey.server.metrics import ServerMetrics
@@ -279,18 +279,18 @@ class _Reply:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def _usage(self, gen) -> dict[str, int]:
+    def _usage(self, gen: Generation) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": gen.new_tokens,
                 "total_tokens": self.prompt_tokens + gen.new_tokens}
 
     @staticmethod
-    def speculative(gen) -> dict[str, Any]:
+    def speculative(gen: Generation) -> dict[str, Any]:
         s = gen.stats
         return {"method": gen.method, "steps": s.steps, "mean_accepted_tokens": round(s.mean_accepted_tokens, 4),
                 "draft_tokens": s.draft_tokens, "accepted_tokens": sum(s.accepted_by_depth),
                 "acceptance_by_position": [round(a, 4) for a in s.acceptance_by_position]}
 
-    def whole(self, text: str, gen) -> dict[str, Any]:
+    def whole(self, text: str, gen: Generation) -> dict[str, Any]:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": gen.finish_reason}
@@ -300,7 +300,7 @@ class _Reply:
             body = self._head("text_completion")
         return {**body, "choices": [choice], "usage": self._usage(gen), "speculative": self.speculative(gen)}
 
-    def chunk(self, text: str = "", role: bool = False, generation=None) -> dict[str, Any]:
+    def chunk(self, text: str = "", role: bool = False, generation: Generation | None = None) -> dict[str, Any]:
         reason = generation.finish_reason if generation is not None else None
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
@@ -315,7 +315,7 @@ class _Reply:
             body["speculative"] = self.speculative(generation)
         return body
 
-    def usage_chunk(self, gen) -> dict[str, Any]:
+    def usage_chunk(self, gen: Generation) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [], "usage": self._usage(gen)}
 
