@@ -352,6 +352,8 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts answered at once")
     p.add_argument("--exit-layer", type=int, default=t.exit_layer, help="the draft uses layers [0, l)")
     p.add_argument("--draft-vocab", type=int, default=t.draft_vocab, help="tokens in the draft's LM head")
+    p.add_argument("--batch-tokens", type=int, default=t.batch_tokens,
+                   help="padded positions per optimizer step: the global batch, shared out over torchrun's ranks")
     p.add_argument("--attention-only", action="store_true",
                    help="the paper's adapter (attention + norms, no MLP); default adds an MLP, measured better")
     p.add_argument("--epochs", type=int, default=t.epochs)
@@ -372,7 +374,8 @@ def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> None:
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     from joey.training.run import train_from_prompts
 
-    _check_counts(args, ("num_prompts", "max_new_tokens", "batch_size", "exit_layer", "draft_vocab", "epochs"))
+    _check_counts(args, ("num_prompts", "max_new_tokens", "batch_size", "exit_layer", "draft_vocab", "epochs",
+                         "batch_tokens"))
     from joey.training.adapter_training import TrainSettings
     from joey.training.distill import DistillSettings
 
@@ -380,8 +383,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         args.model, args.prompts, args.out, num_prompts=args.num_prompts, derived=args.derived,
         distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         train=TrainSettings(exit_layer=args.exit_layer, mlp=not args.attention_only, draft_vocab=args.draft_vocab,
-                            epochs=args.epochs,
-                            lr=args.lr, seed=args.seed),
+                            epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed),
         device=args.device, dtype=args.dtype, seed=args.seed,
     )
     return 0
@@ -407,6 +409,8 @@ def _train_drafter_parser(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of the target's answers")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts answered at once")
     p.add_argument("--draft-vocab", type=int, default=t.draft_vocab, help="tokens in the draft's LM head")
+    p.add_argument("--batch-tokens", type=int, default=t.batch_tokens,
+                   help="padded positions per optimizer step: the global batch, shared out over torchrun's ranks")
     p.add_argument("--experts", type=int, default=t.experts, help="SwiGLU experts in the head's mixture")
     p.add_argument("--intermediate", type=int, default=t.intermediate, help="each expert's width (0 = the target's)")
     p.add_argument("--epochs", type=int, default=t.epochs)
@@ -420,7 +424,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     from joey.training.jakiro_training import HeadTrainSettings
     from joey.training.run import train_from_prompts
 
-    _check_counts(args, ("num_prompts", "max_new_tokens", "batch_size", "draft_vocab", "epochs"))
+    _check_counts(args, ("num_prompts", "max_new_tokens", "batch_size", "draft_vocab", "epochs", "batch_tokens"))
     if args.experts < 2:
         raise InvalidArgumentError("--experts must be at least 2 (the contrastive branch needs two)")
     if args.intermediate < 0:
@@ -431,7 +435,8 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         args.model, args.prompts, args.out, num_prompts=args.num_prompts, derived=args.derived,
         distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         train=HeadTrainSettings(draft_vocab=args.draft_vocab, experts=args.experts, intermediate=args.intermediate,
-                                epochs=args.epochs, lr=args.lr, bf16=args.bf16, seed=args.seed),
+                                epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr, bf16=args.bf16,
+                                seed=args.seed),
         device=args.device, dtype=args.dtype, seed=args.seed, distill_minutes=args.distill_minutes,
     )
     return 0

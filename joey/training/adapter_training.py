@@ -23,6 +23,7 @@ import torch
 
 from joey.models.adapter import KangarooAdapter
 from joey.models.llama import LlamaModel
+from joey.training import distributed
 from joey.training.loop import fit
 
 
@@ -106,7 +107,10 @@ def length_batches(seqs: Sequence[Sequence_], batch_tokens: int, rng: random.Ran
     return batches
 
 
-def _forward(model: LlamaModel, adapter: KangarooAdapter, head: torch.Tensor, seqs: Sequence[Sequence_]):
+def _forward(
+    model: LlamaModel, adapter: KangarooAdapter, head: torch.Tensor, seqs: Sequence[Sequence_],
+    call: torch.nn.Module | None = None,  # what runs the adapter: itself, or its DDP wrapper in training
+):
     """Draft logits [N, draft_vocab] at every labelled answer position of the batch, with (seq, answer idx)."""
     dev = head.device
     b = len(seqs)
@@ -118,7 +122,7 @@ def _forward(model: LlamaModel, adapter: KangarooAdapter, head: torch.Tensor, se
     cos, sin = model.rope(positions)
     cache = adapter.new_cache(b, t)
     # causal attention (mask None, queries = keys): right padding is never seen by real positions
-    out = adapter(x.view(b * t, -1), (b, t), cos, sin, cache, 0, t, None).view(b, t, -1)
+    out = (call or adapter)(x.view(b * t, -1), (b, t), cos, sin, cache, 0, t, None).view(b, t, -1)
     rows = torch.cat([torch.full((len(s.ids) - s.prompt_len,), i) for i, s in enumerate(seqs)])
     cols = torch.cat([torch.arange(s.prompt_len - 1, len(s.ids) - 1) for s in seqs])
     return (out[rows.to(dev), cols.to(dev)] @ head.T).float()
@@ -225,9 +229,9 @@ def train_adapter(
     s: TrainSettings,
     progress: bool = True,
     log=print,
-) -> tuple[KangarooAdapter, Evaluation]:
+) -> tuple[KangarooAdapter, Evaluation | None]:
     """Train (resuming from ``out_dir/checkpoint.pt`` when its settings match); returns the adapter
-    and its held-out evaluation."""
+    and its held-out evaluation (None on ranks other than 0 under a launcher)."""
     dev = model.lm_head.weight.device
     data = split_data(model, seqs, s.holdout, s.draft_vocab, s.seed, log)
     torch.manual_seed(s.seed)
@@ -236,11 +240,21 @@ def train_adapter(
         p.requires_grad_(False)
     plan = [length_batches(data.train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
 
-    def step_loss(batch: list[int], step: int) -> tuple[torch.Tensor, float]:
-        chunk = [data.train[i] for i in batch]
-        logq = _forward(model, adapter, data.head, chunk).log_softmax(-1)
+    world = distributed.world_size()
+
+    def step_loss(batch: list[int], step: int, call: torch.nn.Module) -> tuple[torch.Tensor, float]:
+        # The loss is the mean over the global batch's answer positions. Each rank sums over its share
+        # and divides by the global count; DDP averages gradients over the ranks, so the rank's loss is
+        # also multiplied by the world size: the average is then exactly the single-process gradient.
+        count = sum(len(data.train[i].ids) - data.train[i].prompt_len for i in batch)
+        mine = distributed.part(batch)
+        chunk = [data.train[i] for i in mine or batch[:1]]
+        logq = _forward(model, adapter, data.head, chunk, call).log_softmax(-1)
         loc, p = soft_labels(chunk, data.local, dev)
-        loss = -(p * logq.gather(1, loc)).sum(-1).mean()
+        total = -(p * logq.gather(1, loc)).sum()
+        if not mine:  # a rank with no sequence in this batch still joins DDP's gradient exchange, adding 0
+            total = total * 0.0
+        loss = total * (world / count)
         return loss, loss.item()
 
     evaluations: list[Evaluation] = []
@@ -255,5 +269,7 @@ def train_adapter(
     fit(adapter, plan, step_loss, end_of_epoch, lr=s.lr, weight_decay=s.weight_decay, clip=s.clip, warmup=0,
         checkpoint=out_dir / "checkpoint.pt", settings=data.identity(s), kind="kangaroo", desc="adapter training",
         progress=progress, log=log)
+    if not distributed.is_main():  # rank 0 evaluates and saves
+        return adapter, None
     # the last epoch's evaluation is of the final weights; only a resume of a finished run lacks one
     return adapter, evaluations[-1] if evaluations else evaluate(model, adapter, data.head, data.held)

@@ -6,6 +6,8 @@ features (what a Jakiro/EAGLE head reads and predicts) for every position, and t
 top-k next-token distribution at every answer position (the soft label). All come out of the
 generation itself: no second pass over the data. Batches are saved as shards as they finish, so
 an interrupted run resumes where it stopped, and a time budget can stop it between shards.
+Under a launcher (``torchrun``) the batches are shared out by number: rank r answers batches n with
+n % world == r, and every rank sees every shard once all are done.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from joey.batching import causal_mask
 from joey.errors import InvalidArgumentError
 from joey.models.llama import LlamaModel
+from joey.training import distributed
 
 
 @dataclass(frozen=True)
@@ -143,23 +146,25 @@ def collect(
     # Shards are matched to batches by number: refuse to resume data made from other prompts/settings.
     digest = hashlib.sha256(json.dumps([asdict(s), encoded]).encode()).hexdigest()
     manifest = out_dir / "manifest.json"
-    if manifest.exists():
-        if json.loads(manifest.read_text()).get("digest") != digest:
-            raise InvalidArgumentError(
-                f"{out_dir} holds answers distilled from other prompts or settings; use another --out folder"
-            )
-    else:
+    if distributed.is_main() and not manifest.exists():
         manifest.write_text(json.dumps({"digest": digest, "settings": asdict(s), "prompts": len(encoded)}))
+    distributed.barrier()  # the manifest exists for every rank; each refuses (together) if it differs
+    if json.loads(manifest.read_text()).get("digest") != digest:
+        raise InvalidArgumentError(
+            f"{out_dir} holds answers distilled from other prompts or settings; use another --out folder"
+        )
     # similar lengths in one batch waste less of the right-padded prefill; the batches run in a
     # seeded shuffled order so that a run stopped by its time budget holds a mix of lengths
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = [order[i : i + s.batch_size] for i in range(0, len(order), s.batch_size)]
     random.Random(len(batches)).shuffle(batches)
-    paths = []
+    rank, world = distributed.rank(), distributed.world_size()
     start = time.monotonic()
     spent = False  # checked after each new shard, so every run makes progress
-    bar = tqdm(total=len(encoded), desc="target answers", unit="prompt", disable=not progress)
-    for n, batch in enumerate(batches):
+    # rank 0's bar counts its own batches times the world: about the whole distillation's progress
+    bar = tqdm(total=len(encoded), desc="target answers", unit="prompt", disable=not (progress and rank == 0))
+    for n in range(rank, len(batches), world):  # shard names are global batch numbers: ranks never collide
+        batch = batches[n]
         path = out_dir / f"shard_{n:05d}.pt"
         if not path.exists():
             if spent:
@@ -169,7 +174,9 @@ def collect(
             torch.save(rows, tmp)
             tmp.replace(path)  # a shard appears whole or not at all
             spent = time_budget is not None and time.monotonic() - start > time_budget
-        paths.append(path)
-        bar.update(len(batch))
+        bar.update(min(len(encoded) - bar.n, len(batch) * world))
     bar.close()
-    return paths
+    distributed.barrier()  # every rank's shards are written before anyone lists them
+    # in batch order; with a time budget the ranks may have stopped at different points
+    paths = [out_dir / f"shard_{n:05d}.pt" for n in range(len(batches))]
+    return [p for p in paths if p.exists()]

@@ -33,6 +33,7 @@ from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.jakiro import JakiroDraft, JakiroDrafter
 from joey.models.jakiro_head import JakiroHead
 from joey.models.llama import LlamaModel
+from joey.training import distributed
 from joey.training.adapter_training import Sequence_, length_batches, soft_labels, split_data
 from joey.training.loop import fit
 from joey.verify import follow_choices
@@ -79,7 +80,11 @@ class Predictions:
     has_after: torch.Tensor  # [N] bool: the contrastive branch had an input for this row
 
 
-def _forward(head: JakiroHead, model: LlamaModel, seqs: Sequence[Sequence_], noise: float, gen) -> Predictions:
+def _forward(
+    head: JakiroHead, model: LlamaModel, seqs: Sequence[Sequence_], noise: float,
+    seeds: Sequence[int] | None,  # one noise seed per sequence: its noise does not depend on the batch
+    call: torch.nn.Module | None = None,  # what runs the head: itself, or its DDP wrapper in training
+) -> Predictions:
     """The head over a batch of distilled sequences (teacher-forced: inputs are the target's features,
     plus ``noise``) → its predictions at every answer position."""
     dev = head.fc.weight.device
@@ -92,14 +97,18 @@ def _forward(head: JakiroHead, model: LlamaModel, seqs: Sequence[Sequence_], noi
         n = len(s.ids) - 2
         feats[i, :n] = s.hidden[:n].to(dev).float()
         tokens[i, :n] = s.ids[1 : n + 1].to(dev)
-    if noise:
-        feats = feats + (torch.rand(feats.shape, generator=gen) - 0.5).to(dev) * noise
+    if noise:  # per sequence, over its own positions only: the same whatever else shares the batch
+        gen = torch.Generator()
+        for i, s in enumerate(seqs):
+            n = len(s.ids) - 2
+            gen.manual_seed(seeds[i])
+            feats[i, :n] += (torch.rand((n, h), generator=gen) - 0.5).to(dev) * noise
     positions = torch.arange(t, device=dev).expand(b, t)
     cos, sin = model.rope(positions)
     cos, sin = cos.float(), sin.float()
     cache = head.new_cache(b, t)
     embeds = model.embed(tokens).float().reshape(b * t, h)
-    out = head(embeds, feats.reshape(b * t, h), (b, t), cos, sin, cache, 0, t, None)
+    out = (call or head)(embeds, feats.reshape(b * t, h), (b, t), cos, sin, cache, 0, t, None)
     # answer token a of a sequence with prompt length P: normal branch at pair a + P - 2, contrastive
     # at a + P - 3, both predicting the feature of position a + P - 1
     rows, cols = [], []
@@ -115,13 +124,24 @@ def _forward(head: JakiroHead, model: LlamaModel, seqs: Sequence[Sequence_], noi
     return Predictions(nxt, after, target, c >= 2)  # no contrastive input two positions before 0
 
 
-def _loss(head_w: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, loc, p, mask, s: HeadTrainSettings):
+def _loss(
+    head_w: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, loc, p, mask, s: HeadTrainSettings, count: int
+):
     """SmoothL1 on the features + ``token_weight`` × soft cross-entropy to the target's top-k (over
-    the draft vocabulary) for the rows in ``mask``; returns (loss, the cross-entropy alone)."""
-    feat = F.smooth_l1_loss(pred[mask], target[mask])
+    the draft vocabulary) for the rows in ``mask``, each summed over those rows and divided by ``count``
+    rows (the global batch's: a mean when one process sees the whole batch); returns (loss, the
+    cross-entropy alone)."""
+    count = max(1, count)
+    feat = F.smooth_l1_loss(pred[mask], target[mask], reduction="sum") / (count * pred.shape[-1])
     logq = (pred[mask] @ head_w.T).float().log_softmax(-1)
-    ce = -(p[mask] * logq.gather(1, loc[mask])).sum(-1).mean()
+    ce = -(p[mask] * logq.gather(1, loc[mask])).sum() / count
     return feat + s.token_weight * ce, ce
+
+
+def _rows(x: Sequence_) -> tuple[int, int]:
+    """(answer rows, of which rows with a contrastive input) of one sequence: see ``_forward``."""
+    a = len(x.ids) - x.prompt_len
+    return a, sum(1 for c in range(x.prompt_len - 1, x.prompt_len - 1 + a) if c >= 2)
 
 
 def train_head(
@@ -131,9 +151,9 @@ def train_head(
     s: HeadTrainSettings,
     progress: bool = True,
     log=print,
-) -> tuple[JakiroHead, HeadEvaluation]:
+) -> tuple[JakiroHead, HeadEvaluation | None]:
     """Train (resuming from ``out_dir/checkpoint.pt`` when its settings match); returns the head and
-    its held-out evaluation."""
+    its held-out evaluation (None on ranks other than 0 under a launcher)."""
     dev = model.lm_head.weight.device
     data = split_data(model, seqs, s.holdout, s.draft_vocab, s.seed, log)
     torch.manual_seed(s.seed)
@@ -141,17 +161,27 @@ def train_head(
     for p in model.parameters():
         p.requires_grad_(False)
     plan = [length_batches(data.train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
-    gen = torch.Generator().manual_seed(s.seed)
+    world = distributed.world_size()
 
-    def step_loss(batch: list[int], step: int) -> tuple[torch.Tensor, float]:
-        chunk = [data.train[i] for i in batch]
-        gen.manual_seed(s.seed * 1_000_003 + step)  # the same noise after a resume
+    def step_loss(batch: list[int], step: int, call: torch.nn.Module) -> tuple[torch.Tensor, float]:
+        # Both terms are means over the global batch's rows. Each rank sums over its share, divides by
+        # the global counts and multiplies by the world size, because DDP averages the ranks' gradients:
+        # the average is then exactly the single-process gradient of the whole batch.
+        rows, rows_after = (sum(c) for c in zip(*(_rows(data.train[i]) for i in batch)))
+        mine = distributed.part(batch) or batch[:1]
+        chunk = [data.train[i] for i in mine]
+        # noise seeded by step and sequence: the same after a resume and under any number of ranks
+        seeds = [(s.seed * 1_000_003 + step) * 1_000_003 + i for i in mine]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.bf16):
-            pred = _forward(head, model, chunk, s.noise, gen)
+            pred = _forward(head, model, chunk, s.noise, seeds, call)
             loc, p = soft_labels(chunk, data.local, dev)
-            loss_next, ce = _loss(data.head, pred.next, pred.target, loc, p, torch.ones_like(pred.has_after), s)
-            loss_after, _ = _loss(data.head, pred.after, pred.target, loc, p, pred.has_after, s)
-        return loss_next + s.after_weight * loss_after, ce.item()
+            every = torch.ones_like(pred.has_after)
+            loss_next, ce = _loss(data.head, pred.next, pred.target, loc, p, every, s, rows)
+            loss_after, _ = _loss(data.head, pred.after, pred.target, loc, p, pred.has_after, s, rows_after)
+        loss = (loss_next + s.after_weight * loss_after) * world
+        if not distributed.part(batch):  # a rank with no sequence in this batch joins DDP's exchange, adding 0
+            loss = loss * 0.0
+        return loss, ce.item() * world
 
     evaluations: list[HeadEvaluation] = []
 
@@ -167,6 +197,8 @@ def train_head(
         warmup=min(200, total // 10), checkpoint=out_dir / "checkpoint.pt", settings=data.identity(s), kind="jakiro",
         desc="head training", progress=progress, log=log)
     head.eval()
+    if not distributed.is_main():  # rank 0 evaluates and saves
+        return head, None
     return head, evaluations[-1] if evaluations else evaluate_head(model, head, data.held, s)
 
 

@@ -5,6 +5,10 @@ The run folder holds ``data/`` (distilled shards), ``checkpoint.pt``, the traine
 (``adapter.safetensors`` or ``head.safetensors``) and ``report.json``; running the same command
 again resumes whatever step was interrupted. A distillation time budget stops answering between
 shards and trains on what exists; a later run with the same prompts continues the distillation.
+
+Under ``torchrun`` / ``accelerate launch`` every rank loads the target once (on its own GPU), answers
+its share of the prompts and trains its share of every batch; rank 0 alone writes the checkpoint,
+the trained file and the report, and alone prints. The run folder must be shared by all ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from joey.errors import InvalidArgumentError
+from joey.training import distributed
 from joey.training.adapter_training import TrainSettings, load_sequences, train_adapter
 from joey.training.distill import FEATURE, DistillSettings, collect
 from joey.training.jakiro_training import HeadTrainSettings, train_head
@@ -37,7 +42,7 @@ def train_from_prompts(
     distill_minutes: float | None = None,
 ) -> dict:
     """Distill, train and save; ``train`` says which kind (default: a Kangaroo adapter). Returns the
-    report (also written to ``out/report.json``)."""
+    report (also written to ``out/report.json``; under a launcher only rank 0's is complete)."""
     import joey
 
     distill = distill or DistillSettings()
@@ -45,6 +50,9 @@ def train_from_prompts(
     jakiro = isinstance(train, HeadTrainSettings)
     out = Path(out)
     prompts = read_prompts(prompt_files, limit=num_prompts, derived=derived, seed=seed)  # fails before the load
+    device = distributed.init(device)  # a no-op without a launcher
+    main = distributed.is_main()
+    progress = progress and main
     # the float target: its features and distributions are what the drafter learns, and its float
     # layers are where a Kangaroo adapter starts; the result works on low-bit targets unchanged
     engine = joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=progress,
@@ -81,14 +89,24 @@ def train_from_prompts(
     else:
         report.update(_train_kangaroo(engine, seqs, out, train, progress, len(prompts)))
     report["train_seconds"] = round(time.perf_counter() - t1, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if main:
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    distributed.barrier()  # no rank finishes before the trained file and the report are written
     return report
+
+
+def _log(message: str) -> None:
+    """Training logs: rank 0's only."""
+    if distributed.is_main():
+        print(message)
 
 
 def _train_kangaroo(engine, seqs, out: Path, train: TrainSettings, progress: bool, prompts: int) -> dict:
     from joey.models.adapter import save_adapter
 
-    adapter, ev = train_adapter(engine.model, seqs, out, train, progress)
+    adapter, ev = train_adapter(engine.model, seqs, out, train, progress, _log)
+    if ev is None:  # not rank 0: it saves and reports
+        return {}
     save_adapter(adapter, engine.model, out / "adapter.safetensors", {
         "base_model": engine.name, "train_settings": asdict(train), "prompts": prompts,
         "heldout_agreement": round(ev.agreement, 4),
@@ -108,7 +126,9 @@ def _train_kangaroo(engine, seqs, out: Path, train: TrainSettings, progress: boo
 def _train_jakiro(engine, seqs, out: Path, train: HeadTrainSettings, progress: bool, answer_tokens: int) -> dict:
     from joey.models.jakiro_head import save_head
 
-    head, ev = train_head(engine.model, seqs, out, train, progress)
+    head, ev = train_head(engine.model, seqs, out, train, progress, _log)
+    if ev is None:  # not rank 0: it saves and reports
+        return {}
     save_head(head, engine.model, out / "head.safetensors", {
         "base_model": engine.name, "train_settings": asdict(train), "answer_tokens": answer_tokens,
         "heldout_agreement": round(ev.agreement, 4), "simulated_tau_chain": round(ev.chain_tau, 3),
