@@ -351,6 +351,9 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of the target's answers")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts answered at once")
     p.add_argument("--exit-layer", type=int, default=t.exit_layer, help="the draft uses layers [0, l)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="distill with the target loaded by transformers/accelerate with this device_map "
+                        "(auto, balanced, ...): its layers spread over the GPUs and CPU memory")
     p.add_argument("--draft-vocab", type=int, default=t.draft_vocab, help="tokens in the draft's LM head")
     p.add_argument("--batch-tokens", type=int, default=t.batch_tokens,
                    help="padded positions per optimizer step: the global batch, shared out over torchrun's ranks")
@@ -384,7 +387,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
         train=TrainSettings(exit_layer=args.exit_layer, mlp=not args.attention_only, draft_vocab=args.draft_vocab,
                             epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed),
-        device=args.device, dtype=args.dtype, seed=args.seed,
+        device=args.device, dtype=args.dtype, seed=args.seed, device_map=args.device_map,
     )
     return 0
 
@@ -412,6 +415,9 @@ def _train_drafter_parser(sub: Any) -> None:
     p.add_argument("--batch-tokens", type=int, default=t.batch_tokens,
                    help="padded positions per optimizer step: the global batch, shared out over torchrun's ranks")
     p.add_argument("--experts", type=int, default=t.experts, help="SwiGLU experts in the head's mixture")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="distill with the target loaded by transformers/accelerate with this device_map "
+                        "(auto, balanced, ...): its layers spread over the GPUs and CPU memory")
     p.add_argument("--intermediate", type=int, default=t.intermediate, help="each expert's width (0 = the target's)")
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--lr", type=float, default=t.lr)
@@ -438,6 +444,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
                                 epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr, bf16=args.bf16,
                                 seed=args.seed),
         device=args.device, dtype=args.dtype, seed=args.seed, distill_minutes=args.distill_minutes,
+        device_map=args.device_map,
     )
     return 0
 

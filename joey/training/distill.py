@@ -135,12 +135,16 @@ def collect(
     s: DistillSettings,
     progress: bool = True,
     time_budget: float | None = None,
+    answer: Callable[..., list[dict]] | None = None,
 ) -> list[Path]:
     """Answer every prompt (chat-templated), writing shards of ``s.batch_size`` sequences to ``out_dir``.
 
     Shards that already exist are kept (resume). With ``time_budget`` (seconds) no new shard starts
-    once it is spent (at least one does); a later call continues. Returns the paths of the shards that exist.
+    once it is spent (at least one does); a later call continues. ``answer`` replaces :func:`answer_batch`
+    (same arguments and rows; ``model`` is passed to it): e.g. the device-mapped transformers target of
+    :mod:`joey.training.hf_target`. Returns the paths of the shards that exist.
     """
+    answer = answer or answer_batch
     out_dir.mkdir(parents=True, exist_ok=True)
     encoded = [ids for ids in map(encode, prompts) if len(ids) <= s.max_prompt_tokens]
     # Shards are matched to batches by number: refuse to resume data made from other prompts/settings.
@@ -169,7 +173,7 @@ def collect(
         if not path.exists():
             if spent:
                 break
-            rows = answer_batch(model, [encoded[i] for i in batch], eos_ids, s)
+            rows = answer(model, [encoded[i] for i in batch], eos_ids, s)
             tmp = path.with_suffix(".tmp")
             torch.save(rows, tmp)
             tmp.replace(path)  # a shard appears whole or not at all

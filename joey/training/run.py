@@ -40,9 +40,14 @@ def train_from_prompts(
     seed: int = 0,
     progress: bool = True,
     distill_minutes: float | None = None,
+    device_map: str | None = None,
 ) -> dict:
     """Distill, train and save; ``train`` says which kind (default: a Kangaroo adapter). Returns the
-    report (also written to ``out/report.json``; under a launcher only rank 0's is complete)."""
+    report (also written to ``out/report.json``; under a launcher only rank 0's is complete).
+
+    With ``device_map`` (``auto``, ``balanced``, ...) the distillation runs the target as a transformers
+    model whose layers accelerate places over the available devices and CPU memory; joey's own copy,
+    which training reuses (embedding, LM head, the adapter's starting layers), still loads on ``device``."""
     import joey
 
     distill = distill or DistillSettings()
@@ -51,6 +56,8 @@ def train_from_prompts(
     out = Path(out)
     prompts = read_prompts(prompt_files, limit=num_prompts, derived=derived, seed=seed)  # fails before the load
     device = distributed.init(device)  # a no-op without a launcher
+    if device_map is not None and distributed.world_size() > 1:
+        raise InvalidArgumentError("--device-map places one target over all devices: run it in a single process")
     main = distributed.is_main()
     progress = progress and main
     # the float target: its features and distributions are what the drafter learns, and its float
@@ -68,7 +75,13 @@ def train_from_prompts(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     budget = None if distill_minutes is None else 60 * distill_minutes
-    shards = collect(engine.model, engine.encode, prompts, engine.eos_ids, out / "data", distill, progress, budget)
+    target, answer = engine.model, None
+    if device_map is not None:
+        from joey.training.hf_target import answer_batch_hf, load_hf_target
+
+        target, answer = load_hf_target(engine.source.folder, device_map), answer_batch_hf
+    shards = collect(target, engine.encode, prompts, engine.eos_ids, out / "data", distill, progress, budget, answer)
+    del target  # the device-mapped copy is only for answering
     if not shards:
         raise InvalidArgumentError("no distilled data yet: give the distillation more time (--distill-minutes)")
     t1 = time.perf_counter()
