@@ -79,6 +79,11 @@ def fill_gaps(alive: list[int]) -> list[int]:
     return order
 
 
+def _average(old: float | None, new: float) -> float:
+    """A running estimate of a draft depth's cost: mostly the past, a fifth the newest measurement."""
+    return new if old is None else 0.8 * old + 0.2 * new
+
+
 def count_by_depth(drafted: list[int], accepted: list[int], prop: Proposal, verdict: Verdict) -> None:
     """Add one step to per-depth counts: the depths its draft reached, and those its accepted path reached."""
     for d in range(max(depths_of(prop.parents))):
@@ -289,8 +294,8 @@ class ContinuousBatch:
         self._keep([i for i, r in enumerate(self.active) if r.index not in gone])
 
     def _admit(self, events: list[StreamEvent]) -> None:
-        """Prefill the waiting rows that fit, in a cache of their own, commit their first token, and
-        append the rows that go on to the batch."""
+        """Prefill the waiting rows that fit, in spare rows of the batch's cache storage
+        (``KVCache.add_rows``), commit their first token, and keep the rows that go on."""
         room = len(self.waiting) if self.max_batch is None else self.max_batch - len(self.active)
         if room <= 0 or not self.waiting:
             return
@@ -349,11 +354,11 @@ class ContinuousBatch:
         try:
             # the bonus token always comes on top of the draft, so a row drafts at most its room - 1
             rooms = [row.budget - len(row.new_ids) - 1 for row in active]
-            alone = [self._depth(row, room) for row, room in zip(active, rooms)]
+            evidence = [row.evidence() for row in active]  # (drafted, accepted) per depth, with the prior
+            alone = [self._depth(row, room, ev) for row, room, ev in zip(active, rooms, evidence)]
             depths = [min(room, d) for room, (d, _) in zip(rooms, alone)]
             together = drafts_together([row.drafter for row in active])
             if len(active) > 1 and curve is not None:  # price each row's draft at what it adds to the packed step
-                evidence = [r.evidence() for r in active]
                 depths = batch_depths(curve, depths, [f for _, f in alone], [e[0] for e in evidence],
                                       [e[1] for e in evidence], self.nodes_at, [r.draft_ms for r in active],
                                       self.scale, together)
@@ -405,7 +410,7 @@ class ContinuousBatch:
             cache.advance(counts)
         self._keep(still)
 
-    def _depth(self, row: _Row, room: int) -> tuple[int, bool]:
+    def _depth(self, row: _Row, room: int, evidence: tuple[list[float], list[float]]) -> tuple[int, bool]:
         """How deep this row would draft this step alone, and whether that depth is forced: the most
         the budget expects to pay (joey.budget), the full depth before anything is measured and,
         after a fallback to no draft, once more after ``PROBE_EVERY`` steps (then 2x, 4x, 8x as long
@@ -419,7 +424,7 @@ class ContinuousBatch:
             row.idle = 0
             row.probe_every = min(8 * PROBE_EVERY, 2 * row.probe_every)
             return spec.max_draft, True
-        depth = best_depth(self.curve, *row.evidence(), spec.max_draft, self.nodes_at, row.draft_ms)
+        depth = best_depth(self.curve, *evidence, spec.max_draft, self.nodes_at, row.draft_ms)
         row.idle = row.idle + 1 if depth == 0 else 0
         if depth:
             row.probe_every = PROBE_EVERY
@@ -442,8 +447,8 @@ class ContinuousBatch:
         for row, d in zip(rows, deepest):
             if d:
                 per_depth = ms / max(deepest) if together else ms / len(rows) / d
-                row.draft_ms = per_depth if row.draft_ms is None else 0.8 * row.draft_ms + 0.2 * per_depth
-                self.draft_ms = per_depth if self.draft_ms is None else 0.8 * self.draft_ms + 0.2 * per_depth
+                row.draft_ms = _average(row.draft_ms, per_depth)
+                self.draft_ms = _average(self.draft_ms, per_depth)
         return props
 
     def _judge(self, logits: torch.Tensor, prop: Proposal, row: _Row) -> Verdict:

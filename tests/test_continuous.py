@@ -157,7 +157,7 @@ def test_a_joining_request_starts_from_what_drafting_was_worth_before(engine):
     assert joined.prior_drafted[0] == ContinuousBatch.PRIOR_STEPS and joined.draft_ms == batch.draft_ms
     rate = [a / n for a, n in zip(batch.accepted, batch.drafted)]
     assert [a / n for a, n in zip(joined.prior_accepted, joined.prior_drafted)] == pytest.approx(rate)
-    assert batch._depth(joined, 10)[1] is False  # not forced
+    assert batch._depth(joined, 10, joined.evidence())[1] is False  # not forced
     events = _run(batch, {})
     assert events[1][-1].generation.token_ids == _alone(engine, PROMPTS[1], "kangaroo", {"threshold": 0.0})
 
