@@ -240,21 +240,16 @@ def train_adapter(
         p.requires_grad_(False)
     plan = [length_batches(data.train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
 
-    world = distributed.world_size()
-
     def step_loss(batch: list[int], step: int, call: torch.nn.Module) -> tuple[torch.Tensor, float]:
         # The loss is the mean over the global batch's answer positions. Each rank sums over its share
-        # and divides by the global count; DDP averages gradients over the ranks, so the rank's loss is
-        # also multiplied by the world size: the average is then exactly the single-process gradient.
+        # and divides by the global count; its factor (distributed.share) makes DDP's average of the
+        # ranks' gradients exactly the single-process gradient.
         count = sum(len(data.train[i].ids) - data.train[i].prompt_len for i in batch)
-        mine = distributed.part(batch)
-        chunk = [data.train[i] for i in mine or batch[:1]]
+        mine, factor = distributed.share(batch)
+        chunk = [data.train[i] for i in mine]
         logq = _forward(model, adapter, data.head, chunk, call).log_softmax(-1)
         loc, p = soft_labels(chunk, data.local, dev)
-        total = -(p * logq.gather(1, loc)).sum()
-        if not mine:  # a rank with no sequence in this batch still joins DDP's gradient exchange, adding 0
-            total = total * 0.0
-        loss = total * (world / count)
+        loss = -(p * logq.gather(1, loc)).sum() * (factor / count)
         return loss, loss.item()
 
     evaluations: list[Evaluation] = []

@@ -113,17 +113,19 @@ def answer_batch(
             for e in keys:
                 rows[r]["hidden"][e].append(kept[e][j])
         last = logits[:, 0]
-    out = []
-    for row in rows:
-        out.append({
-            "ids": torch.tensor(row["ids"], dtype=torch.int32),
-            "prompt_len": row["prompt_len"],
-            # hidden states of positions 0 .. len(ids) - 2: the last token is never an input
-            "hidden": {e: torch.cat(row["hidden"][e])[: len(row["ids"]) - 1].clone() for e in row["hidden"]},
-            "top_ids": torch.stack(row["top_ids"]),  # [answer_len, k]: distribution of answer token i
-            "top_p": torch.stack(row["top_p"]),
-        })
-    return out
+    return [shard_row(row) for row in rows]
+
+
+def shard_row(row: dict) -> dict:
+    """One answered sequence as stored in a shard, from the lists gathered while answering."""
+    return {
+        "ids": torch.tensor(row["ids"], dtype=torch.int32),
+        "prompt_len": row["prompt_len"],
+        # hidden states of positions 0 .. len(ids) - 2: the last token is never an input
+        "hidden": {e: torch.cat(row["hidden"][e])[: len(row["ids"]) - 1].clone() for e in row["hidden"]},
+        "top_ids": torch.stack(row["top_ids"]),  # [answer_len, k]: distribution of answer token i
+        "top_p": torch.stack(row["top_p"]),
+    }
 
 
 def collect(

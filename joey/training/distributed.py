@@ -64,6 +64,10 @@ def wrap(net: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=find_unused)
 
 
-def part(batch: list[int]) -> list[int]:
-    """This rank's share of a global batch (every world-th sequence), so the ranks together see it all."""
-    return batch[rank() :: world_size()]
+def share(batch: list[int]) -> tuple[list[int], float]:
+    """This rank's share of a global batch (every world-th sequence, so the ranks together see it
+    all) and the factor its summed loss takes: the world size, since DDP averages the ranks'
+    gradients. A rank left without a sequence runs the batch's first with factor 0, so that it
+    still takes part in the gradient exchange and adds nothing."""
+    mine = batch[rank() :: world_size()]
+    return (mine, float(world_size())) if mine else (batch[:1], 0.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from joey.training.distill import FEATURE, DistillSettings
+from joey.training.distill import FEATURE, DistillSettings, shard_row
 
 
 def load_hf_target(folder: str | Path, device_map: str):
@@ -89,10 +89,4 @@ def answer_batch_hf(model, prompts: Sequence[list[int]], eos_ids: frozenset[int]
             for e in keys:
                 rows[r]["hidden"][e].append(kept[e][r])
         last = logits[:, 0]
-    return [{
-        "ids": torch.tensor(row["ids"], dtype=torch.int32),
-        "prompt_len": row["prompt_len"],
-        "hidden": {e: torch.cat(row["hidden"][e])[: len(row["ids"]) - 1].clone() for e in row["hidden"]},
-        "top_ids": torch.stack(row["top_ids"]),
-        "top_p": torch.stack(row["top_p"]),
-    } for row in rows]
+    return [shard_row(row) for row in rows]

@@ -161,14 +161,12 @@ def train_head(
     for p in model.parameters():
         p.requires_grad_(False)
     plan = [length_batches(data.train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]
-    world = distributed.world_size()
-
     def step_loss(batch: list[int], step: int, call: torch.nn.Module) -> tuple[torch.Tensor, float]:
-        # Both terms are means over the global batch's rows. Each rank sums over its share, divides by
-        # the global counts and multiplies by the world size, because DDP averages the ranks' gradients:
-        # the average is then exactly the single-process gradient of the whole batch.
+        # Both terms are means over the global batch's rows. Each rank sums over its share and divides
+        # by the global counts; its factor (distributed.share) makes DDP's average of the ranks'
+        # gradients exactly the single-process gradient of the whole batch.
         rows, rows_after = (sum(c) for c in zip(*(_rows(data.train[i]) for i in batch)))
-        mine = distributed.part(batch) or batch[:1]
+        mine, factor = distributed.share(batch)
         chunk = [data.train[i] for i in mine]
         # noise seeded by step and sequence: the same after a resume and under any number of ranks
         seeds = [(s.seed * 1_000_003 + step) * 1_000_003 + i for i in mine]
@@ -178,10 +176,8 @@ def train_head(
             every = torch.ones_like(pred.has_after)
             loss_next, ce = _loss(data.head, pred.next, pred.target, loc, p, every, s, rows)
             loss_after, _ = _loss(data.head, pred.after, pred.target, loc, p, pred.has_after, s, rows_after)
-        loss = (loss_next + s.after_weight * loss_after) * world
-        if not distributed.part(batch):  # a rank with no sequence in this batch joins DDP's exchange, adding 0
-            loss = loss * 0.0
-        return loss, ce.item() * world
+        # shown (by rank 0, which always has a share) as the cross-entropy of the whole batch
+        return (loss_next + s.after_weight * loss_after) * factor, ce.item() * factor
 
     evaluations: list[HeadEvaluation] = []
 

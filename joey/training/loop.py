@@ -3,7 +3,7 @@ with warm-up and a cosine schedule, value clipping, a progress bar, checkpoints 
 at the end, resume from a checkpoint written with the same settings, and an evaluation per epoch.
 
 Under a launcher the network trains as DistributedDataParallel: every rank runs the same plan of
-global batches (a step's loss is the rank's share, see ``joey.training.distributed.part``), rank 0
+global batches (a step's loss is the rank's share, see ``joey.training.distributed.share``), rank 0
 alone writes checkpoints, evaluates and shows progress. The plan does not depend on the world size,
 so a checkpoint resumes under any number of processes.
 """
