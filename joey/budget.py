@@ -26,6 +26,7 @@ import torch
 
 from joey.batching import causal_mask
 from joey.models.llama import LlamaModel
+from joey.models.weight_formats import low_bit_kernels
 
 MEASURED_TOKENS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXT = 128  # cached tokens before the measured forward: a typical mid-generation state
@@ -136,6 +137,8 @@ def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCur
     w = model.lm_head.weight
     hw = cpu_name() if w.device.type == "cpu" else torch.cuda.get_device_name(w.device)
     kernels = model.weight_format if model.lm_head.kernel is not None else "plain"
+    if "int" in kernels:
+        kernels += "/" + low_bit_kernels()
     key = json.dumps([model_key, str(w.device), str(w.dtype), kernels, torch.get_num_threads(), hw, MEASURED_TOKENS])
 
     def read(data: dict) -> CostCurve:

@@ -14,7 +14,8 @@ from joey.errors import InvalidArgumentError
 from joey.models.adapter import KangarooAdapter
 from joey.models.gguf_blocks import DECODERS, NATIVE_FILE, decode_tensor, load_native
 from joey.models.jakiro_head import JakiroHead
-from joey.models.weight_formats import QuantizedWeight, make_kernel, quantize_int4, quantize_int8
+from joey.models.group_kernel import GroupKernel
+from joey.models.weight_formats import Int8Kernel, QuantizedWeight, low_bit_kernels, make_kernel, quantize_int4, quantize_int8
 from joey.models.weights import source_formats
 
 PROMPTS = ["Hello there, how are you today?", "Write a poem about cats and dogs.", "Hi"]
@@ -31,6 +32,9 @@ def test_kernel_matches_its_weights_product(fmt, out):
     kernel = make_kernel(fmt, w, bias)
     if fmt == "fp32":
         ref, tol = x @ w.T + bias, 1e-4
+    elif fmt != "bf16" and low_bit_kernels() == "vnni":  # joey's kernel: 8-bit activations, exact sums
+        q = {"int8": quantize_int8(w), "int4": quantize_int4(w)}[fmt]
+        ref, tol = _int8_activation_product(x, q) + bias, 1e-4 * _int8_activation_product(x, q).abs().max()
     else:  # bf16 activations (and weights / scales): compare with what the kernel stands for
         q = {"bf16": None, "int8": quantize_int8(w), "int4": quantize_int4(w)}[fmt]
         wq = w if q is None else q.dequantize()
@@ -38,6 +42,57 @@ def test_kernel_matches_its_weights_product(fmt, out):
         tol = 1e-2 * ref.abs().max()  # bf16 outputs and scales: ~3 significant digits
     assert kernel.format == fmt
     assert (kernel(x) - ref).abs().max() < tol
+
+
+def _int8_activation_product(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
+    """What joey's VNNI kernel stands for, in float64: x quantized to int8 per group of 32
+    (scale max|x| / 127, round to nearest) times the dequantized weight."""
+    g = x.double().view(x.shape[0], -1, 32)
+    amax = g.abs().amax(-1, keepdim=True).float()
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round(g.float() * inv).double()
+    xq = (codes * (amax / 127.0).double()).view_as(x)
+    return (xq @ q.dequantize().double().T).float()
+
+
+needs_vnni = pytest.mark.skipif(low_bit_kernels() != "vnni", reason="joey's kernel needs AVX512-VNNI and a C compiler")
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "int8_per_row"])
+@pytest.mark.parametrize("out", [48, 100])  # 100: not a whole number of 16-column tiles
+def test_group_kernel_computes_int8_activations_times_its_codes(kind, out):
+    """joey's kernel equals the float64 product of 8-bit-quantized activations and the dequantized
+    weight (its sums are exact integers; only the float combination rounds), for every code layout."""
+    g = torch.Generator().manual_seed(11)
+    cols = 96
+    scale = torch.rand(out, cols // 32, generator=g) * 0.02 + 0.001
+    if kind == "q8_0":
+        q = QuantizedWeight(8, torch.randint(-128, 128, (out, cols), generator=g, dtype=torch.int8), scale, None, 32)
+    elif kind == "int8_per_row":
+        q = quantize_int8(_x(out, cols, 12))
+    else:
+        codes = torch.randint(0, 16, (out, cols), generator=g, dtype=torch.uint8)
+        offset = -8 * scale if kind == "q4_0" else torch.randn(out, cols // 32, generator=g) * 0.05
+        q = QuantizedWeight(4, codes, scale, offset, 32)
+    bias = _x(1, out, 13)[0]
+    x = _x(7, cols, 14) * torch.linspace(0.1, 3, cols)  # groups of different magnitudes
+    x[2, :32] = 0  # an all-zero group (scale 0)
+    kernel = GroupKernel(q, bias)
+    ref = _int8_activation_product(x, q) + bias
+    assert kernel.format == f"int{q.bits}" and kernel(x).shape == (7, out)
+    assert (kernel(x) - ref).abs().max() < 1e-5 * ref.abs().max() + 1e-6
+
+
+@needs_vnni
+def test_group_kernel_is_row_invariant_for_every_row_count():
+    """Rows are blocked by 8 inside the kernel: every count from 1 to 40 (each block remainder) and
+    every offset of a row within the call gives that row's bits exactly."""
+    kernel = GroupKernel(quantize_int4(_x(200, 576, 15)), None)
+    x = _x(40, 576, 16)
+    full = kernel(x)
+    assert all(torch.equal(kernel(x[:m]), full[:m]) for m in range(1, 41))
+    assert all(torch.equal(kernel(x[i : i + 1])[0], full[i]) for i in range(40))
 
 
 def test_quantizers_round_to_nearest_code():
@@ -58,9 +113,10 @@ def test_int8_groups_run_exactly_as_two_int4_planes():
     scale = torch.rand(64, 3, generator=g) * 0.01 + 0.001
     q = QuantizedWeight(8, codes, scale, None, 32)
     x = _x(3, 96, 6)
-    assert make_kernel("int8", q).planes is not None  # a scale per 32 columns: the two-plane path
+    kernel = Int8Kernel(q, None)  # PyTorch's path (where joey's VNNI kernel does not run)
+    assert kernel.planes is not None  # a scale per 32 columns: the two-plane path
     ref = x.bfloat16().float() @ q.dequantize().bfloat16().float().T
-    assert (make_kernel("int8", q)(x) - ref).abs().max() < 2e-2 * ref.abs().max()
+    assert (kernel(x) - ref).abs().max() < 2e-2 * ref.abs().max()
 
 
 def _random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:

@@ -204,9 +204,27 @@ def make_kernel(fmt: str, weight: torch.Tensor | QuantizedWeight, bias: torch.Te
     if isinstance(weight, QuantizedWeight):
         if fmt in ("fp32", "bf16"):
             return FloatKernel(weight.dequantize(), bias, torch.float32 if fmt == "fp32" else torch.bfloat16)
-        return Int4Kernel(weight, bias) if weight.bits == 4 else Int8Kernel(weight, bias)
+        return _low_bit(weight, bias)
     if fmt == "int4":
-        return Int4Kernel(quantize_int4(weight), bias)
+        return _low_bit(quantize_int4(weight), bias)
     if fmt == "int8":
-        return Int8Kernel(quantize_int8(weight), bias)
+        return _low_bit(quantize_int8(weight), bias)
     return FloatKernel(weight, bias, torch.float32 if fmt == "fp32" else torch.bfloat16)
+
+
+def low_bit_kernels() -> str:
+    """Which kernels run int4/int8 weights here: "vnni" (joey's, 8-bit activations; see
+    ``joey.models.group_kernel``) or "torch" (PyTorch's, bf16 activations). Part of every cache key
+    of measured costs, since the two differ in speed and in numbers."""
+    from joey.models import group_kernel
+
+    return "vnni" if group_kernel.available() else "torch"
+
+
+def _low_bit(q: QuantizedWeight, bias: torch.Tensor | None) -> LinearKernel:
+    """int4/int8 codes on joey's kernel where it runs, else on PyTorch's."""
+    if low_bit_kernels() == "vnni" and q.shape[1] % GROUP == 0 and q.group % GROUP == 0:
+        from joey.models.group_kernel import GroupKernel
+
+        return GroupKernel(q, bias)
+    return Int4Kernel(q, bias) if q.bits == 4 else Int8Kernel(q, bias)
