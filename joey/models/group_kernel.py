@@ -78,12 +78,27 @@ def library() -> ctypes.CDLL | None:
     lib.quantize_rows.restype = lib.group_gemm.restype = None
     lib.quantize_rows.argtypes = [p, i, i, p, p, p]
     lib.group_gemm.argtypes = [p, p, p, i, i, p, ctypes.c_int, i, p, p, p, p]
+    lib.rms_norm.restype = None
+    lib.rms_norm.argtypes = [p, i, i, p, ctypes.c_float, p]
     return lib
 
 
 def available() -> bool:
     """Whether joey's kernel runs on this machine (it is compiled on first call)."""
     return library() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of fp32 CPU rows in one C call (decode-time overhead), or None where the kernel does
+    not run or the tensors do not fit (the caller then uses PyTorch's)."""
+    lib = library()
+    if lib is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    xs = x.contiguous()
+    k = xs.shape[-1]
+    y = torch.empty_like(xs)
+    lib.rms_norm(xs.data_ptr(), xs.numel() // k, k, weight.data_ptr(), eps, y.data_ptr())
+    return y
 
 
 class GroupKernel:
