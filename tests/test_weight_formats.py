@@ -7,15 +7,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import joey
 from joey.engine import Engine
 from joey.errors import InvalidArgumentError
 from joey.models.adapter import KangarooAdapter
 from joey.models.gguf_blocks import DECODERS, NATIVE_FILE, decode_tensor, load_native
-from joey.models.jakiro_head import JakiroHead
 from joey.models.group_kernel import GroupKernel
-from joey.models.weight_formats import Int8Kernel, QuantizedWeight, low_bit_kernels, make_kernel, quantize_int4, quantize_int8
+from joey.models.jakiro_head import JakiroHead
+from joey.models.weight_formats import (
+    Int8Kernel,
+    QuantizedWeight,
+    low_bit_kernels,
+    make_kernel,
+    quantize_int4,
+    quantize_int8,
+)
 from joey.models.weights import source_formats
 
 PROMPTS = ["Hello there, how are you today?", "Write a poem about cats and dogs.", "Hi"]
@@ -59,7 +67,7 @@ needs_vnni = pytest.mark.skipif(low_bit_kernels() != "vnni", reason="joey's kern
 
 
 @needs_vnni
-@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "int8_per_row"])
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q4_1_fp16", "q8_0", "q8_0_fp16", "int8_per_row"])
 @pytest.mark.parametrize("out", [48, 100])  # 100: not a whole number of 16-column tiles
 def test_group_kernel_computes_int8_activations_times_its_codes(kind, out):
     """joey's kernel equals the float64 product of 8-bit-quantized activations and the dequantized
@@ -67,18 +75,23 @@ def test_group_kernel_computes_int8_activations_times_its_codes(kind, out):
     g = torch.Generator().manual_seed(11)
     cols = 96
     scale = torch.rand(out, cols // 32, generator=g) * 0.02 + 0.001
-    if kind == "q8_0":
+    if kind.endswith("fp16"):  # a GGUF's own scales: the kernel keeps them in fp16, exactly
+        scale = scale.half().float()
+    if kind.startswith("q8_0"):
         q = QuantizedWeight(8, torch.randint(-128, 128, (out, cols), generator=g, dtype=torch.int8), scale, None, 32)
     elif kind == "int8_per_row":
         q = quantize_int8(_x(out, cols, 12))
     else:
         codes = torch.randint(0, 16, (out, cols), generator=g, dtype=torch.uint8)
         offset = -8 * scale if kind == "q4_0" else torch.randn(out, cols // 32, generator=g) * 0.05
+        if kind.endswith("fp16"):
+            offset = offset.half().float()
         q = QuantizedWeight(4, codes, scale, offset, 32)
     bias = _x(1, out, 13)[0]
     x = _x(7, cols, 14) * torch.linspace(0.1, 3, cols)  # groups of different magnitudes
     x[2, :32] = 0  # an all-zero group (scale 0)
     kernel = GroupKernel(q, bias)
+    assert kernel.half == kind.endswith("fp16")
     ref = _int8_activation_product(x, q) + bias
     assert kernel.format == f"int{q.bits}" and kernel(x).shape == (7, out)
     assert (kernel(x) - ref).abs().max() < 1e-5 * ref.abs().max() + 1e-6
@@ -93,6 +106,32 @@ def test_group_kernel_is_row_invariant_for_every_row_count():
     full = kernel(x)
     assert all(torch.equal(kernel(x[:m]), full[:m]) for m in range(1, 41))
     assert all(torch.equal(kernel(x[i : i + 1])[0], full[i]) for i in range(40))
+
+
+@needs_vnni
+@pytest.mark.parametrize("masked", [False, True])
+def test_c_attention_equals_sdpa_and_never_depends_on_the_number_of_queries(masked):
+    """joey's C attention (GQA 6 query / 2 kv heads) agrees with SDPA, and each of T queries gets
+    exactly the bits it gets when it is computed alone (its own row of the mask)."""
+    from joey.models.group_kernel import attention
+
+    g = torch.Generator().manual_seed(17)
+    b, t, h, kvh, d, length, kv = 2, 5, 6, 2, 32, 40, 23
+    q = torch.randn(b, t, h, d, generator=g)
+    k = torch.randn(b, kvh, length, d, generator=g)
+    v = torch.randn(b, kvh, length, d, generator=g)
+    if masked:  # a tree-like mask: random ancestors among the new keys, the past always visible
+        mask = torch.rand(b, 1, t, kv, generator=g) > 0.4
+        mask[..., : kv - t] = True
+    else:  # the queries are the last t positions: causal
+        mask = torch.ones(t, kv, dtype=torch.bool).tril(kv - t).expand(b, 1, t, kv)
+    out = attention(q, k, v, kv, mask if masked else None, d**-0.5)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, :, :kv], v[:, :, :kv], attn_mask=mask,
+                                         enable_gqa=True).transpose(1, 2)
+    assert (out - ref).abs().max() < 1e-5
+    for i in range(t):
+        alone = attention(q[:, i : i + 1], k, v, kv, mask[:, :, i : i + 1], d**-0.5)
+        assert torch.equal(alone, out[:, i : i + 1])
 
 
 def test_quantizers_round_to_nearest_code():
@@ -204,7 +243,9 @@ def test_low_bit_verification_is_bitwise_equal_to_decoding(low_bit):
     from joey.batching import causal_mask
 
     model = low_bit.model
-    assert model.weight_format == low_bit.model.weight_format and model.cache_dtype == torch.float64
+    # float64 attention, or fp32 where joey's C attention computes every query on its own
+    fixed_attention = low_bit_kernels() == "vnni"
+    assert model.cache_dtype == (torch.float32 if fixed_attention else torch.float64)
     ids = torch.randint(100, 4000, (1, 30), generator=torch.Generator().manual_seed(8))
     with torch.inference_mode():
         one = model.new_cache(1, 64)

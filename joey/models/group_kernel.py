@@ -75,11 +75,11 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.quantize_rows.restype = lib.group_gemm.restype = None
-    lib.quantize_rows.argtypes = [p, i, i, p, p, p]
-    lib.group_gemm.argtypes = [p, p, p, i, i, p, ctypes.c_int, i, p, p, p, p]
-    lib.rms_norm.restype = None
+    lib.group_gemm.restype = None
+    lib.group_gemm.argtypes = [p, i, i, p, ctypes.c_int, i, p, p, ctypes.c_int, p, p]
+    lib.rms_norm.restype = lib.attention.restype = None
     lib.rms_norm.argtypes = [p, i, i, p, ctypes.c_float, p]
+    lib.attention.argtypes = [p, i, i, i, i, p, p, i, i, i, i, p, i, i, i, ctypes.c_float, p]
     return lib
 
 
@@ -92,13 +92,49 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """RMSNorm of fp32 CPU rows in one C call (decode-time overhead), or None where the kernel does
     not run or the tensors do not fit (the caller then uses PyTorch's)."""
     lib = library()
-    if lib is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+    if (lib is None or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"):
         return None
     xs = x.contiguous()
     k = xs.shape[-1]
     y = torch.empty_like(xs)
     lib.rms_norm(xs.data_ptr(), xs.numel() // k, k, weight.data_ptr(), eps, y.data_ptr())
     return y
+
+
+ATTENTION_QUERIES = 128  # calls with more queries (long prefills) keep PyTorch's faster blocked SDPA
+
+
+def attention(
+    q: torch.Tensor,  # [B, T, H, D] fp32
+    k_cache: torch.Tensor,  # [B, KVH, max_len, D] fp32
+    v_cache: torch.Tensor,
+    kv_len: int,  # attend to slots [0, kv_len)
+    mask: torch.Tensor | None,  # [B or 1, 1, T, kv_len] bool; None = the queries are the last T positions
+    scale: float,
+) -> torch.Tensor | None:
+    """Attention with every query computed on its own in a fixed order (see the C source), so a
+    query's result never depends on how many share the call → [B, T, H, D]; None where the kernel
+    does not run or the call does not fit (the caller then uses SDPA)."""
+    lib = library()
+    if lib is None or torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad):
+        return None  # no backward here: training runs PyTorch's attention
+    b, t, h, d = q.shape
+    if (lib is None or t > ATTENTION_QUERIES or q.dtype != torch.float32 or k_cache.dtype != torch.float32
+            or q.device.type != "cpu" or k_cache.stride(3) != 1 or k_cache.stride(2) != d
+            or v_cache.stride() != k_cache.stride() or (mask is not None and mask.shape[-1] != kv_len)):
+        return None
+    qs = q.contiguous()
+    out = torch.empty_like(qs)
+    mb = mt = ms = 0
+    if mask is not None:
+        mb = mask.stride(0) if mask.shape[0] > 1 else 0
+        mt = mask.stride(2) if mask.shape[2] > 1 else 0
+        ms = mask.stride(3)
+    lib.attention(qs.data_ptr(), b, t, h, d, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], kv_len,
+                  k_cache.stride(0), k_cache.stride(1), None if mask is None else mask.data_ptr(), mb, mt, ms,
+                  scale, out.data_ptr())
+    return out
 
 
 class GroupKernel:
@@ -114,7 +150,6 @@ class GroupKernel:
         lib = library()
         if lib is None:
             raise RuntimeError("joey's group kernel is not available on this machine")
-        self._lib = lib
         self.format = f"int{q.bits}"
         self.bits = q.bits
         out, cols = q.shape
@@ -143,27 +178,29 @@ class GroupKernel:
             c = c.reshape(tiles, groups, 4, 2, TILE, 4)
             c = c[:, :, :, 0] | (c[:, :, :, 1] << 4)
         self.codes = c.contiguous()
-        self.scale = scale.view(tiles, TILE, groups).transpose(1, 2).contiguous()  # [tiles, groups, TILE]
-        self.offset = None if offset is None else offset.view(tiles, TILE, groups).transpose(1, 2).contiguous()
+        # fp16 where it holds every scale and offset exactly (a GGUF's Q4_0/Q4_1/Q8_0 blocks): fewer bytes
+        self.half = all(t is None or torch.equal(t.half().float(), t) for t in (scale, offset))
+        kind = torch.float16 if self.half else torch.float32
+        self.scale = scale.view(tiles, TILE, groups).transpose(1, 2).to(kind).contiguous()  # [tiles, groups, TILE]
+        self.offset = None if offset is None else offset.view(tiles, TILE, groups).transpose(1, 2).to(kind).contiguous()
         self.bias = None
         if bias is not None:
             b = bias.detach().float()
             self.bias = torch.cat([b, b.new_zeros(pad)]) if pad else b.contiguous()
         self.n = n
-        self.nbytes = self.codes.numel() + 4 * self.scale.numel() * (1 if self.offset is None else 2)
+        per_group = self.scale.element_size() * (1 if self.offset is None else 2)
+        self.nbytes = self.codes.numel() + per_group * self.scale.numel()
+        # the pointers, once: every call's Python overhead counts at decode time
+        self._gemm = lib.group_gemm
+        self._codes, self._scale = self.codes.data_ptr(), self.scale.data_ptr()
+        self._offset = None if self.offset is None else self.offset.data_ptr()
+        self._bias = None if self.bias is None else self.bias.data_ptr()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xs = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
-        m, groups = xs.shape[0], self.cols // GROUP
-        q = torch.empty(m, self.cols, dtype=torch.int8)
-        dx = torch.empty(m, groups)
-        dsum = torch.empty(m, groups)
-        self._lib.quantize_rows(xs.data_ptr(), m, self.cols, q.data_ptr(), dx.data_ptr(), dsum.data_ptr())
-        y = torch.empty(m, self.n)
-        self._lib.group_gemm(q.data_ptr(), dx.data_ptr(), dsum.data_ptr(), m, self.cols, self.codes.data_ptr(),
-                             self.bits, self.n, self.scale.data_ptr(),
-                             None if self.offset is None else self.offset.data_ptr(),
-                             None if self.bias is None else self.bias.data_ptr(), y.data_ptr())
+        y = torch.empty(xs.shape[0], self.n)
+        self._gemm(xs.data_ptr(), xs.shape[0], self.cols, self._codes, self.bits, self.n, self._scale, self._offset,
+                   int(self.half), self._bias, y.data_ptr())
         if self.n != self.out:
             y = y[:, : self.out]
         return y if x.dtype == torch.float32 else y.to(x.dtype)

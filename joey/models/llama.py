@@ -429,11 +429,20 @@ class Attention(nn.Module):
         else:
             write_kv(k_cache, v_cache, qk[:, nh:], v, shape, slots)
             q_rows = qk[:, :nh]
+        if self.window is not None and kv_len > self.window:
+            mask = window_mask(mask, self.window, t, kv_len, qk.device)
+        fixed = None
+        # the C kernel's cases; it has no backward, so training (adapters, heads) keeps SDPA
+        if not cfg.attn_softcap and (mask is not None or t == 1 or t == kv_len) and not torch.is_grad_enabled():
+            scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+            fixed = group_kernel.attention(q_rows.reshape(b, t, nh, cfg.head_dim), k_cache, v_cache, kv_len, mask,
+                                           scale)
+        if fixed is not None:
+            out = fixed.view(b * t, nh * cfg.head_dim).to(qk.dtype)
+            return out[packing.from_grid] if packing is not None else out
         q = q_rows.reshape(b, t, nh, cfg.head_dim).transpose(1, 2).to(k_cache.dtype)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         gqa = cfg.num_heads != cfg.num_kv_heads
-        if self.window is not None and kv_len > self.window:
-            mask = window_mask(mask, self.window, t, kv_len, q.device)
         if cfg.attn_softcap:
             out = softcapped_attention(q, keys, values, mask, cfg.attn_scale, cfg.attn_softcap)
         elif mask is None:
@@ -656,8 +665,13 @@ class LlamaModel(nn.Module):
         order; in fp32 that changes results by ~1e-7, and a bf16 rounding downstream turns that
         into a different logit now and then, so verifying k tokens at once would not always
         reproduce decoding them one by one. In float64 the differences vanish when the result is
-        rounded back to fp32, and greedy outputs stay identical (tests/test_weight_formats.py)."""
+        rounded back to fp32, and greedy outputs stay identical (tests/test_weight_formats.py).
+        Where joey's C attention runs (``group_kernel.attention``: every query on its own, so the
+        number of queries never changes a result) the cache stays fp32: prefills longer than its
+        query limit still use SDPA, but a prefill is the same for decoding and for verifying."""
         if self._format is not None and self._format != "fp32":
+            if group_kernel.available() and not self.cfg.attn_softcap and self.lm_head.weight.device.type == "cpu":
+                return self.lm_head.weight.dtype
             return torch.float64
         return self.lm_head.weight.dtype
 

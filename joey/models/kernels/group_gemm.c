@@ -12,17 +12,19 @@
  *
  * Losslessness needs every row's result to be the same however many rows share a call (verifying k
  * tokens must reproduce decoding them one by one): a row's integer sums are exact, and its float
- * arithmetic is a fixed sequence of intrinsics (no contraction, no reassociation) that does not depend
- * on the other rows. tests/test_weight_formats.py checks it.
+ * arithmetic is a fixed sequence of intrinsics (explicit fused multiply-adds; the build forbids the
+ * compiler its own contractions) that does not depend on the other rows. tests/test_weight_formats.py checks it.
  *
  * Layout (made by joey/models/group_kernel.py), output columns in tiles of 16, for tile t, group g:
  *   8-bit: 8 vectors of 64 bytes; vector j, byte 4n + b = u[16t + n, 32g + 4j + b]
  *   4-bit: 4 vectors; vector j, byte 4n + b: low nibble = u[.., 32g + 8j + b], high = u[.., 32g + 8j + 4 + b]
- *   scale, offset: [N/16][K/32][16] fp32.
+ *   scale, offset: [N/16][K/32][16], fp32, or fp16 (`half`) where that holds them exactly (a GGUF's
+ *          Q4_0/Q4_1/Q8_0 scales are fp16: a quarter of the bytes a decode step reads).
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define GROUP 32
 #define LANES 16
@@ -50,7 +52,7 @@ void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *dx, f
 
 static inline __attribute__((always_inline)) void tile_rows(
     const int8_t *q, const float *dx, const float *dsum, int64_t K, const uint8_t *codes, int bits,
-    const float *scale, const float *offset, int64_t groups, const float *bias, float *y, int64_t ldy,
+    const void *scale, const void *offset, int half, int64_t groups, const float *bias, float *y, int64_t ldy,
     const int mb) {
     __m512 acc[ROWS];
     for (int m = 0; m < mb; m++) acc[m] = _mm512_setzero_ps();
@@ -68,16 +70,29 @@ static inline __attribute__((always_inline)) void tile_rows(
         } else {
             for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512((const void *)(c + 64 * j));
         }
-        const __m512 d = _mm512_loadu_ps(scale + g * LANES);
-        const __m512 z = offset ? _mm512_loadu_ps(offset + g * LANES) : _mm512_setzero_ps();
+        __m512 d, z = _mm512_setzero_ps();
+        if (half) {
+            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)scale + g * LANES)));
+            if (offset) z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)offset + g * LANES)));
+        } else {
+            d = _mm512_loadu_ps((const float *)scale + g * LANES);
+            if (offset) z = _mm512_loadu_ps((const float *)offset + g * LANES);
+        }
+        /* integer sums are exact in any order: independent chains of dot products (rows, and two
+         * per row when there are few rows) keep the instruction's latency hidden */
+        __m512i isum[ROWS], isum2[ROWS];
+        for (int m = 0; m < mb; m++) isum[m] = isum2[m] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++)
+            for (int m = 0; m < mb; m++) {
+                const __m512i a = _mm512_set1_epi32(((const int32_t *)(q + m * K + g * GROUP))[j]);
+                if (mb <= 4 && (j & 1)) isum2[m] = _mm512_dpbusd_epi32(isum2[m], w[j], a);
+                else isum[m] = _mm512_dpbusd_epi32(isum[m], w[j], a);
+            }
         for (int m = 0; m < mb; m++) {
-            const int32_t *qm = (const int32_t *)(q + m * K + g * GROUP);  /* 8 quads of 4 codes */
-            __m512i isum = _mm512_setzero_si512();
-            for (int j = 0; j < 8; j++) isum = _mm512_dpbusd_epi32(isum, w[j], _mm512_set1_epi32(qm[j]));
+            const __m512i total = mb <= 4 ? _mm512_add_epi32(isum[m], isum2[m]) : isum[m];
             const int64_t r = m * groups + g;
-            const __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(dx[r])));
-            acc[m] = _mm512_add_ps(acc[m], part);
-            if (offset) acc[m] = _mm512_add_ps(acc[m], _mm512_mul_ps(z, _mm512_set1_ps(dsum[r])));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, _mm512_set1_ps(dx[r])), acc[m]);
+            if (offset) acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(dsum[r]), acc[m]);
         }
     }
     const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
@@ -85,16 +100,17 @@ static inline __attribute__((always_inline)) void tile_rows(
 }
 
 /* q [M, K] int8, dx / dsum [M, K/32] from quantize_rows; y [M, N] fp32, N a multiple of 16. */
-void group_gemm(const int8_t *q, const float *dx, const float *dsum, int64_t M, int64_t K,
-                const uint8_t *codes, int bits, int64_t N, const float *scale, const float *offset,
+static void gemm_quantized(const int8_t *q, const float *dx, const float *dsum, int64_t M, int64_t K,
+                const uint8_t *codes, int bits, int64_t N, const void *scale, const void *offset, int half,
                 const float *bias, float *y) {
     const int64_t groups = K / GROUP, tiles = N / LANES;
     const int64_t tile_bytes = groups * (bits == 4 ? 4 * 64 : 8 * 64);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const uint8_t *c = codes + t * tile_bytes;
-        const float *s = scale + t * groups * LANES;
-        const float *z = offset ? offset + t * groups * LANES : 0;
+        const int64_t at = t * groups * LANES * (half ? 2 : 4);  /* bytes */
+        const void *s = (const char *)scale + at;
+        const void *z = offset ? (const void *)((const char *)offset + at) : 0;
         const float *b = bias ? bias + t * LANES : 0;
         for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
             const int64_t mb = M - m0 < ROWS ? M - m0 : ROWS;
@@ -102,13 +118,26 @@ void group_gemm(const int8_t *q, const float *dx, const float *dsum, int64_t M, 
             const float *dxm = dx + m0 * groups, *dsm = dsum + m0 * groups;
             float *ym = y + m0 * N + t * LANES;
             switch (mb) {
-#define CASE(n) case n: tile_rows(qm, dxm, dsm, K, c, bits, s, z, groups, b, ym, N, n); break;
+#define CASE(n) case n: tile_rows(qm, dxm, dsm, K, c, bits, s, z, half, groups, b, ym, N, n); break;
                 CASE(8) CASE(7) CASE(6) CASE(5) CASE(4) CASE(3) CASE(2)
 #undef CASE
-                default: tile_rows(qm, dxm, dsm, K, c, bits, s, z, groups, b, ym, N, 1); break;
+                default: tile_rows(qm, dxm, dsm, K, c, bits, s, z, half, groups, b, ym, N, 1); break;
             }
         }
     }
+}
+
+/* y [M, N] = x [M, K] fp32 times the codes: quantizes the activations, then multiplies (one call
+ * from Python per linear: the per-call overhead is a real share of a decode step). */
+void group_gemm(const float *x, int64_t M, int64_t K, const uint8_t *codes, int bits, int64_t N, const void *scale,
+                const void *offset, int half, const float *bias, float *y) {
+    const int64_t groups = K / GROUP;
+    int8_t *q = (int8_t *)malloc((size_t)(M * K));
+    float *dx = (float *)malloc(sizeof(float) * (size_t)(2 * M * groups));
+    quantize_rows(x, M, K, q, dx, dx + M * groups);
+    gemm_quantized(q, dx, dx + M * groups, M, K, codes, bits, N, scale, offset, half, bias, y);
+    free(q);
+    free(dx);
 }
 
 /* RMSNorm of M rows of K floats: y = x / sqrt(mean(x^2) + eps) * w. Eager PyTorch spends ~25 us of
@@ -126,5 +155,65 @@ void rms_norm(const float *x, int64_t M, int64_t K, const float *w, float eps, f
         for (int j = 0; j < 16; j++) s += part[j];
         const float inv = 1.0f / sqrtf(s / (float)K + eps);
         for (int64_t k = 0; k < K; k++) y[r * K + k] = v[k] * inv * w[k];
+    }
+}
+
+/* Attention of T queries per row against S cached keys, every query on its own: its scores, softmax
+ * and weighted sum of values run in one fixed order that does not depend on how many queries share
+ * the call, so verifying k tokens reproduces decoding them one by one bit for bit in fp32 (PyTorch's
+ * SDPA sums differently for 1 and k queries; joey otherwise has to run attention in float64).
+ *   q    [B, T, H, D] fp32 contiguous (the projections' layout, before any transpose)
+ *   k, v [B, KVH, max_len, D]: element (b, h, j, d) at b * sb + h * sh + j * D + d
+ *   mask bytes (nonzero = may attend) at b * mb + i * mt + j * ms, or NULL: query i sees keys
+ *        j <= i + S - T (the queries are the last T positions)
+ *   out  [B, T, H, D]; a query that may attend to nothing gets zeros. */
+void attention(const float *q, int64_t B, int64_t T, int64_t H, int64_t D, const float *k, const float *v,
+               int64_t KVH, int64_t S, int64_t sb, int64_t sh, const uint8_t *mask, int64_t mb, int64_t mt,
+               int64_t ms, float scale, float *out) {
+    const int64_t group = H / KVH;
+#pragma omp parallel
+    {
+        float *sc = (float *)malloc(sizeof(float) * (S > 0 ? S : 1));
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t h = 0; h < H; h++) {
+                const float *kb = k + b * sb + (h / group) * sh, *vb = v + b * sb + (h / group) * sh;
+                for (int64_t i = 0; i < T; i++) {
+                    const float *qi = q + ((b * T + i) * H + h) * D;
+                    float *oi = out + ((b * T + i) * H + h) * D;
+                    float mx = -INFINITY;
+                    for (int64_t j = 0; j < S; j++) {
+                        const int ok = mask ? mask[b * mb + i * mt + j * ms] != 0 : j <= i + S - T;
+                        if (!ok) {
+                            sc[j] = -INFINITY;
+                            continue;
+                        }
+                        const float *kj = kb + j * D;
+                        float part[16] = {0};
+                        int64_t d = 0;
+                        for (; d + 16 <= D; d += 16)
+                            for (int l = 0; l < 16; l++) part[l] += qi[d + l] * kj[d + l];
+                        for (; d < D; d++) part[d % 16] += qi[d] * kj[d];
+                        float s = 0.0f;
+                        for (int l = 0; l < 16; l++) s += part[l];
+                        s *= scale;
+                        sc[j] = s;
+                        if (s > mx) mx = s;
+                    }
+                    for (int64_t d = 0; d < D; d++) oi[d] = 0.0f;
+                    if (mx == -INFINITY) continue;
+                    float sum = 0.0f;
+                    for (int64_t j = 0; j < S; j++) {
+                        if (sc[j] == -INFINITY) continue;
+                        const float e = expf(sc[j] - mx);
+                        sum += e;
+                        const float *vj = vb + j * D;
+                        for (int64_t d = 0; d < D; d++) oi[d] += e * vj[d];
+                    }
+                    const float inv = 1.0f / sum;
+                    for (int64_t d = 0; d < D; d++) oi[d] *= inv;
+                }
+            }
+        free(sc);
     }
 }
