@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 from joey.config import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD, MAX_DRAFT_LIMIT, SamplingParams, SpecConfig
 from joey.engine import BATCH_MODES, METHODS
 from joey.errors import InvalidArgumentError, JoeyError, PromptError
+from joey.models.weight_formats import low_bit_kernels
 from joey.models.weights import WEIGHT_CHOICES
 
 
@@ -220,6 +221,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "cache": str(cache_dir()),
         "default method": engine.default_method,
     }
+    if "int" in engine.model.weight_format:
+        info["low-bit kernels"] = (
+            "joey's AVX512-VNNI kernel (activations in 8 bits per group of 32, as llama.cpp)"
+            if low_bit_kernels() == "vnni" else "PyTorch's (bf16 activations)")
     if engine.kangaroo is not None:
         kd = engine.kangaroo
         info["kangaroo adapter"] = (f"exit layer {kd.exit_layer}, {param_count(kd.adapter)} parameters, "

@@ -257,6 +257,25 @@ def test_low_bit_verification_is_bitwise_equal_to_decoding(low_bit):
     assert torch.equal(steps, at_once)
 
 
+def test_low_bit_prefill_in_pieces_is_bitwise_the_prefill_at_once(low_bit):
+    """Kangaroo's drafter runs the shallow layers over n - 1 prompt tokens where AR's prefill runs
+    all n at once, and a turn's prompt may be prefilled after its prefix: a prompt longer than a
+    verification (150 tokens) split anywhere must give exactly the logits of one prefill."""
+    from joey.batching import causal_mask
+
+    model = low_bit.model
+    ids = torch.randint(100, 4000, (1, 150), generator=torch.Generator().manual_seed(21))
+    with torch.inference_mode():
+        whole = model.new_cache(1, 160)
+        at_once = model(ids, torch.arange(150)[None], whole, 0, 150)[0]
+        for cut in (149, 100, 7):
+            parts = model.new_cache(1, 160)
+            model(ids[:, :cut], torch.arange(cut)[None], parts, 0, cut)
+            mask = causal_mask([cut], 150 - cut, 150, "cpu") if 150 - cut > 1 else None
+            rest = model(ids[:, cut:], torch.arange(cut, 150)[None], parts, cut, 150, mask)[0]
+            assert torch.equal(rest, at_once[cut:]), cut
+
+
 @pytest.mark.parametrize("method", ["pld", "sps", "kangaroo", "jakiro", "jakiro+pld"])
 def test_every_drafter_is_lossless_on_low_bit_targets(low_bit, method):
     kw = dict(max_new_tokens=20, ignore_eos=True, max_draft=4)
@@ -284,10 +303,11 @@ def test_default_model_native_weights_are_lossless():
     native = joey.load(None, device="cpu", progress=False, adapter=False, head=False, weights="fp32")
     native.model.set_weights("native", load_native(native.source.folder / NATIVE_FILE))
     assert native.model.weight_format == "int4+int8"
-    prompt = "List three uses of a paperclip."
-    ar = eng.generate(prompt, max_new_tokens=24, method="ar").token_ids
-    for method in ("pld", "kangaroo", "jakiro"):
-        assert eng.generate(prompt, max_new_tokens=24, method=method).token_ids == ar, method
+    long = "Summarize: " + " ".join(f"Paragraph {i}: the committee met, argued and adjourned." for i in range(25))
+    for prompt in ("List three uses of a paperclip.", long):  # long: ~300 tokens, more than any verification
+        ar = eng.generate(prompt, max_new_tokens=24, method="ar").token_ids
+        for method in ("pld", "kangaroo", "jakiro"):
+            assert eng.generate(prompt, max_new_tokens=24, method=method).token_ids == ar, method
 
 
 def test_bad_weight_formats_are_refused(tiny_folder):

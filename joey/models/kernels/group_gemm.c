@@ -158,11 +158,31 @@ void rms_norm(const float *x, int64_t M, int64_t K, const float *w, float eps, f
     }
 }
 
+/* e^x for 16 lanes, each lane on its own (the same instructions whatever its neighbours): a
+ * degree-6 polynomial of the reduced argument, scaled by 2^n. Relative error ~2e-7 above e^-87. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* Attention of T queries per row against S cached keys, every query on its own: its scores, softmax
  * and weighted sum of values run in one fixed order that does not depend on how many queries share
- * the call, so verifying k tokens reproduces decoding them one by one bit for bit in fp32 (PyTorch's
- * SDPA sums differently for 1 and k queries; joey otherwise has to run attention in float64).
- *   q    [B, T, H, D] fp32 contiguous (the projections' layout, before any transpose)
+ * the call or how many keys it spans (a key's lane is j % 16; keys a query may not see add exact
+ * zeros or are skipped), so verifying k tokens reproduces decoding them one by one bit for bit in
+ * fp32, and a prompt prefilled in pieces gives what it gives in one piece (PyTorch's SDPA sums
+ * differently for 1 and k queries; joey otherwise has to run attention in float64).
+ *   q    [B, T, H, D] fp32 contiguous (the projections' layout, before any transpose); D % 16 == 0
  *   k, v [B, KVH, max_len, D]: element (b, h, j, d) at b * sb + h * sh + j * D + d
  *   mask bytes (nonzero = may attend) at b * mb + i * mt + j * ms, or NULL: query i sees keys
  *        j <= i + S - T (the queries are the last T positions)
@@ -170,50 +190,55 @@ void rms_norm(const float *x, int64_t M, int64_t K, const float *w, float eps, f
 void attention(const float *q, int64_t B, int64_t T, int64_t H, int64_t D, const float *k, const float *v,
                int64_t KVH, int64_t S, int64_t sb, int64_t sh, const uint8_t *mask, int64_t mb, int64_t mt,
                int64_t ms, float scale, float *out) {
-    const int64_t group = H / KVH;
+    const int64_t group = H / KVH, chunks = D / 16, padded = (S + 15) / 16 * 16;
 #pragma omp parallel
     {
-        float *sc = (float *)malloc(sizeof(float) * (S > 0 ? S : 1));
-#pragma omp for collapse(2) schedule(static)
+        float *sc = (float *)malloc(sizeof(float) * (size_t)(padded > 0 ? padded : 16));
+        uint8_t *ok = (uint8_t *)malloc((size_t)(padded > 0 ? padded : 16));
+#pragma omp for collapse(3) schedule(static)
         for (int64_t b = 0; b < B; b++)
-            for (int64_t h = 0; h < H; h++) {
-                const float *kb = k + b * sb + (h / group) * sh, *vb = v + b * sb + (h / group) * sh;
+            for (int64_t h = 0; h < H; h++)
                 for (int64_t i = 0; i < T; i++) {
+                    const float *kb = k + b * sb + (h / group) * sh, *vb = v + b * sb + (h / group) * sh;
                     const float *qi = q + ((b * T + i) * H + h) * D;
                     float *oi = out + ((b * T + i) * H + h) * D;
+                    __m512 qv[16];
+                    for (int64_t c = 0; c < chunks; c++) qv[c] = _mm512_loadu_ps(qi + 16 * c);
                     float mx = -INFINITY;
-                    for (int64_t j = 0; j < S; j++) {
-                        const int ok = mask ? mask[b * mb + i * mt + j * ms] != 0 : j <= i + S - T;
-                        if (!ok) {
-                            sc[j] = -INFINITY;
-                            continue;
-                        }
+                    for (int64_t j = 0; j < padded; j++) {
+                        ok[j] = j < S && (mask ? mask[b * mb + i * mt + j * ms] != 0 : j <= i + S - T);
+                        sc[j] = 0.0f;
+                        if (!ok[j]) continue;
                         const float *kj = kb + j * D;
-                        float part[16] = {0};
-                        int64_t d = 0;
-                        for (; d + 16 <= D; d += 16)
-                            for (int l = 0; l < 16; l++) part[l] += qi[d + l] * kj[d + l];
-                        for (; d < D; d++) part[d % 16] += qi[d] * kj[d];
-                        float s = 0.0f;
-                        for (int l = 0; l < 16; l++) s += part[l];
-                        s *= scale;
+                        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+                        for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), acc);
+                        const float s = _mm512_reduce_add_ps(acc) * scale;
                         sc[j] = s;
                         if (s > mx) mx = s;
                     }
-                    for (int64_t d = 0; d < D; d++) oi[d] = 0.0f;
+                    for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_setzero_ps());
                     if (mx == -INFINITY) continue;
-                    float sum = 0.0f;
-                    for (int64_t j = 0; j < S; j++) {
-                        if (sc[j] == -INFINITY) continue;
-                        const float e = expf(sc[j] - mx);
-                        sum += e;
-                        const float *vj = vb + j * D;
-                        for (int64_t d = 0; d < D; d++) oi[d] += e * vj[d];
+                    __m512 total = _mm512_setzero_ps();
+                    const __m512 top = _mm512_set1_ps(mx);
+                    for (int64_t j = 0; j < padded; j += 16) {
+                        const __mmask16 keep = _mm512_cmpneq_epi8_mask(
+                            _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(ok + j))), _mm512_setzero_si512()) & 0xFFFF;
+                        const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + j), top)));
+                        _mm512_storeu_ps(sc + j, e);
+                        total = _mm512_add_ps(total, e);
                     }
-                    const float inv = 1.0f / sum;
-                    for (int64_t d = 0; d < D; d++) oi[d] *= inv;
+                    __m512 o[16];
+                    for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < S; j++) {
+                        if (!ok[j]) continue;  /* never read: a slot nobody may see can hold anything */
+                        const __m512 e = _mm512_set1_ps(sc[j]);
+                        const float *vj = vb + j * D;
+                        for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vj + 16 * c), o[c]);
+                    }
+                    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+                    for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_mul_ps(o[c], inv));
                 }
-            }
+        free(ok);
         free(sc);
     }
 }
