@@ -134,6 +134,27 @@ def test_c_attention_equals_sdpa_and_never_depends_on_the_number_of_queries(mask
         assert torch.equal(alone, out[:, i : i + 1])
 
 
+@needs_vnni
+def test_c_attention_depends_only_on_the_keys_a_query_sees():
+    """A tree puts a node's ancestors at scattered cache slots; decoding puts the same keys side by
+    side. Same visible keys in the same order → the same bits, wherever they sit and however many
+    keys the call spans."""
+    from joey.models.group_kernel import attention
+
+    g = torch.Generator().manual_seed(19)
+    d, h, kvh = 32, 4, 2
+    q = torch.randn(1, 1, h, d, generator=g)
+    k = torch.randn(1, kvh, 64, d, generator=g)
+    v = torch.randn(1, kvh, 64, d, generator=g)
+    seen = list(range(20)) + [23, 29, 30, 41]  # a prefix, then a path through a tree
+    scattered = torch.zeros(1, 1, 1, 50, dtype=torch.bool)
+    scattered[..., seen] = True
+    tree = attention(q, k, v, 50, scattered, d**-0.5)
+    packed_k, packed_v = torch.zeros_like(k), torch.zeros_like(v)
+    packed_k[:, :, : len(seen)], packed_v[:, :, : len(seen)] = k[:, :, seen], v[:, :, seen]
+    assert torch.equal(attention(q, packed_k, packed_v, len(seen), None, d**-0.5), tree)
+
+
 def test_quantizers_round_to_nearest_code():
     w = _x(16, 64, 4)
     q4, q8 = quantize_int4(w), quantize_int8(w)

@@ -177,11 +177,13 @@ static inline __m512 exp16(__m512 x) {
 }
 
 /* Attention of T queries per row against S cached keys, every query on its own: its scores, softmax
- * and weighted sum of values run in one fixed order that does not depend on how many queries share
- * the call or how many keys it spans (a key's lane is j % 16; keys a query may not see add exact
- * zeros or are skipped), so verifying k tokens reproduces decoding them one by one bit for bit in
- * fp32, and a prompt prefilled in pieces gives what it gives in one piece (PyTorch's SDPA sums
- * differently for 1 and k queries; joey otherwise has to run attention in float64).
+ * and weighted sum of values run in one fixed order over the keys it may see, taken in slot order and
+ * numbered 0, 1, 2, ... (the softmax sum's lane for the r-th visible key is r % 16). So a query's
+ * result depends only on the sequence of keys it sees: not on how many queries share the call, how
+ * many keys the call spans, or at which slots a token tree put its ancestors. Verifying k tokens (a
+ * chain or a tree) therefore reproduces decoding them one by one bit for bit in fp32, and a prompt
+ * prefilled in pieces gives what it gives in one piece (PyTorch's SDPA sums differently for 1 and k
+ * queries; joey otherwise has to run attention in float64).
  *   q    [B, T, H, D] fp32 contiguous (the projections' layout, before any transpose); D % 16 == 0
  *   k, v [B, KVH, max_len, D]: element (b, h, j, d) at b * sb + h * sh + j * D + d
  *   mask bytes (nonzero = may attend) at b * mb + i * mt + j * ms, or NULL: query i sees keys
@@ -194,7 +196,7 @@ void attention(const float *q, int64_t B, int64_t T, int64_t H, int64_t D, const
 #pragma omp parallel
     {
         float *sc = (float *)malloc(sizeof(float) * (size_t)(padded > 0 ? padded : 16));
-        uint8_t *ok = (uint8_t *)malloc((size_t)(padded > 0 ? padded : 16));
+        int64_t *seen = (int64_t *)malloc(sizeof(int64_t) * (size_t)(S > 0 ? S : 1));
 #pragma omp for collapse(3) schedule(static)
         for (int64_t b = 0; b < B; b++)
             for (int64_t h = 0; h < H; h++)
@@ -205,40 +207,40 @@ void attention(const float *q, int64_t B, int64_t T, int64_t H, int64_t D, const
                     __m512 qv[16];
                     for (int64_t c = 0; c < chunks; c++) qv[c] = _mm512_loadu_ps(qi + 16 * c);
                     float mx = -INFINITY;
-                    for (int64_t j = 0; j < padded; j++) {
-                        ok[j] = j < S && (mask ? mask[b * mb + i * mt + j * ms] != 0 : j <= i + S - T);
-                        sc[j] = 0.0f;
-                        if (!ok[j]) continue;
+                    int64_t n = 0;  /* visible keys, in slot order */
+                    for (int64_t j = 0; j < S; j++) {
+                        if (!(mask ? mask[b * mb + i * mt + j * ms] != 0 : j <= i + S - T)) continue;
                         const float *kj = kb + j * D;
                         __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
                         for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), acc);
                         const float s = _mm512_reduce_add_ps(acc) * scale;
-                        sc[j] = s;
+                        sc[n] = s;
+                        seen[n++] = j;
                         if (s > mx) mx = s;
                     }
-                    for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_setzero_ps());
-                    if (mx == -INFINITY) continue;
+                    if (n == 0) {
+                        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_setzero_ps());
+                        continue;
+                    }
                     __m512 total = _mm512_setzero_ps();
                     const __m512 top = _mm512_set1_ps(mx);
-                    for (int64_t j = 0; j < padded; j += 16) {
-                        const __mmask16 keep = _mm512_cmpneq_epi8_mask(
-                            _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(ok + j))), _mm512_setzero_si512()) & 0xFFFF;
-                        const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + j), top)));
-                        _mm512_storeu_ps(sc + j, e);
+                    for (int64_t r = 0; r < n; r += 16) {
+                        const __mmask16 keep = n - r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - r)) - 1);
+                        const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, sc + r), top)));
+                        _mm512_mask_storeu_ps(sc + r, keep, e);
                         total = _mm512_add_ps(total, e);
                     }
                     __m512 o[16];
                     for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_setzero_ps();
-                    for (int64_t j = 0; j < S; j++) {
-                        if (!ok[j]) continue;  /* never read: a slot nobody may see can hold anything */
-                        const __m512 e = _mm512_set1_ps(sc[j]);
-                        const float *vj = vb + j * D;
+                    for (int64_t r = 0; r < n; r++) {
+                        const __m512 e = _mm512_set1_ps(sc[r]);
+                        const float *vj = vb + seen[r] * D;
                         for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vj + 16 * c), o[c]);
                     }
                     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
                     for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_mul_ps(o[c], inv));
                 }
-        free(ok);
+        free(seen);
         free(sc);
     }
 }
