@@ -38,12 +38,15 @@ def test_pld_greedy_equals_ar_tiny_batch(tiny_engine):
 
 def test_pld_greedy_equals_ar_default_model(default_engine):
     prompts = COPY_PROMPTS[:2] + ["Write a Python function that adds two numbers."]
+    steps = tokens = 0
     for prompt in prompts:
         ar = default_engine.generate(prompt, max_new_tokens=48)
         pld = default_engine.generate(prompt, max_new_tokens=48, method="pld")
         assert pld.token_ids == ar.token_ids
-    assert pld.stats.steps < pld.new_tokens or pld.new_tokens <= 1  # drafting saved target passes
-    assert len(pld.stats.acceptance_by_position) > 0
+        assert len(pld.stats.acceptance_by_position) > 0
+        steps, tokens = steps + pld.stats.steps, tokens + pld.new_tokens
+    # drafting saved target passes (on the copy prompts: a free-form answer may find nothing to copy)
+    assert steps < tokens
 
 
 def test_pld_stats(default_engine):
