@@ -17,21 +17,24 @@ from joey.models.weight_formats import LinearKernel, make_kernel
 
 @dataclass(frozen=True)
 class DraftVocabHead:
-    """Rows ``vocab`` of the target's float LM head, pre-packed for oneDNN on CPU (fp32 or bf16)."""
+    """Rows ``vocab`` of the target's float LM head, pre-packed for oneDNN on CPU (fp32 or bf16) or
+    quantized onto joey's low-bit kernel."""
 
     vocab: torch.Tensor  # [draft_vocab] target token ids
     weight: torch.Tensor  # [draft_vocab, hidden]
     kernel: LinearKernel | None
 
     @classmethod
-    def build(cls, model: LlamaModel, vocab: torch.Tensor, dtype: torch.dtype | None = None) -> DraftVocabHead:
-        """``dtype``: the drafting precision (default: the target's activations')."""
+    def build(cls, model: LlamaModel, vocab: torch.Tensor, dtype: torch.dtype | None = None,
+              low_bit: str | None = None) -> DraftVocabHead:
+        """``dtype``: the drafting precision (default: the target's activations'); ``low_bit``
+        ("int8"): the rows quantized onto joey's low-bit kernel instead of a float kernel."""
         vocab = vocab.to(model.lm_head.weight.device)
         weight = model.lm_head.weight.detach()[vocab].to(dtype or model.lm_head.weight.dtype).contiguous()
         kernel = None
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and \
                 torch.backends.mkldnn.is_available():
-            kernel = make_kernel(float_format(weight.dtype), weight)
+            kernel = make_kernel(low_bit or float_format(weight.dtype), weight)
         return cls(vocab, weight, kernel)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:

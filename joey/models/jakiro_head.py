@@ -30,6 +30,7 @@ from joey.errors import ModelFormatError
 from joey.models.draft_files import find_shipped, load_checked, read_meta, save_draft_file
 from joey.models.kv_cache import KVCache
 from joey.models.llama import MLP, Attention, Linear, LlamaModel, ModelConfig, RMSNorm, RowSpan
+from joey.models.weight_formats import make_kernel
 
 FORMAT = "joey-jakiro-head/1"
 
@@ -64,13 +65,21 @@ class JakiroHead(nn.Module):
         p = self.fc.weight
         return KVCache(1, batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, dtype=p.dtype, device=p.device)
 
-    def prepack(self) -> None:
-        """oneDNN-packed weights for every linear layer (CPU inference, fp32 or bf16)."""
-        self.fc.prepack()
+    def prepack(self, low_bit: str | None = None) -> None:
+        """Inference kernels for every linear layer on CPU: oneDNN-packed in the head's dtype (fp32 or
+        bf16), or with ``low_bit`` ("int8") the fc, attention and expert weights quantized onto
+        joey's low-bit kernel (the 4-output gate stays float)."""
         self.gate.prepack()
-        self.self_attn.prepack()
+        if low_bit is None:
+            self.fc.prepack()
+            self.self_attn.prepack()
+            for e in self.experts:
+                e.prepack()
+            return
+        self.fc.kernel = make_kernel(low_bit, self.fc.weight, self.fc.bias)
+        self.self_attn.set_weights(low_bit)
         for e in self.experts:
-            e.prepack()
+            e.set_weights(low_bit)
 
     def forward(
         self,
