@@ -88,6 +88,12 @@ def available() -> bool:
     return library() is not None
 
 
+def serves_attention(head_dim: int) -> bool:
+    """Whether ``attention`` runs for heads of this size here: what lets a low-bit model keep an fp32
+    cache (``LlamaModel.cache_dtype``); its vectors hold the head in at most 16 pieces of 16."""
+    return available() and head_dim % 16 == 0 and head_dim <= 256
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of fp32 CPU rows in one C call (decode-time overhead), or None where the kernel does
     not run or the tensors do not fit (the caller then uses PyTorch's)."""
@@ -113,11 +119,10 @@ def attention(
     """Attention with every query computed on its own in a fixed order (see the C source), so a
     query's result never depends on how many share the call → [B, T, H, D]; None where the kernel
     does not run or the call does not fit (the caller then uses SDPA)."""
-    lib = library()
-    if lib is None or torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad):
-        return None  # no backward here: training runs PyTorch's attention
     b, t, h, d = q.shape
-    if (lib is None or d % 16 or d > 256 or q.dtype != torch.float32 or k_cache.dtype != torch.float32
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad):
+        return None  # no backward here: training runs PyTorch's attention
+    if (not serves_attention(d) or q.dtype != torch.float32 or k_cache.dtype != torch.float32
             or q.device.type != "cpu" or k_cache.stride(3) != 1 or k_cache.stride(2) != d
             or v_cache.stride() != k_cache.stride() or (mask is not None and mask.shape[-1] != kv_len)):
         return None
@@ -128,7 +133,7 @@ def attention(
         mb = mask.stride(0) if mask.shape[0] > 1 else 0
         mt = mask.stride(2) if mask.shape[2] > 1 else 0
         ms = mask.stride(3)
-    lib.attention(qs.data_ptr(), b, t, h, d, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], kv_len,
+    library().attention(qs.data_ptr(), b, t, h, d, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], kv_len,
                   k_cache.stride(0), k_cache.stride(1), None if mask is None else mask.data_ptr(), mb, mt, ms,
                   scale, out.data_ptr())
     return out
@@ -140,8 +145,6 @@ class GroupKernel:
 
     Codes are stored unsigned: 8-bit codes c become c + 128 with an offset of -128 * scale (the same
     weights). A weight quantized per row runs as groups of 32 with the row's scale repeated."""
-
-    activations = "int8"
 
     def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None) -> None:
         lib = library()
@@ -155,12 +158,12 @@ class GroupKernel:
         self.out, self.cols = out, cols
         rep = q.group // GROUP
         scale = q.scale.float().repeat_interleave(rep, dim=1)  # [out, cols / 32]
+        offset = None if q.offset is None else q.offset.float().repeat_interleave(rep, dim=1)
         if q.bits == 8:
             codes = (q.codes.to(torch.int16) + 128).to(torch.uint8)
-            offset = -128 * scale if q.offset is None else q.offset.float().repeat_interleave(rep, dim=1) - 128 * scale
+            offset = -128 * scale if offset is None else offset - 128 * scale
         else:
             codes = q.codes.to(torch.uint8)
-            offset = None if q.offset is None else q.offset.float().repeat_interleave(rep, dim=1)
         pad = -out % TILE
         if pad:
             codes = torch.cat([codes, codes.new_zeros(pad, cols)])

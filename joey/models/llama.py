@@ -666,11 +666,12 @@ class LlamaModel(nn.Module):
         into a different logit now and then, so verifying k tokens at once would not always
         reproduce decoding them one by one. In float64 the differences vanish when the result is
         rounded back to fp32, and greedy outputs stay identical (tests/test_weight_formats.py).
-        Where joey's C attention runs (``group_kernel.attention``: every query on its own, so the
-        number of queries never changes a result) the cache stays fp32: prefills longer than its
-        query limit still use SDPA, but a prefill is the same for decoding and for verifying."""
+        Where joey's C attention serves every call (``group_kernel.attention``: every query on its
+        own over exactly the keys it sees, so neither the number of queries nor their slots change a
+        result) the cache stays fp32."""
         if self._format is not None and self._format != "fp32":
-            if group_kernel.available() and not self.cfg.attn_softcap and self.lm_head.weight.device.type == "cpu":
+            if (group_kernel.serves_attention(self.cfg.head_dim) and not self.cfg.attn_softcap
+                    and self.lm_head.weight.device.type == "cpu"):
                 return self.lm_head.weight.dtype
             return torch.float64
         return self.lm_head.weight.dtype
