@@ -29,24 +29,27 @@
 #define GROUP 32
 #define LANES 16
 #define ROWS 8
+#define AHEAD 8
 
 /* Each row's activations as int8 codes per group of 32 (q), the group's scale (dx) and the sum of
- * its codes times its scale (dx * sum q), for the offset term. */
+ * its codes times its scale (dx * sum q), for the offset term. Vectorized (it runs on one thread
+ * before the product, for every row of every linear), with the scalar arithmetic's exact results:
+ * the maximum is exact, the products are the same IEEE multiplications, and the conversion rounds
+ * to nearest-even as nearbyintf does in the default rounding mode. */
 void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *dx, float *dsum) {
     const int64_t groups = K / GROUP;
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
     for (int64_t r = 0; r < M * groups; r++) {
         const float *v = x + r * GROUP;
-        float amax = 0.0f;
-        for (int i = 0; i < GROUP; i++) amax = fmaxf(amax, fabsf(v[i]));
+        const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, sign), _mm512_and_ps(b, sign)));
         const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int s = 0;
-        for (int i = 0; i < GROUP; i++) {
-            const int c = (int)nearbyintf(v[i] * id);
-            q[r * GROUP + i] = (int8_t)c;
-            s += c;
-        }
+        const __m512 s = _mm512_set1_ps(id);
+        const __m512i ca = _mm512_cvtps_epi32(_mm512_mul_ps(a, s)), cb = _mm512_cvtps_epi32(_mm512_mul_ps(b, s));
+        _mm_storeu_si128((__m128i *)(q + r * GROUP), _mm512_cvtepi32_epi8(ca));
+        _mm_storeu_si128((__m128i *)(q + r * GROUP + 16), _mm512_cvtepi32_epi8(cb));
         dx[r] = d;
-        dsum[r] = d * (float)s;
+        dsum[r] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(ca, cb));
     }
 }
 
@@ -54,21 +57,24 @@ static inline __attribute__((always_inline)) void tile_rows(
     const int8_t *q, const float *dx, const float *dsum, int64_t K, const uint8_t *codes, int bits,
     const void *scale, const void *offset, int half, int64_t groups, const float *bias, float *y, int64_t ldy,
     const int mb) {
+    /* The dot-product instruction has a latency of several cycles and the core issues two per cycle:
+     * ~16 independent sums must be in flight to keep it busy. Each row's group sum is therefore split
+     * over CH chains (more when there are few rows), and the codes are loaded vector by vector (two
+     * registers) instead of all at once, which leaves the registers to the chains. */
+    enum { CH = 4 };
+    const int ch = mb <= 2 ? 4 : (mb <= 4 ? 4 : 2);
     __m512 acc[ROWS];
     for (int m = 0; m < mb; m++) acc[m] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0F);
     const int64_t per_group = bits == 4 ? 4 * 64 : 8 * 64;
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *c = codes + g * per_group;
-        __m512i w[8];
-        if (bits == 4) {
-            for (int j = 0; j < 4; j++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(c + 64 * j));
-                w[2 * j] = _mm512_and_si512(v, low);
-                w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-            }
-        } else {
-            for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512((const void *)(c + 64 * j));
+        /* a decode step streams ~100 MB of codes once: ask for the lines a few groups ahead */
+        for (int64_t l = 0; l < per_group; l += 64) _mm_prefetch((const char *)(c + AHEAD * per_group + l), _MM_HINT_T0);
+        if (!half || !(g & 1)) {  /* scales and offsets: a line holds one group's (fp32) or two (fp16) */
+            const int64_t at = (g + 2 * AHEAD) * LANES * (half ? 2 : 4);
+            _mm_prefetch((const char *)scale + at, _MM_HINT_T0);
+            if (offset) _mm_prefetch((const char *)offset + at, _MM_HINT_T0);
         }
         __m512 d, z = _mm512_setzero_ps();
         if (half) {
@@ -78,18 +84,30 @@ static inline __attribute__((always_inline)) void tile_rows(
             d = _mm512_loadu_ps((const float *)scale + g * LANES);
             if (offset) z = _mm512_loadu_ps((const float *)offset + g * LANES);
         }
-        /* integer sums are exact in any order: independent chains of dot products (rows, and two
-         * per row when there are few rows) keep the instruction's latency hidden */
-        __m512i isum[ROWS], isum2[ROWS];
-        for (int m = 0; m < mb; m++) isum[m] = isum2[m] = _mm512_setzero_si512();
-        for (int j = 0; j < 8; j++)
-            for (int m = 0; m < mb; m++) {
-                const __m512i a = _mm512_set1_epi32(((const int32_t *)(q + m * K + g * GROUP))[j]);
-                if (mb <= 4 && (j & 1)) isum2[m] = _mm512_dpbusd_epi32(isum2[m], w[j], a);
-                else isum[m] = _mm512_dpbusd_epi32(isum[m], w[j], a);
+        /* integer sums are exact in any order, so the split changes no bit */
+        __m512i isum[CH][ROWS];
+        for (int k = 0; k < ch; k++)
+            for (int m = 0; m < mb; m++) isum[k][m] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j += 2) {
+            __m512i w0, w1;
+            if (bits == 4) {
+                const __m512i v = _mm512_loadu_si512((const void *)(c + 32 * j));
+                w0 = _mm512_and_si512(v, low);
+                w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            } else {
+                w0 = _mm512_loadu_si512((const void *)(c + 64 * j));
+                w1 = _mm512_loadu_si512((const void *)(c + 64 * (j + 1)));
             }
+            const int k0 = j % ch, k1 = (j + 1) % ch;
+            for (int m = 0; m < mb; m++) {
+                const int32_t *a = (const int32_t *)(q + m * K + g * GROUP);
+                isum[k0][m] = _mm512_dpbusd_epi32(isum[k0][m], w0, _mm512_set1_epi32(a[j]));
+                isum[k1][m] = _mm512_dpbusd_epi32(isum[k1][m], w1, _mm512_set1_epi32(a[j + 1]));
+            }
+        }
         for (int m = 0; m < mb; m++) {
-            const __m512i total = mb <= 4 ? _mm512_add_epi32(isum[m], isum2[m]) : isum[m];
+            __m512i total = isum[0][m];
+            for (int k = 1; k < ch; k++) total = _mm512_add_epi32(total, isum[k][m]);
             const int64_t r = m * groups + g;
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d, _mm512_set1_ps(dx[r])), acc[m]);
             if (offset) acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(dsum[r]), acc[m]);
