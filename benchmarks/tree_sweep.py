@@ -30,6 +30,7 @@ def heldout_prompts(n: int) -> list[str]:
              *sorted(glob.glob(DATA + "instructionwild_v2/user_*.jsonl"))]
     used = set(read_prompts(files, limit=960, derived=240, seed=0))  # the shipped adapter's training prompts
     used |= set(read_prompts(files, limit=14000, derived=3000, seed=0))  # ... and the shipped Jakiro head's
+    used |= set(read_prompts(files, limit=14000, derived=3000, seed=1))  # ... and its fine-tuning's
     pool = [p for p in read_prompts(files, derived=30, seed=1) if p not in used and len(p) < 1500]
     return pool[:n]
 

@@ -26,7 +26,7 @@ import torch
 
 from joey.batching import causal_mask
 from joey.models.llama import LlamaModel
-from joey.models.weight_formats import low_bit_kernels
+from joey.models.weight_formats import low_bit_kernels_key
 
 MEASURED_TOKENS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXT = 128  # cached tokens before the measured forward: a typical mid-generation state
@@ -138,7 +138,7 @@ def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCur
     hw = cpu_name() if w.device.type == "cpu" else torch.cuda.get_device_name(w.device)
     kernels = model.weight_format if model.lm_head.kernel is not None else "plain"
     if "int" in kernels:
-        kernels += "/" + low_bit_kernels()
+        kernels += "/" + low_bit_kernels_key()
     key = json.dumps([model_key, str(w.device), str(w.dtype), kernels, torch.get_num_threads(), hw, MEASURED_TOKENS])
 
     def read(data: dict) -> CostCurve:

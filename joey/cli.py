@@ -427,6 +427,12 @@ def _train_drafter_parser(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast while training (fast on CPUs with AMX)")
+    p.add_argument("--init", default=None, metavar="HEAD",
+                   help="continue from this head file (e.g. the shipped one, joey/heads/...): fine-tune it on "
+                        "this run's data, keeping its draft vocabulary, experts and width")
+    p.add_argument("--distill-weights", default="fp32", choices=list(WEIGHT_CHOICES),
+                   help="weights the target answers with (default fp32; auto = those joey decodes with, so "
+                        "the head learns that target's features; faster with joey's low-bit kernel)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -444,10 +450,11 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--distill-minutes must be positive")
     train_from_prompts(
         args.model, args.prompts, args.out, num_prompts=args.num_prompts, derived=args.derived,
-        distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+        distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                weights=args.distill_weights),
         train=HeadTrainSettings(draft_vocab=args.draft_vocab, experts=args.experts, intermediate=args.intermediate,
                                 epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr, bf16=args.bf16,
-                                seed=args.seed),
+                                seed=args.seed, init=args.init),
         device=args.device, dtype=args.dtype, seed=args.seed, distill_minutes=args.distill_minutes,
         device_map=args.device_map,
     )

@@ -5,6 +5,7 @@ the hybrid last level under the right nodes, and its files and training behave."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -252,6 +253,41 @@ def test_train_drafter_end_to_end_and_resume(tmp_path, tiny_folder):
     assert (out / "data" / "shard_00000.pt").stat().st_mtime_ns == stamp
     assert (out / "head.safetensors").read_bytes() == first  # resumed from the finished checkpoint
     assert again["agreement"] == report["agreement"]
+
+
+def test_train_drafter_continues_from_a_head_with_the_chosen_answering_weights(tmp_path, tiny_folder):
+    """``init`` fine-tunes a given head (its vocabulary, experts and width are kept, its weights are the
+    start); ``distill.weights`` answers with the target in that format and is part of the shards'
+    identity; a file that is not a head for this model is refused before anything is distilled."""
+    from joey.training.distill import DistillSettings
+    from joey.training.jakiro_training import HeadTrainSettings
+    from joey.training.run import train_from_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Tell me about the number {i}."}) for i in range(8)))
+    base = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, adapter=False, head=False)
+    torch.manual_seed(0)
+    start = JakiroHead(base.model.cfg, torch.arange(1, 700, 3), 3, 48)
+    save_head(start, base.model, tmp_path / "start.safetensors")
+    kw = dict(num_prompts=8, derived=0, distill=DistillSettings(max_new_tokens=6, batch_size=4, weights="int8"),
+              progress=False)
+    train = HeadTrainSettings(epochs=1, draft_vocab=64, batch_tokens=128, eval_sequences=1,
+                              init=str(tmp_path / "start.safetensors"))
+    out = tmp_path / "run"
+    report = train_from_prompts(str(tiny_folder), [str(prompts)], out, device="cpu", train=train, **kw)
+    assert report["distill_settings"]["weights"] == "int8"
+    assert json.loads((out / "data" / "manifest.json").read_text())["settings"]["weights"] == "int8"
+    tuned = load_head(out / "head.safetensors", base.model)
+    assert torch.equal(tuned.vocab, start.vocab)  # not a new 64-token vocabulary
+    assert (tuned.num_experts, tuned.cfg.intermediate_size) == (3, 48)
+    moved = [not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), start.state_dict().values())]
+    assert any(moved)  # it trained from the given weights
+    save_adapter(KangarooAdapter.initialized_from(base.model, 1, torch.arange(64), False), base.model,
+                 tmp_path / "adapter.safetensors")
+    bad = replace(train, init=str(tmp_path / "adapter.safetensors"))
+    with pytest.raises(ModelFormatError, match="not a joey Jakiro head"):
+        train_from_prompts(str(tiny_folder), [str(prompts)], tmp_path / "bad", device="cpu", train=bad, **kw)
+    assert not (tmp_path / "bad" / "data").exists()
 
 
 def test_distillation_time_budget_stops_between_shards(tmp_path, tiny_folder):

@@ -47,6 +47,12 @@ def _cpu_flags() -> str:
 
 
 @lru_cache(maxsize=1)
+def source_digest() -> str:
+    """A short hash of the kernel's C source (part of the cache keys of what was measured with it)."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
+@lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None where it cannot be (PyTorch's kernels then run)."""
     if os.environ.get("JOEY_GROUP_KERNEL", "1") == "0" or sys.platform != "linux":

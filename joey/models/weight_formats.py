@@ -221,6 +221,15 @@ def low_bit_kernels() -> str:
     return "vnni" if group_kernel.available() else "torch"
 
 
+def low_bit_kernels_key() -> str:
+    """``low_bit_kernels()`` plus the version of joey's kernel source: measured costs (the budget's
+    curve, the weight choice) are measured again when the kernel changes, not read from an old one's."""
+    from joey.models import group_kernel
+
+    kind = low_bit_kernels()
+    return f"{kind}:{group_kernel.source_digest()}" if kind == "vnni" else kind
+
+
 def _low_bit(q: QuantizedWeight, bias: torch.Tensor | None) -> LinearKernel:
     """int4/int8 codes on joey's kernel where it runs, else on PyTorch's."""
     if low_bit_kernels() == "vnni" and q.shape[1] % GROUP == 0 and q.group % GROUP == 0:

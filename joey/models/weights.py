@@ -11,7 +11,7 @@ import torch
 
 from joey.errors import InvalidArgumentError, ModelFormatError
 from joey.models.llama import LlamaModel, ModelConfig, RMSNorm
-from joey.models.weight_formats import FORMATS, QuantizedWeight, low_bit_kernels
+from joey.models.weight_formats import FORMATS, QuantizedWeight, low_bit_kernels_key
 
 
 def read_config(folder: Path) -> tuple[ModelConfig, dict]:
@@ -191,7 +191,7 @@ def fastest_format(
     if len(candidates) == 1:
         return candidates[0]
     key = json.dumps([cache_key, candidates, cpu_name(), torch.get_num_threads(), torch.__version__,
-                      low_bit_kernels()])
+                      low_bit_kernels_key()])
 
     def time_each() -> dict:
         if progress:

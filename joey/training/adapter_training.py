@@ -71,9 +71,16 @@ def load_sequences(paths: Sequence[Path], exit_layer: int) -> list[Sequence_]:
     return out
 
 
-def draft_vocabulary(seqs: Sequence[Sequence_], size: int, vocab_size: int) -> tuple[torch.Tensor, float]:
-    """The ``size`` most frequent tokens of the target's answers (and its top-2 alternatives), sorted;
-    returns (ids, share of answer tokens covered)."""
+def draft_vocabulary(
+    seqs: Sequence[Sequence_], size: int, vocab_size: int, given: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
+    """The ``size`` most frequent tokens of the target's answers (and its top-2 alternatives), sorted,
+    or ``given`` (a drafter's own vocabulary, kept when training continues from it); returns (ids,
+    share of answer tokens covered)."""
+    if given is not None:
+        inside = set(given.tolist())
+        covered = sum(1 for s in seqs for t in s.ids[s.prompt_len :].tolist() if t in inside)
+        return given.cpu(), covered / max(1, sum(len(s.ids) - s.prompt_len for s in seqs))
     counts: Counter[int] = Counter()
     answer_tokens = 0
     for s in seqs:
@@ -204,16 +211,18 @@ class Split:
 
 
 def split_data(
-    model: LlamaModel, seqs: Sequence[Sequence_], holdout: float, draft_vocab: int, seed: int, log=print
+    model: LlamaModel, seqs: Sequence[Sequence_], holdout: float, draft_vocab: int, seed: int, log=print,
+    vocab: torch.Tensor | None = None,
 ) -> Split:
-    """A seeded held-out split (sequences whose prompt has at least 2 tokens) and the draft vocabulary."""
+    """A seeded held-out split (sequences whose prompt has at least 2 tokens) and the draft vocabulary
+    (``vocab`` when given: that of a drafter whose training continues)."""
     dev = model.lm_head.weight.device
     order = [i for i in range(len(seqs)) if seqs[i].prompt_len >= 2]
     random.Random(seed).shuffle(order)
     n_hold = max(1, int(len(order) * holdout))
     held = [seqs[i] for i in order[:n_hold]]
     train = [seqs[i] for i in order[n_hold:]]
-    vocab, coverage = draft_vocabulary(train, draft_vocab, model.cfg.vocab_size)
+    vocab, coverage = draft_vocabulary(train, draft_vocab, model.cfg.vocab_size, vocab)
     log(f"train {len(train)} sequences ({sum(len(x.ids) - x.prompt_len for x in train)} answer tokens), held out "
         f"{len(held)}; draft vocabulary {len(vocab)} tokens covers {coverage:.1%} of answer tokens")
     local = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)

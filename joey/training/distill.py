@@ -37,6 +37,7 @@ class DistillSettings:
     batch_size: int = 32
     top_k: int = 16  # soft labels: the target's top-k probabilities at each answer position
     features: bool = False  # also keep the final-norm feature of every position (key "feature")
+    weights: str = "fp32"  # the target's weight format while answering (joey.load's ``weights``)
 
 
 FEATURE = "feature"  # key of the final-norm features among the kept states

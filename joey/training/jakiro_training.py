@@ -31,7 +31,7 @@ from joey.batching import depths_of
 from joey.config import SamplingParams
 from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.jakiro import JakiroDraft, JakiroDrafter
-from joey.models.jakiro_head import JakiroHead
+from joey.models.jakiro_head import JakiroHead, load_head
 from joey.models.llama import LlamaModel
 from joey.training import distributed
 from joey.training.adapter_training import Sequence_, length_batches, soft_labels, split_data
@@ -56,6 +56,7 @@ class HeadTrainSettings:
     eval_sequences: int = 64  # held-out sequences for the simulated τ
     bf16: bool = False  # bf16 autocast (fast on CPUs with AMX / AVX512-BF16)
     seed: int = 0
+    init: str | None = None  # a head file to continue from (its vocabulary, experts and width are kept)
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,15 @@ def train_head(
     """Train (resuming from ``out_dir/checkpoint.pt`` when its settings match); returns the head and
     its held-out evaluation (None on ranks other than 0 under a launcher)."""
     dev = model.lm_head.weight.device
-    data = split_data(model, seqs, s.holdout, s.draft_vocab, s.seed, log)
+    start = load_head(s.init, model) if s.init else None  # fine-tuning: more data for a trained head
+    data = split_data(model, seqs, s.holdout, s.draft_vocab, s.seed, log, None if start is None else start.vocab)
     torch.manual_seed(s.seed)
-    head = JakiroHead(model.cfg, data.vocab, s.experts, s.intermediate or None).to(dev).float().train()
+    if start is None:
+        head = JakiroHead(model.cfg, data.vocab, s.experts, s.intermediate or None)
+    else:
+        head = JakiroHead(model.cfg, start.vocab, start.num_experts, start.cfg.intermediate_size)
+        head.load_state_dict(start.state_dict())
+    head = head.to(dev).float().train()
     for p in model.parameters():
         p.requires_grad_(False)
     plan = [length_batches(data.train, s.batch_tokens, random.Random(s.seed + e)) for e in range(s.epochs)]

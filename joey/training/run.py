@@ -19,6 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from joey.errors import InvalidArgumentError
+from joey.models.jakiro_head import load_head
 from joey.training import distributed
 from joey.training.adapter_training import TrainSettings, load_sequences, train_adapter
 from joey.training.distill import FEATURE, DistillSettings, collect
@@ -47,7 +48,10 @@ def train_from_prompts(
 
     With ``device_map`` (``auto``, ``balanced``, ...) the distillation runs the target as a transformers
     model whose layers accelerate places over the available devices and CPU memory; joey's own copy,
-    which training reuses (embedding, LM head, the adapter's starting layers), still loads on ``device``."""
+    which training reuses (embedding, LM head, the adapter's starting layers), still loads on ``device``.
+    ``distill.weights`` other than fp32 answers with the target in that format (e.g. ``auto``, the
+    low-bit weights joey decodes the default model with): the drafter then learns the features and
+    tokens of the target it will draft for, and answering is faster where joey's low-bit kernel runs."""
     import joey
 
     distill = distill or DistillSettings()
@@ -67,6 +71,8 @@ def train_from_prompts(
     layers = engine.model.cfg.num_layers
     if jakiro:
         distill = replace(distill, exit_layers=(), features=True)
+        if train.init:  # a wrong or foreign head file fails now, not after the distillation
+            load_head(train.init, engine.model)
     else:
         if not 1 <= train.exit_layer < layers:
             raise InvalidArgumentError(f"--exit-layer must be in [1, {layers - 1}] for this {layers}-layer model")
@@ -76,6 +82,9 @@ def train_from_prompts(
     t0 = time.perf_counter()
     budget = None if distill_minutes is None else 60 * distill_minutes
     target, answer = engine.model, None
+    if distill.weights != "fp32" and device_map is None:
+        target = joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=False,
+                           weights=distill.weights).model
     if device_map is not None:
         from joey.training.hf_target import answer_batch_hf, load_hf_target
 
