@@ -122,6 +122,10 @@ class _Row:
         self.accepted: list[int] = []  # ... and steps whose accepted path reached it
         self.draft_tokens = 0
         self.draft_ms: float | None = None  # running estimate of one draft depth's cost
+        # whether the row drafted last step: only then does this step's drafting time measure what a
+        # depth costs (a first draft, or one after steps without drafting, also catches the drafter
+        # up on every token since: a Jakiro head's first call runs over the whole prompt)
+        self.drafted_last = False
         # pseudo-counts per depth, from the rows before this one (ContinuousBatch._prior): what the
         # budget assumes about drafting for this request until its own steps say otherwise
         self.prior_drafted: list[float] = []
@@ -365,6 +369,9 @@ class ContinuousBatch:
             # No row drafts: a plain decoding step, and drafters catch up on the skipped tokens later.
             # Not for a self-speculative drafter: the target's own cache lacks the layers it runs.
             skip = not any(depths) and not any(getattr(row.drafter, "self_speculative", False) for row in active)
+            if skip:
+                for row in active:
+                    row.drafted_last = False
             proposals = [Proposal.chain([]) for _ in active] if skip else self._propose(active, depths, together)
             t1 = time.perf_counter()
             features = self._verify_pass(cache, active, proposals)  # per row: [1 + draft, hidden]
@@ -434,7 +441,10 @@ class ContinuousBatch:
         """Every row's draft, drafted together where the drafter can (one forward per draft depth
         for all rows: ``propose_all``). Each row's ``draft_ms`` follows what one depth cost: the
         whole call ÷ the deepest draft for rows that draft together (they share each forward), the
-        row's own share for drafters that go row by row."""
+        row's own share for drafters that go row by row. Only steady steps count, where every
+        drafting row also drafted the step before: otherwise the call includes catching a drafter
+        up on the prompt or on undrafted steps (a 769-token prompt made Jakiro's first measurement
+        115 ms a depth, ~150x a steady one, and the budget then never drafted again)."""
         if rows[0].drafter is None:
             return [Proposal.chain([]) for _ in rows]
         drafters = [row.drafter for row in rows]
@@ -444,11 +454,13 @@ class ContinuousBatch:
         props = propose_all(drafters, [row.prompt_ids + row.new_ids for row in rows], depths, self.shape.nodes)
         ms = 1000 * (time.perf_counter() - start)
         deepest = [max(depths_of(p.parents)) if len(p) else 0 for p in props]
+        steady = all(row.drafted_last for row, d in zip(rows, deepest) if d)
         for row, d in zip(rows, deepest):
-            if d:
+            if d and steady:
                 per_depth = ms / max(deepest) if together else ms / len(rows) / d
                 row.draft_ms = _average(row.draft_ms, per_depth)
                 self.draft_ms = _average(self.draft_ms, per_depth)
+            row.drafted_last = d > 0
         return props
 
     def _judge(self, logits: torch.Tensor, prop: Proposal, row: _Row) -> Verdict:

@@ -162,6 +162,28 @@ def test_a_joining_request_starts_from_what_drafting_was_worth_before(engine):
     assert events[1][-1].generation.token_ids == _alone(engine, PROMPTS[1], "kangaroo", {"threshold": 0.0})
 
 
+def test_draft_cost_is_measured_only_in_steady_steps(engine, monkeypatch):
+    """The first drafted step (the drafter catches up on the whole prompt) and a step after one
+    without drafting (it catches up on the undrafted tokens) do not count as the cost of a draft
+    depth; a step right after a drafted one does."""
+    batch = ContinuousBatch(engine, "kangaroo", SpecConfig(threshold=0.0))  # drafts every step
+    batch.add(engine.encode(PROMPTS[0]), GREEDY, key=0)
+    batch.step()  # prefill, then the first drafted step
+    row = batch.active[0]
+    assert row.drafted and row.draft_ms is None and batch.draft_ms is None
+    batch.step()
+    first = row.draft_ms
+    assert first is not None and batch.draft_ms == first
+    depth = [0]
+    monkeypatch.setattr(ContinuousBatch, "_depth", lambda self, r, room, ev: (depth[0], True))
+    batch.step()  # no draft
+    depth[0] = 3
+    batch.step()  # drafts again after an undrafted step: not measured
+    assert row.draft_ms == first
+    batch.step()
+    assert row.draft_ms != first
+
+
 def test_the_cache_adds_rows_into_spare_storage_and_fills_gaps_from_the_end():
     assert fill_gaps([0, 2, 3, 4]) == [0, 4, 2, 3] and fill_gaps([1, 2]) == [2, 1] and fill_gaps([0, 1]) == [0, 1]
     cache = KVCache(2, 0, 1, 4, 2, dtype=torch.float32, device="cpu")
