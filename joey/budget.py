@@ -150,15 +150,20 @@ def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCur
 
 def expected_tokens(drafted: Sequence[int], accepted: Sequence[int], depth: int) -> float:
     """Expected committed tokens of a step drafted ``depth`` deep, from a row's counts so far: the
-    bonus plus, per depth, the observed rate at which accepted paths reached it (a Beta(1, 1) prior
-    keeps one unlucky step from ruling a depth out). A path reaches depth d + 1 only through depth d,
-    so a rate never exceeds the one above it (this also keeps the prior of rarely drafted deep levels
-    from outweighing what the shallow ones measured)."""
-    total, rate = 1.0, 1.0
+    bonus plus, per depth, the observed rate at which accepted paths reached it, each with a prior
+    worth two steps (one unlucky step does not rule a depth out). Depth 1's prior is 1/2. A path
+    reaches depth d + 1 only through depth d, so a deeper level's prior is the level above times
+    depth 1's rate (as if every level kept the first one's acceptance), and no rate exceeds the one
+    above it. A flat prior of 1/2 for levels the budget has rarely drafted made it draft them: with
+    depth 1 accepted half the time, every untried level looked worth half a token."""
+    total, rate, first = 1.0, 1.0, 0.5
     for d in range(depth):
         n = drafted[d] if d < len(drafted) else 0
         a = accepted[d] if d < len(accepted) else 0
-        rate = min(rate, (a + 1) / (n + 2))
+        prior = 0.5 if d == 0 else rate * first
+        rate = min(rate, (a + 2 * prior) / (n + 2))
+        if d == 0:
+            first = rate
         total += rate
     return total
 

@@ -170,8 +170,15 @@ def test_best_depth_drafts_when_it_pays_and_falls_back_when_it_cannot():
     assert best_depth(CURVE, [50] * 6, [49] * 6, 6, nodes_at, 0.5) >= 4
     # never accepted and drafting is expensive: no draft at all
     assert best_depth(CURVE, [50] * 6, [0] * 6, 6, nodes_at, 5.0) == 0
-    # the prior alone (no data) gives 1.5 tokens at depth 1
+    # the prior alone (no data) gives 1.5 tokens at depth 1, and each level beyond halves
     assert expected_tokens([], [], 1) == pytest.approx(1.5)
+    assert expected_tokens([], [], 3) == pytest.approx(1.875)
+    # depth 1 accepted 60 % of 100 steps, deeper levels never drafted: they are priced as if they
+    # kept that rate (r², r³), not at a flat 1/2, so drafting them does not look free
+    r = 61 / 102
+    assert expected_tokens([100], [60], 3) == pytest.approx(1 + r + r**2 + r**3)
+    # measured deeper levels replace the guess as their steps accumulate
+    assert expected_tokens([100, 100], [60, 50], 2) == pytest.approx(1 + r + (50 + 2 * r * r) / 102)
 
 
 def test_batch_depths_price_a_draft_at_the_whole_packed_step():
