@@ -72,7 +72,9 @@ def test_greedy_equals_ar_ragged_batch(partial, weak):
 
 
 def test_partial_drafts_are_partly_accepted(partial):
-    g = partial.generate(PROMPTS[1], max_new_tokens=40, ignore_eos=True, method="kangaroo", threshold=0.0)
+    # adaptive=False: every step drafts, whatever the budget would make of the first steps' luck
+    g = partial.generate(PROMPTS[1], max_new_tokens=40, ignore_eos=True, method="kangaroo", threshold=0.0,
+                         adaptive=False)
     assert 1.0 < g.stats.mean_accepted_tokens < 5.0
     assert g.stats.draft_time_s > 0 and g.stats.verify_time_s > 0
 
