@@ -78,24 +78,20 @@ def draft_vocabulary(
     or ``given`` (a drafter's own vocabulary, kept when training continues from it); returns (ids,
     share of answer tokens covered)."""
     if given is not None:
-        inside = set(given.tolist())
-        covered = sum(1 for s in seqs for t in s.ids[s.prompt_len :].tolist() if t in inside)
-        return given.cpu(), covered / max(1, sum(len(s.ids) - s.prompt_len for s in seqs))
-    counts: Counter[int] = Counter()
-    answer_tokens = 0
-    for s in seqs:
-        answer = s.ids[s.prompt_len :].tolist()
-        answer_tokens += len(answer)
-        counts.update(answer)
-        counts.update(s.top_ids[:, 1].tolist())
-    ids = [t for t, _ in counts.most_common(size)]
-    if len(ids) < size:  # pad with the lowest ids not chosen yet (rare tokens; keeps the size fixed)
-        chosen = set(ids)
-        ids += [t for t in range(vocab_size) if t not in chosen][: size - len(ids)]
-    vocab = torch.tensor(sorted(ids), dtype=torch.long)
-    inside = set(ids)
+        vocab = given.cpu()
+    else:
+        counts: Counter[int] = Counter()
+        for s in seqs:
+            counts.update(s.ids[s.prompt_len :].tolist())
+            counts.update(s.top_ids[:, 1].tolist())
+        ids = [t for t, _ in counts.most_common(size)]
+        if len(ids) < size:  # pad with the lowest ids not chosen yet (rare tokens; keeps the size fixed)
+            chosen = set(ids)
+            ids += [t for t in range(vocab_size) if t not in chosen][: size - len(ids)]
+        vocab = torch.tensor(sorted(ids), dtype=torch.long)
+    inside = set(vocab.tolist())
     covered = sum(1 for s in seqs for t in s.ids[s.prompt_len :].tolist() if t in inside)
-    return vocab, covered / max(1, answer_tokens)
+    return vocab, covered / max(1, sum(len(s.ids) - s.prompt_len for s in seqs))
 
 
 def length_batches(seqs: Sequence[Sequence_], batch_tokens: int, rng: random.Random) -> list[list[int]]:

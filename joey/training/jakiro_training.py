@@ -159,11 +159,7 @@ def train_head(
     start = load_head(s.init, model) if s.init else None  # fine-tuning: more data for a trained head
     data = split_data(model, seqs, s.holdout, s.draft_vocab, s.seed, log, None if start is None else start.vocab)
     torch.manual_seed(s.seed)
-    if start is None:
-        head = JakiroHead(model.cfg, data.vocab, s.experts, s.intermediate or None)
-    else:
-        head = JakiroHead(model.cfg, start.vocab, start.num_experts, start.cfg.intermediate_size)
-        head.load_state_dict(start.state_dict())
+    head = start if start is not None else JakiroHead(model.cfg, data.vocab, s.experts, s.intermediate or None)
     head = head.to(dev).float().train()
     for p in model.parameters():
         p.requires_grad_(False)

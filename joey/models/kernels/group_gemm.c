@@ -62,7 +62,7 @@ static inline __attribute__((always_inline)) void tile_rows(
      * over CH chains (more when there are few rows), and the codes are loaded vector by vector (two
      * registers) instead of all at once, which leaves the registers to the chains. */
     enum { CH = 4 };
-    const int ch = mb <= 2 ? 4 : (mb <= 4 ? 4 : 2);
+    const int ch = mb <= 4 ? CH : 2;
     __m512 acc[ROWS];
     for (int m = 0; m < mb; m++) acc[m] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0F);
