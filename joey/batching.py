@@ -42,6 +42,10 @@ class Packing:
     positions: torch.Tensor  # [N] RoPE position (== slots for chains)
     to_grid: torch.Tensor  # [B * T] packed index of each grid cell; N (a zero row) for empty cells
     from_grid: torch.Tensor  # [N] grid cell of each packed token
+    # per row, on the host: its real tokens and the end of its slots after the step (lengths +
+    # counts); joey's C attention takes them to serve every row of a step in one call
+    row_counts: torch.Tensor  # [B] int64
+    row_ends: torch.Tensor  # [B] int64
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -68,8 +72,10 @@ def pack(
     from_grid = rows * t + within
     to_grid = torch.full((b * t,), int(sum(counts)), dtype=torch.long)
     to_grid[from_grid] = torch.arange(int(sum(counts)))
+    per_row = torch.tensor(counts)
     return Packing(
-        tuple(counts), rows.to(device), slots.to(device), positions.to(device), to_grid.to(device), from_grid.to(device)
+        tuple(counts), rows.to(device), slots.to(device), positions.to(device), to_grid.to(device),
+        from_grid.to(device), per_row, torch.tensor(lengths) + per_row,
     )
 
 

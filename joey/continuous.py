@@ -364,7 +364,7 @@ class ContinuousBatch:
             together = drafts_together([row.drafter for row in active])
             if len(active) > 1 and curve is not None:  # price each row's draft at what it adds to the packed step
                 depths = batch_depths(curve, depths, [f for _, f in alone], [e[0] for e in evidence],
-                                      [e[1] for e in evidence], self.nodes_at, [r.draft_ms for r in active],
+                                      [e[1] for e in evidence], self.nodes_at, [self._draft_ms(r) for r in active],
                                       self.scale, together)
             # No row drafts: a plain decoding step, and drafters catch up on the skipped tokens later.
             # Not for a self-speculative drafter: the target's own cache lacks the layers it runs.
@@ -425,17 +425,24 @@ class ContinuousBatch:
         spec = self.spec
         if row.drafter is None or room <= 0:
             return 0, False
-        if self.curve is None or row.draft_ms is None:
+        draft_ms = self._draft_ms(row)
+        if self.curve is None or draft_ms is None:
             return spec.max_draft, True
         if row.idle >= row.probe_every:  # probes that keep failing come less and less often
             row.idle = 0
             row.probe_every = min(8 * PROBE_EVERY, 2 * row.probe_every)
             return spec.max_draft, True
-        depth = best_depth(self.curve, *evidence, spec.max_draft, self.nodes_at, row.draft_ms)
+        depth = best_depth(self.curve, *evidence, spec.max_draft, self.nodes_at, draft_ms)
         row.idle = row.idle + 1 if depth == 0 else 0
         if depth:
             row.probe_every = PROBE_EVERY
         return depth, False
+
+    def _draft_ms(self, row: _Row) -> float | None:
+        """What one draft depth costs this row: its own measurement, else the batch's (a row whose
+        drafting has not been timed yet is priced like the others instead of drafting at full depth
+        unpriced; in a large batch that would be every step of a row that rarely drafts)."""
+        return row.draft_ms if row.draft_ms is not None else self.draft_ms
 
     def _propose(self, rows: list[_Row], depths: list[int], together: bool) -> list[Proposal]:
         """Every row's draft, drafted together where the drafter can (one forward per draft depth
@@ -444,7 +451,9 @@ class ContinuousBatch:
         row's own share for drafters that go row by row. Only steady steps count, where every
         drafting row also drafted the step before: otherwise the call includes catching a drafter
         up on the prompt or on undrafted steps (a 769-token prompt made Jakiro's first measurement
-        115 ms a depth, ~150x a steady one, and the budget then never drafted again)."""
+        115 ms a depth, ~150x a steady one, and the budget then never drafted again). A drafter
+        without state (``catches_up`` False: prompt lookup) is measured every step: in a large batch
+        some row nearly always starts drafting again, so it would never be."""
         if rows[0].drafter is None:
             return [Proposal.chain([]) for _ in rows]
         drafters = [row.drafter for row in rows]
@@ -454,7 +463,8 @@ class ContinuousBatch:
         props = propose_all(drafters, [row.prompt_ids + row.new_ids for row in rows], depths, self.shape.nodes)
         ms = 1000 * (time.perf_counter() - start)
         deepest = [max(depths_of(p.parents)) if len(p) else 0 for p in props]
-        steady = all(row.drafted_last for row, d in zip(rows, deepest) if d)
+        steady = all(row.drafted_last for row, d in zip(rows, deepest)
+                     if d and getattr(row.drafter, "catches_up", True))
         for row, d in zip(rows, deepest):
             if d and steady:
                 per_depth = ms / max(deepest) if together else ms / len(rows) / d
@@ -564,8 +574,12 @@ class ContinuousBatch:
         layer = proposals[0].start_layer if proposals[0].hidden is not None else 0
         if self.lockstep is not None:
             return self._padded_pass(cache, rows, proposals, layer)
-        by_rows = rows_pay_off(lengths, counts)
-        if by_rows or any(c != t for c in counts):
+        uniform = all(n == lengths[0] for n in lengths)
+        # joey's C attention takes every row in one call, each scanning only its own slots; other
+        # attention computes a padded grid, which rows of very different lengths mostly waste
+        ragged = model.ragged_attention
+        by_rows = not ragged and rows_pay_off(lengths, counts)
+        if by_rows or any(c != t for c in counts) or (ragged and not uniform):
             packing = pack(lengths, counts, device, parents)
             if layer:
                 inputs = torch.cat([prop.hidden for prop in proposals])
@@ -584,7 +598,6 @@ class ContinuousBatch:
             features = model.forward_packed(inputs, cache, packing, kv_len, mask, layer, False)
             return list(features.split(counts))
         positions = grid_positions(lengths, t, parents, device)
-        uniform = all(n == lengths[0] for n in lengths)
         slots = lengths[0] if uniform else grid_slots(lengths, t, device)
         # plain decoding: the one new token may see every cached slot, no mask needed
         mask = None if uniform and t == 1 else step_mask(lengths, t, kv_len, parents, device)

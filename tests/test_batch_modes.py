@@ -114,21 +114,41 @@ def test_unknown_batch_mode_is_refused(engine):
         engine.generate("Hi", batch_mode="ragged")
 
 
-def test_a_long_prompt_among_short_ones_runs_attention_row_by_row(engine, monkeypatch):
-    """One long prompt among short ones: the grid would mostly compute padding, so the prefill and
-    the steps attend row by row; every row still gets exactly its tokens alone."""
+@pytest.mark.parametrize("ragged", [True, False], ids=["one-call", "row-by-row"])
+def test_a_long_prompt_among_short_ones(engine, monkeypatch, ragged):
+    """One long prompt among short ones. Where joey's C attention serves the model, every step's
+    rows attend in one call, each scanning only its own slots; elsewhere the grid would mostly
+    compute padding, so the steps attend row by row. Every row still gets exactly its tokens alone."""
     import joey.continuous as continuous
     from joey.batching import rows_pay_off
+    from joey.models import group_kernel
+    from joey.models.llama import LlamaModel
 
+    if ragged and not engine.model.ragged_attention:
+        pytest.skip("joey's C attention does not run on this machine")
+    if not ragged:
+        monkeypatch.setattr(LlamaModel, "ragged_attention", property(lambda self: False))
     assert rows_pay_off([300, 20, 25], [1, 1, 1]) and not rows_pay_off([30, 28, 31], [3, 2, 3])
-    calls = []
-    monkeypatch.setattr(continuous, "rows_pay_off", lambda *a: calls.append(rows_pay_off(*a)) or calls[-1])
+    row_calls, ragged_calls = [], []
+    monkeypatch.setattr(continuous, "rows_pay_off", lambda *a: row_calls.append(rows_pay_off(*a)) or row_calls[-1])
+    real = group_kernel.attention
+
+    def spy(q, *args, **kw):
+        if len(args) > 5 and args[5] is not None:  # counts/ends given: one call for a ragged batch
+            ragged_calls.append(q.shape[0])
+        return real(q, *args, **kw)
+
+    monkeypatch.setattr(group_kernel, "attention", spy)
     long = "Summarize this: " + " ".join(f"item {i} is {i * 7 % 13}." for i in range(30))
     prompts = [long, "Hi", PROMPTS[0]]
     kw = dict(max_new_tokens=12, ignore_eos=True, adaptive=False)
     alone = [engine.generate(p, method="ar", **kw).token_ids for p in prompts]
     for method, extra in [("ar", {}), ("pld", {}), ("kangaroo", {"threshold": 0.0, "tree_nodes": 6, "tree_topk": 2}),
                           ("jakiro", {"tree_nodes": 6})]:
-        calls.clear()
+        row_calls.clear()
+        ragged_calls.clear()
         assert _tokens(engine.generate(prompts, method=method, **kw, **extra)) == alone, method
-        assert any(calls), method  # the row-by-row path really ran
+        if ragged:  # the whole batch in one call per layer, never row by row
+            assert 3 in ragged_calls and not row_calls, method
+        else:
+            assert any(row_calls), method  # the row-by-row path really ran

@@ -184,6 +184,30 @@ def test_draft_cost_is_measured_only_in_steady_steps(engine, monkeypatch):
     assert row.draft_ms != first
 
 
+def test_a_stateless_drafter_is_measured_in_every_step_and_new_rows_start_from_the_batch_cost(engine, monkeypatch):
+    """Prompt lookup keeps no state, so its very first drafted step measures a depth's cost (a
+    stateful drafter waits for a steady step, above: in a batch of 16, where some row nearly always
+    starts drafting again, prompt lookup was never measured and every row drafted at full depth,
+    unpriced). A row not measured yet is priced at the batch's estimate."""
+    from joey.drafters.base import Proposal
+    from joey.drafters.prompt_lookup import PromptLookupDrafter
+
+    # a lookup that always finds something (the tiny model's text rarely repeats itself)
+    monkeypatch.setattr(PromptLookupDrafter, "propose", lambda self, ctx, k, n=None: Proposal.chain(ctx[-2:][:k]))
+    batch = ContinuousBatch(engine, "pld", SpecConfig())
+    batch.add(engine.encode("one two three one two three"), GREEDY, key=0)
+    batch.step()  # prefill, then the first step: drafted (unmeasured rows draft), and already measured
+    row = batch.active[0]
+    assert row.drafted and row.draft_ms is not None and batch.draft_ms == row.draft_ms
+    batch.add(engine.encode("Hi"), GREEDY, key=1)
+    batch.step()
+    late = batch.active[1]
+    if late.draft_ms is None:  # it has not drafted yet: priced like the rows before it
+        assert batch._draft_ms(late) == batch.draft_ms
+    late.draft_ms = None
+    assert batch._draft_ms(late) == batch.draft_ms is not None
+
+
 def test_the_cache_adds_rows_into_spare_storage_and_fills_gaps_from_the_end():
     assert fill_gaps([0, 2, 3, 4]) == [0, 4, 2, 3] and fill_gaps([1, 2]) == [2, 1] and fill_gaps([0, 1]) == [0, 1]
     cache = KVCache(2, 0, 1, 4, 2, dtype=torch.float32, device="cpu")

@@ -64,6 +64,10 @@ class Drafter(Protocol):
     # the engine then calls ``observe`` with the features of every token it commits, in order
     # (the prompt's after the prefill; the pending token's and the accepted path's after each step)
     wants_features: bool = False
+    # True for a drafter with state of its own (caches, features) that a draft after undrafted steps
+    # first brings up to date: that call's time is no measure of a draft depth's cost. A stateless
+    # drafter (prompt lookup) is False: every call it makes measures what it costs
+    catches_up: bool = True
 
     def observe(self, features: torch.Tensor) -> None:
         """Features [n, hidden] of the next n committed tokens (only if ``wants_features``)."""

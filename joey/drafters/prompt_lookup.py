@@ -18,6 +18,7 @@ class PromptLookupDrafter:
     """Proposes the continuation of the most recent earlier occurrence of the context's tail."""
 
     name = "pld"
+    catches_up = False  # no state: a lookup costs the same after undrafted steps
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1) -> None:
         self.max_ngram = max_ngram

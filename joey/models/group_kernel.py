@@ -85,7 +85,7 @@ def library() -> ctypes.CDLL | None:
     lib.group_gemm.argtypes = [p, i, i, p, ctypes.c_int, i, p, p, ctypes.c_int, p, p]
     lib.rms_norm.restype = lib.attention.restype = None
     lib.rms_norm.argtypes = [p, i, i, p, ctypes.c_float, p]
-    lib.attention.argtypes = [p, i, i, i, i, p, p, i, i, i, i, p, i, i, i, ctypes.c_float, p]
+    lib.attention.argtypes = [p, i, i, i, i, p, p, i, i, i, i, p, i, i, i, ctypes.c_float, p, p, p]
     return lib
 
 
@@ -121,10 +121,14 @@ def attention(
     kv_len: int,  # attend to slots [0, kv_len)
     mask: torch.Tensor | None,  # [B or 1, 1, T, kv_len] bool; None = the queries are the last T positions
     scale: float,
+    counts: torch.Tensor | None = None,  # [B] int64: row b's real queries (the rest of T is padding)
+    ends: torch.Tensor | None = None,  # [B] int64: row b sees no slot at or past ends[b]
 ) -> torch.Tensor | None:
     """Attention with every query computed on its own in a fixed order (see the C source), so a
     query's result never depends on how many share the call → [B, T, H, D]; None where the kernel
-    does not run or the call does not fit (the caller then uses SDPA)."""
+    does not run or the call does not fit (the caller then uses SDPA). ``counts`` and ``ends`` let
+    one call serve a ragged batch: padding queries are skipped (zeros out) and a short row never
+    scans the longest row's slots."""
     b, t, h, d = q.shape
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad):
         return None  # no backward here: training runs PyTorch's attention
@@ -141,8 +145,17 @@ def attention(
         ms = mask.stride(3)
     library().attention(qs.data_ptr(), b, t, h, d, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], kv_len,
                   k_cache.stride(0), k_cache.stride(1), None if mask is None else mask.data_ptr(), mb, mt, ms,
-                  scale, out.data_ptr())
+                  scale, _int64_ptr(counts, b), _int64_ptr(ends, b), out.data_ptr())
     return out
+
+
+def _int64_ptr(x: torch.Tensor | None, n: int) -> int | None:
+    """The address of ``n`` contiguous int64 CPU values (a C array argument), or None for none."""
+    if x is None:
+        return None
+    if x.dtype != torch.int64 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() != n:
+        raise ValueError("attention's counts/ends must be one contiguous int64 CPU value per row")
+    return x.data_ptr()
 
 
 class GroupKernel:

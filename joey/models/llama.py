@@ -436,7 +436,7 @@ class Attention(nn.Module):
         if not cfg.attn_softcap and (mask is not None or t == 1 or t == kv_len) and not torch.is_grad_enabled():
             scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
             fixed = group_kernel.attention(q_rows.reshape(b, t, nh, cfg.head_dim), k_cache, v_cache, kv_len, mask,
-                                           scale)
+                                           scale, *((packing.row_counts, packing.row_ends) if packing else ()))
         if fixed is not None:
             out = fixed.view(b * t, nh * cfg.head_dim).to(qk.dtype)
             return out[packing.from_grid] if packing is not None else out
@@ -675,6 +675,15 @@ class LlamaModel(nn.Module):
                 return self.lm_head.weight.dtype
             return torch.float64
         return self.lm_head.weight.dtype
+
+    @property
+    def ragged_attention(self) -> bool:
+        """Whether joey's C attention serves every attention call of a step (an fp32 cache on a CPU
+        that runs the kernel, no soft-cap): one call then covers the rows of a ragged batch whatever
+        their lengths, each scanning only its own slots (``Packing.row_ends``)."""
+        w = self.lm_head.weight
+        return (w.device.type == "cpu" and w.dtype == torch.float32 and self.cache_dtype == torch.float32
+                and not self.cfg.attn_softcap and group_kernel.serves_attention(self.cfg.head_dim))
 
     def new_cache(self, batch: int, max_len: int, layers: int | None = None) -> KVCache:
         """An empty KV cache for ``layers`` (default: all) layers."""

@@ -206,58 +206,142 @@ static inline __m512 exp16(__m512 x) {
  *   k, v [B, KVH, max_len, D]: element (b, h, j, d) at b * sb + h * sh + j * D + d
  *   mask bytes (nonzero = may attend) at b * mb + i * mt + j * ms, or NULL: query i sees keys
  *        j <= i + S - T (the queries are the last T positions)
- *   out  [B, T, H, D]; a query that may attend to nothing gets zeros. */
+ *   counts [B] or NULL: row b has counts[b] real queries; the rest of its T are padding (zeros out)
+ *   ends   [B] or NULL: row b's queries see no key at slot >= ends[b] (rows of a ragged batch end
+ *        at their own lengths, so a short row never scans the longest row's slots)
+ *   out  [B, T, H, D]; a query that may attend to nothing gets zeros.
+ *
+ * Speed without changing a bit: the query heads that share a key/value head run together, so each
+ * key and value is loaded once for all of them; a key's 16 partial sums are added with the pairing
+ * _mm512_reduce_add_ps uses, but for 16 keys at once (a transposing tree: 15 shuffles and adds
+ * instead of 16 serial reductions); and the head size is a compile-time constant in the common
+ * cases, so the accumulators stay in registers. */
+
+/* Lane j of the result: the sum of a[j]'s 16 lanes, added as _mm512_reduce_add_ps adds them
+ * (lanes l and l + 8, then + 4, + 2, + 1), so a key's score has the same bits as one reduction. */
+static inline __attribute__((always_inline)) __m512 sum16(const __m512 *a) {
+    __m512 c[8], d[4], e[2];
+    for (int p = 0; p < 8; p++)
+        c[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0xEE));
+    for (int p = 0; p < 4; p++)
+        d[p] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * p], c[2 * p + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * p], c[2 * p + 1], 0xDD));
+    for (int p = 0; p < 2; p++)
+        e[p] = _mm512_add_ps(_mm512_shuffle_ps(d[2 * p], d[2 * p + 1], 0x44),
+                             _mm512_shuffle_ps(d[2 * p], d[2 * p + 1], 0xEE));
+    const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
+    /* the tree leaves key 4m + q in lane 4q + m */
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(order, f);
+}
+
+/* Scores, softmax and values of heads [h0, h0 + nh) (one key/value head's) for one query that sees
+ * the n keys at slots seen[0..n); CH = D / 16. sc: nh * stride floats of scratch. */
+static inline __attribute__((always_inline)) void attend_query(
+    const int CH, const float *qi, int64_t nh, int64_t D, const float *kb, const float *vb, const int64_t *seen,
+    int64_t n, float scale, float *sc, int64_t stride, float *oi) {
+    if (n == 0) {
+        for (int64_t hh = 0; hh < nh; hh++)
+            for (int c = 0; c < CH; c++) _mm512_storeu_ps(oi + hh * D + 16 * c, _mm512_setzero_ps());
+        return;
+    }
+    float inv[16];
+    for (int64_t hh = 0; hh < nh; hh++) {
+        __m512 qv[CH];
+        for (int c = 0; c < CH; c++) qv[c] = _mm512_loadu_ps(qi + hh * D + 16 * c);
+        float *s = sc + hh * stride;
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t r0 = 0; r0 < n; r0 += 16) {
+            const int64_t m = n - r0 < 16 ? n - r0 : 16;
+            __m512 acc[16];
+            for (int t = 0; t < 16; t++) {
+                if (t >= m) {
+                    acc[t] = _mm512_setzero_ps();
+                    continue;
+                }
+                const float *kj = kb + seen[r0 + t] * D;
+                acc[t] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
+                for (int c = 1; c < CH; c++) acc[t] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), acc[t]);
+            }
+            const __mmask16 keep = m == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << m) - 1);
+            const __m512 s16 = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(s + r0, keep, s16);
+            top = _mm512_mask_max_ps(top, keep, top, s16);
+        }
+        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t r = 0; r < n; r += 16) {
+            const __mmask16 keep = n - r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - r)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, s + r), mx)));
+            _mm512_mask_storeu_ps(s + r, keep, e);
+            total = _mm512_add_ps(total, e);
+        }
+        inv[hh] = 1.0f / _mm512_reduce_add_ps(total);
+    }
+    /* values: two heads at a time, each head's sum over the keys in rank order */
+    for (int64_t hh = 0; hh < nh; hh += 2) {
+        const int two = hh + 1 < nh;
+        const float *s0 = sc + hh * stride, *s1 = sc + (hh + two) * stride;
+        __m512 o0[CH], o1[CH];
+        for (int c = 0; c < CH; c++) o0[c] = o1[c] = _mm512_setzero_ps();
+        for (int64_t r = 0; r < n; r++) {
+            const float *vj = vb + seen[r] * D;
+            const __m512 e0 = _mm512_set1_ps(s0[r]), e1 = _mm512_set1_ps(s1[r]);
+            for (int c = 0; c < CH; c++) {
+                const __m512 x = _mm512_loadu_ps(vj + 16 * c);
+                o0[c] = _mm512_fmadd_ps(e0, x, o0[c]);
+                o1[c] = _mm512_fmadd_ps(e1, x, o1[c]);
+            }
+        }
+        for (int c = 0; c < CH; c++) {
+            _mm512_storeu_ps(oi + hh * D + 16 * c, _mm512_mul_ps(o0[c], _mm512_set1_ps(inv[hh])));
+            if (two) _mm512_storeu_ps(oi + (hh + 1) * D + 16 * c, _mm512_mul_ps(o1[c], _mm512_set1_ps(inv[hh + 1])));
+        }
+    }
+}
+
 void attention(const float *q, int64_t B, int64_t T, int64_t H, int64_t D, const float *k, const float *v,
                int64_t KVH, int64_t S, int64_t sb, int64_t sh, const uint8_t *mask, int64_t mb, int64_t mt,
-               int64_t ms, float scale, float *out) {
-    const int64_t group = H / KVH, chunks = D / 16, padded = (S + 15) / 16 * 16;
+               int64_t ms, float scale, const int64_t *counts, const int64_t *ends, float *out) {
+    const int64_t group = H / KVH, chunks = D / 16, stride = (S + 15) / 16 * 16 + 16;
+    /* a work item is one query and the heads of one key/value head; a small call (one decoding row)
+     * splits them per head, so both cores get work */
+    const int64_t per = B * KVH * T < 8 ? 1 : group;
+    const int64_t parts = group / per, items = B * KVH * T * parts;
 #pragma omp parallel
     {
-        float *sc = (float *)malloc(sizeof(float) * (size_t)(padded > 0 ? padded : 16));
+        float *sc = (float *)malloc(sizeof(float) * (size_t)(per * stride));
         int64_t *seen = (int64_t *)malloc(sizeof(int64_t) * (size_t)(S > 0 ? S : 1));
-#pragma omp for collapse(3) schedule(static)
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t h = 0; h < H; h++)
-                for (int64_t i = 0; i < T; i++) {
-                    const float *kb = k + b * sb + (h / group) * sh, *vb = v + b * sb + (h / group) * sh;
-                    const float *qi = q + ((b * T + i) * H + h) * D;
-                    float *oi = out + ((b * T + i) * H + h) * D;
-                    __m512 qv[16];
-                    for (int64_t c = 0; c < chunks; c++) qv[c] = _mm512_loadu_ps(qi + 16 * c);
-                    float mx = -INFINITY;
-                    int64_t n = 0;  /* visible keys, in slot order */
-                    for (int64_t j = 0; j < S; j++) {
-                        if (!(mask ? mask[b * mb + i * mt + j * ms] != 0 : j <= i + S - T)) continue;
-                        const float *kj = kb + j * D;
-                        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
-                        for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kj + 16 * c), acc);
-                        const float s = _mm512_reduce_add_ps(acc) * scale;
-                        sc[n] = s;
-                        seen[n++] = j;
-                        if (s > mx) mx = s;
-                    }
-                    if (n == 0) {
-                        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_setzero_ps());
-                        continue;
-                    }
-                    __m512 total = _mm512_setzero_ps();
-                    const __m512 top = _mm512_set1_ps(mx);
-                    for (int64_t r = 0; r < n; r += 16) {
-                        const __mmask16 keep = n - r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - r)) - 1);
-                        const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, sc + r), top)));
-                        _mm512_mask_storeu_ps(sc + r, keep, e);
-                        total = _mm512_add_ps(total, e);
-                    }
-                    __m512 o[16];
-                    for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_setzero_ps();
-                    for (int64_t r = 0; r < n; r++) {
-                        const __m512 e = _mm512_set1_ps(sc[r]);
-                        const float *vj = vb + seen[r] * D;
-                        for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vj + 16 * c), o[c]);
-                    }
-                    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-                    for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(oi + 16 * c, _mm512_mul_ps(o[c], inv));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            int64_t r = it;
+            const int64_t part = r % parts;
+            r /= parts;
+            const int64_t i = r % T;
+            r /= T;
+            const int64_t g = r % KVH, b = r / KVH, h0 = g * group + part * per;
+            const float *qi = q + ((b * T + i) * H + h0) * D;
+            float *oi = out + ((b * T + i) * H + h0) * D;
+            int64_t n = 0; /* visible keys, in slot order */
+            if (!counts || i < counts[b]) {
+                const int64_t end = ends && ends[b] < S ? ends[b] : S;
+                if (mask) {
+                    const uint8_t *mr = mask + b * mb + i * mt;
+                    for (int64_t j = 0; j < end; j++)
+                        if (mr[j * ms]) seen[n++] = j;
+                } else {
+                    const int64_t last = i + S - T < end - 1 ? i + S - T : end - 1;
+                    for (int64_t j = 0; j <= last; j++) seen[n++] = j;
                 }
+            }
+            const float *kb = k + b * sb + g * sh, *vb = v + b * sb + g * sh;
+            switch (chunks) { /* constant head sizes keep the accumulators in registers */
+            case 4: attend_query(4, qi, per, D, kb, vb, seen, n, scale, sc, stride, oi); break;
+            case 8: attend_query(8, qi, per, D, kb, vb, seen, n, scale, sc, stride, oi); break;
+            default: attend_query((int)chunks, qi, per, D, kb, vb, seen, n, scale, sc, stride, oi); break;
+            }
+        }
         free(seen);
         free(sc);
     }
