@@ -110,13 +110,14 @@ def test_group_kernel_is_row_invariant_for_every_row_count():
 
 @needs_vnni
 @pytest.mark.parametrize("masked", [False, True])
-def test_c_attention_equals_sdpa_and_never_depends_on_the_number_of_queries(masked):
+@pytest.mark.parametrize("d", [32, 64, 128])  # the kernel's generic path and its two constant head sizes
+def test_c_attention_equals_sdpa_and_never_depends_on_the_number_of_queries(masked, d):
     """joey's C attention (GQA 6 query / 2 kv heads) agrees with SDPA, and each of T queries gets
     exactly the bits it gets when it is computed alone (its own row of the mask)."""
     from joey.models.group_kernel import attention
 
     g = torch.Generator().manual_seed(17)
-    b, t, h, kvh, d, length, kv = 2, 5, 6, 2, 32, 40, 23
+    b, t, h, kvh, length, kv = 2, 5, 6, 2, 40, 23
     q = torch.randn(b, t, h, d, generator=g)
     k = torch.randn(b, kvh, length, d, generator=g)
     v = torch.randn(b, kvh, length, d, generator=g)
@@ -153,6 +154,64 @@ def test_c_attention_depends_only_on_the_keys_a_query_sees():
     packed_k, packed_v = torch.zeros_like(k), torch.zeros_like(v)
     packed_k[:, :, : len(seen)], packed_v[:, :, : len(seen)] = k[:, :, seen], v[:, :, seen]
     assert torch.equal(attention(q, packed_k, packed_v, len(seen), None, d**-0.5), tree)
+
+
+@needs_vnni
+@pytest.mark.parametrize("d", [64, 128])
+def test_c_attention_serves_a_ragged_batch_in_one_call(d):
+    """Rows of very different lengths feeding different numbers of tokens, in one call with each
+    row's real queries (``counts``) and the end of its slots (``ends``): every real query gets the
+    bits it gets in its row's own call, padding queries get zeros, and no row reads past its end
+    (the slots there hold NaN)."""
+    from joey.models.group_kernel import attention
+
+    g = torch.Generator().manual_seed(23)
+    h, kvh = 9, 3
+    lengths, counts = [70, 3, 17, 1], [1, 4, 2, 3]
+    t, kv = max(counts), max(lengths) + max(counts)
+    k = torch.randn(4, kvh, kv + 8, d, generator=g)
+    v = torch.randn(4, kvh, kv + 8, d, generator=g)
+    for b, (n, c) in enumerate(zip(lengths, counts)):
+        k[b, :, n + c :] = v[b, :, n + c :] = float("nan")
+    q = torch.randn(4, t, h, d, generator=g)
+    mask = torch.zeros(4, 1, t, kv, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        for i in range(t):
+            mask[b, 0, i, : n + i + 1] = True
+    out = attention(q, k, v, kv, mask, d**-0.5, torch.tensor(counts), torch.tensor(lengths) + torch.tensor(counts))
+    for b, (n, c) in enumerate(zip(lengths, counts)):
+        alone = attention(q[b : b + 1, :c].contiguous(), k[b : b + 1], v[b : b + 1], n + c, None, d**-0.5)
+        assert torch.equal(out[b : b + 1, :c], alone)
+        assert out[b, c:].eq(0).all()
+
+
+@needs_vnni
+@pytest.mark.parametrize("where", ["from one slot", "slot per token", "packed rows"])
+def test_rope_and_cache_writes_in_c_give_pytorchs_bits(where):
+    """``rope_store`` (RoPE on queries and keys, keys and values written to the cache, one C call)
+    gives exactly the bits of ``apply_rope`` and ``write_kv``, for every way a forward names slots."""
+    from joey.models.group_kernel import rope_store
+    from joey.models.llama import apply_rope, write_kv
+
+    g = torch.Generator().manual_seed(29)
+    h, kvh, d, b, t = 6, 2, 32, 3, 4
+    qkv = torch.randn(b * t, h + 2 * kvh, d, generator=g)
+    angles = torch.rand(b * t, 1, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    rows = None
+    if where == "from one slot":
+        slots = 5
+    elif where == "slot per token":
+        slots = torch.tensor([[2, 3, 4, 5], [7, 8, 9, 10], [0, 1, 2, 3]])
+    else:  # ragged rows packed: 5 tokens of row 0, 2 of row 1, 5 of row 2
+        rows = torch.tensor([0] * 5 + [1] * 2 + [2] * 5)
+        slots = torch.tensor([3, 4, 5, 6, 7, 11, 12, 0, 1, 2, 3, 4])
+    ref_k, ref_v = torch.zeros(b, kvh, 16, d), torch.zeros(b, kvh, 16, d)
+    qk = apply_rope(qkv[:, : h + kvh], cos, sin)
+    write_kv(ref_k, ref_v, qk[:, h:], qkv[:, h + kvh :], (b, t), slots, rows)
+    k, v = torch.zeros_like(ref_k), torch.zeros_like(ref_v)
+    q = rope_store(qkv, cos, sin, k, v, slots, t, rows)
+    assert torch.equal(q, qk[:, :h]) and torch.equal(k, ref_k) and torch.equal(v, ref_v)
 
 
 def test_quantizers_round_to_nearest_code():

@@ -86,6 +86,8 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm.restype = lib.attention.restype = None
     lib.rms_norm.argtypes = [p, i, i, p, ctypes.c_float, p]
     lib.attention.argtypes = [p, i, i, i, i, p, p, i, i, i, i, p, i, i, i, ctypes.c_float, p, p, p]
+    lib.rope_store.restype = None
+    lib.rope_store.argtypes = [p, i, i, i, i, p, p, p, p, p, i, i, p, p, i, i]
     return lib
 
 
@@ -147,6 +149,38 @@ def attention(
                   k_cache.stride(0), k_cache.stride(1), None if mask is None else mask.data_ptr(), mb, mt, ms,
                   scale, _int64_ptr(counts, b), _int64_ptr(ends, b), out.data_ptr())
     return out
+
+
+def rope_store(
+    qkv: torch.Tensor,  # [N, heads + 2 * kv_heads, head_dim] fp32: queries, keys, values
+    cos: torch.Tensor,  # [N, 1, head_dim]
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [B, kv_heads, max_len, head_dim] fp32
+    v_cache: torch.Tensor,
+    slots: int | torch.Tensor,  # first slot of every row, or the slot of each token ([B, T] or [N])
+    t: int,  # tokens per row where ``rows`` is None
+    rows: torch.Tensor | None = None,  # [N] row of each token (packed rows); None: token n is in row n // t
+) -> torch.Tensor | None:
+    """RoPE on queries and keys, keys and values written to their cache slots, in one C call →
+    the rotated queries [N, heads, head_dim]; None where the kernel does not run or the tensors do
+    not fit (the caller then runs PyTorch's ops, which give the same bits)."""
+    lib = library()
+    n, width, d = qkv.shape
+    kvh = k_cache.shape[1]
+    h = width - 2 * kvh
+    if (lib is None or torch.is_grad_enabled() and qkv.requires_grad or qkv.dtype != torch.float32
+            or k_cache.dtype != torch.float32 or qkv.device.type != "cpu" or cos.shape[-1] != d
+            or not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous())
+            or k_cache.stride(3) != 1 or k_cache.stride(2) != d or v_cache.stride() != k_cache.stride()
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32):
+        return None
+    q = torch.empty(n, h, d)
+    first = slots if isinstance(slots, int) else 0
+    flat = None if isinstance(slots, int) else slots.reshape(-1).contiguous()  # kept alive through the call
+    lib.rope_store(qkv.data_ptr(), n, h, kvh, d, cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
+                   v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), _int64_ptr(rows, n), _int64_ptr(flat, n),
+                   t, first)
+    return q
 
 
 def _int64_ptr(x: torch.Tensor | None, n: int) -> int | None:

@@ -379,6 +379,15 @@ class Attention(nn.Module):
         """Write this forward's keys/values into their cache slots, then attend → [tokens, hidden]."""
         nh, nkv = self.cfg.num_heads, self.cfg.num_kv_heads
         qkv = self.project_qkv(x)
+        if not self.cfg.qk_norm and not torch.is_grad_enabled():
+            # RoPE and the cache writes in one C call (the same bits as the ops below, without their
+            # per-op overhead, which at decode time is most of what they cost)
+            q = group_kernel.rope_store(qkv, cos, sin, k_cache, v_cache, packing.slots if packing else slots,
+                                        shape[1], packing.rows if packing else None)
+            if q is not None:
+                out = self._attend(q, qkv[:, nh + nkv :], shape, k_cache, v_cache, slots, kv_len, mask, packing,
+                                   stored=True)
+                return self.o_proj(out)
         qk = self.rotate_qk(qkv, cos, sin)
         out = self._attend(qk, qkv[:, nh + nkv :], shape, k_cache, v_cache, slots, kv_len, mask, packing)
         return self.o_proj(out)
@@ -417,17 +426,18 @@ class Attention(nn.Module):
         kv_len: int,
         mask: torch.Tensor | None,
         packing: Packing | None = None,
+        stored: bool = False,  # the keys/values are in the cache already (``qk`` holds only the queries)
     ) -> torch.Tensor:
         """Store the keys/values, attend → [tokens, heads * head_dim] (before ``o_proj``);
         arguments as in ``forward``."""
         cfg = self.cfg
         b, t = shape
         nh = cfg.num_heads
+        if not stored:
+            write_kv(k_cache, v_cache, qk[:, nh:], v, shape, *((packing.slots, packing.rows) if packing else (slots,)))
         if packing is not None:
-            write_kv(k_cache, v_cache, qk[:, nh:], v, shape, packing.slots, packing.rows)
             q_rows = torch.cat([qk[:, :nh], qk.new_zeros(1, nh, cfg.head_dim)])[packing.to_grid]
         else:
-            write_kv(k_cache, v_cache, qk[:, nh:], v, shape, slots)
             q_rows = qk[:, :nh]
         if self.window is not None and kv_len > self.window:
             mask = window_mask(mask, self.window, t, kv_len, qk.device)

@@ -176,6 +176,36 @@ void rms_norm(const float *x, int64_t M, int64_t K, const float *w, float eps, f
     }
 }
 
+/* RoPE on the queries and keys of N tokens, the keys and values then stored in the cache: at decode
+ * time this replaces ~8 small PyTorch ops per layer (their per-op overhead is most of what they cost).
+ * The arithmetic is PyTorch's x * cos + rotate_half(x) * sin, one IEEE multiply per product and one
+ * add (no fused multiply-add), so the bits are those of joey.models.llama.apply_rope.
+ *   qkv   [N, H + 2 KVH, D] contiguous: queries, keys, values of each token
+ *   cos, sin [N, D] (every channel rotates)
+ *   q_out [N, H, D]: the rotated queries
+ *   token n goes to row rows[n] (NULL: n / T) and slot slots[n] (NULL: first + n % T) of
+ *   kc, vc: element (b, h, j, d) at b * sb + h * sh + j * D + d */
+void rope_store(const float *qkv, int64_t N, int64_t H, int64_t KVH, int64_t D, const float *cos, const float *sin,
+                float *q_out, float *kc, float *vc, int64_t sb, int64_t sh, const int64_t *rows, const int64_t *slots,
+                int64_t T, int64_t first) {
+    const int64_t half = D / 2, width = (H + 2 * KVH) * D;
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = qkv + n * width, *c = cos + n * D, *s = sin + n * D;
+        const int64_t row = rows ? rows[n] : n / T, slot = slots ? slots[n] : first + n % T;
+        for (int64_t h = 0; h < H + KVH; h++) {
+            const float *xh = x + h * D;
+            float *o = h < H ? q_out + (n * H + h) * D : kc + row * sb + (h - H) * sh + slot * D;
+            for (int64_t d = 0; d < half; d++) o[d] = xh[d] * c[d] + (-xh[d + half]) * s[d];
+            for (int64_t d = half; d < D; d++) o[d] = xh[d] * c[d] + xh[d - half] * s[d];
+        }
+        for (int64_t h = 0; h < KVH; h++) {
+            const float *vh = x + (H + KVH + h) * D;
+            float *o = vc + row * sb + h * sh + slot * D;
+            for (int64_t d = 0; d < D; d++) o[d] = vh[d];
+        }
+    }
+}
+
 /* e^x for 16 lanes, each lane on its own (the same instructions whatever its neighbours): a
  * degree-6 polynomial of the reduced argument, scaled by 2^n. Relative error ~2e-7 above e^-87. */
 static inline __m512 exp16(__m512 x) {
