@@ -40,7 +40,7 @@ class Packing:
     rows: torch.Tensor  # [N] row of each packed token
     slots: torch.Tensor  # [N] cache slot of each packed token
     positions: torch.Tensor  # [N] RoPE position (== slots for chains)
-    to_grid: torch.Tensor  # [B * T] packed index of each grid cell; N (a zero row) for empty cells
+    to_grid: torch.Tensor  # [B * T] packed index of each grid cell; 0 for empty cells (their output is dropped)
     from_grid: torch.Tensor  # [N] grid cell of each packed token
     # per row, on the host: its real tokens and the end of its slots after the step (lengths +
     # counts); joey's C attention takes them to serve every row of a step in one call
@@ -70,7 +70,7 @@ def pack(
         depth = torch.tensor([d for p in parents for d in depths_of(p)])
         positions = torch.tensor(lengths)[rows] + depth
     from_grid = rows * t + within
-    to_grid = torch.full((b * t,), int(sum(counts)), dtype=torch.long)
+    to_grid = torch.zeros(b * t, dtype=torch.long)
     to_grid[from_grid] = torch.arange(int(sum(counts)))
     per_row = torch.tensor(counts)
     return Packing(

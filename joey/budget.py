@@ -239,9 +239,11 @@ def batch_depths(
     """
     rows = len(caps)
     depths = [cap if force else 0 for cap, force in zip(caps, forced)]
+    # each row's expected tokens at every depth it may take, once (the search scores many trials)
+    expected = [[expected_tokens(dr, ac, d) for d in range(cap + 1)] for dr, ac, cap in zip(drafted, accepted, caps)]
 
     def rate(ds: list[int]) -> float:
-        tokens = sum(expected_tokens(dr, ac, d) for dr, ac, d in zip(drafted, accepted, ds))
+        tokens = sum(row[d] for row, d in zip(expected, ds))
         ms = curve.cost(rows + sum(nodes_at[d] for d in ds)) * (scale(any(ds)) if scale else 1.0)
         costs = [d * (m or 0.0) for d, m in zip(ds, draft_ms)]
         ms += max(costs) if together else sum(costs)

@@ -435,10 +435,9 @@ class Attention(nn.Module):
         nh = cfg.num_heads
         if not stored:
             write_kv(k_cache, v_cache, qk[:, nh:], v, shape, *((packing.slots, packing.rows) if packing else (slots,)))
-        if packing is not None:
-            q_rows = torch.cat([qk[:, :nh], qk.new_zeros(1, nh, cfg.head_dim)])[packing.to_grid]
-        else:
-            q_rows = qk[:, :nh]
+        # packed rows scatter into the [B, T] grid; with one token per row the two orders are the same
+        gather = packing is not None and t > 1
+        q_rows = qk[:, :nh][packing.to_grid] if gather else qk[:, :nh]
         if self.window is not None and kv_len > self.window:
             mask = window_mask(mask, self.window, t, kv_len, qk.device)
         fixed = None
@@ -449,7 +448,7 @@ class Attention(nn.Module):
                                            scale, *((packing.row_counts, packing.row_ends) if packing else ()))
         if fixed is not None:
             out = fixed.view(b * t, nh * cfg.head_dim).to(qk.dtype)
-            return out[packing.from_grid] if packing is not None else out
+            return out[packing.from_grid] if gather else out
         q = q_rows.reshape(b, t, nh, cfg.head_dim).transpose(1, 2).to(k_cache.dtype)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         gqa = cfg.num_heads != cfg.num_kv_heads
@@ -462,7 +461,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa, scale=cfg.attn_scale)
         out = out.transpose(1, 2).reshape(b * t, cfg.num_heads * cfg.head_dim).to(qk.dtype)
-        if packing is not None:
+        if gather:
             out = out[packing.from_grid]  # back to the packed tokens: the dense layers skip the padding
         return out
 
