@@ -376,6 +376,35 @@ def test_low_bit_sampling_keeps_the_distribution(tiny_folder):
     assert total_variation(a, b, 150) < 0.3, (a, b)
 
 
+@needs_vnni
+def test_whole_layers_in_c_give_the_bits_of_the_modules(tiny_folder, monkeypatch):
+    """With joey's low-bit kernels a layer runs in one C call (``LlamaModel.layer_plans``); its
+    logits equal the module-by-module path's bit for bit for a prefill, a masked verification and a
+    decoding step, and a ragged batch (packed rows, one call) gives the same tokens either way."""
+    from joey.batching import causal_mask
+    from joey.models.llama import LlamaModel
+
+    eng = joey.load(str(tiny_folder), device="cpu", progress=False, adapter=False, head=False, weights="int4")
+    model = eng.model
+    assert all(p is not None for p in model.layer_plans())
+    ids = torch.randint(100, 1000, (1, 40), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=16, ignore_eos=True)
+    runs = []
+    for whole in (True, False):
+        if not whole:  # every layer module by module
+            monkeypatch.setattr(LlamaModel, "layer_plans", lambda self: [None] * self.cfg.num_layers)
+        cache = model.new_cache(1, 48)
+        with torch.inference_mode():
+            logits = [model(ids[:, :30], torch.arange(30)[None], cache, 0, 30, None),
+                      model(ids[:, 30:35], torch.arange(30, 35)[None], cache, 30, 35, causal_mask([30], 5, 35, "cpu")),
+                      model(ids[:, 35:36], torch.tensor([[35]]), cache, 35, 36, None)]
+        tokens = [g.token_ids for g in eng.generate(PROMPTS, method="ar", **kw)]
+        runs.append((logits, tokens, [g.token_ids for g in eng.generate(PROMPTS, method="pld", **kw)]))
+    (fused, fused_tokens, fused_pld), (modules, module_tokens, module_pld) = runs
+    assert all(torch.equal(a, b) for a, b in zip(fused, modules))
+    assert fused_tokens == module_tokens == fused_pld == module_pld
+
+
 def test_default_model_native_weights_are_lossless():
     """The embedded GGUF on its own Q4_1/Q8_0 codes: drafters reproduce AR on those weights."""
     eng = joey.load(None, device="cpu", progress=False, weights="int4")

@@ -86,9 +86,92 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm.restype = lib.attention.restype = None
     lib.rms_norm.argtypes = [p, i, i, p, ctypes.c_float, p]
     lib.attention.argtypes = [p, i, i, i, i, p, p, i, i, i, i, p, i, i, i, ctypes.c_float, p, p, p]
-    lib.rope_store.restype = None
+    lib.rope_store.restype = lib.silu_mul.restype = lib.decode_layer.restype = None
     lib.rope_store.argtypes = [p, i, i, i, i, p, p, p, p, p, i, i, p, p, i, i]
+    lib.silu_mul.argtypes = [p, p, i, i, i, p]
+    lib.decode_layer.argtypes = [ctypes.POINTER(LayerPlan), p, i, p, p, p, p, i, i, p, p, i, i, i, i, p, i, i, i, p, p]
     return lib
+
+
+class _Linear(ctypes.Structure):
+    """A ``GroupKernel``'s arrays as the C side's ``linear_t``."""
+
+    _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("bits", ctypes.c_int64), ("half", ctypes.c_int64)]
+
+
+class LayerPlan(ctypes.Structure):
+    """One decoder layer for ``decode_layer`` (the C side's ``layer_t``): norm weights, shapes and the
+    four kernels' arrays. It points into tensors the model owns: build it from the live modules and
+    drop it whenever their weights change."""
+
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("hidden", ctypes.c_int64), ("inter", ctypes.c_int64),
+                ("H", ctypes.c_int64), ("KVH", ctypes.c_int64), ("D", ctypes.c_int64), ("qkv", _Linear),
+                ("o", _Linear), ("gate_up", _Linear), ("down", _Linear)]
+
+
+def layer_plan(norm1: torch.Tensor, norm2: torch.Tensor, eps: float, scale: float, heads: int, kv_heads: int,
+               head_dim: int, kernels: list[object]) -> LayerPlan | None:
+    """A ``LayerPlan`` for a layer whose q/k/v (fused), o, gate/up (fused) and down kernels are
+    ``kernels``; None unless all four are ``GroupKernel``s without padded outputs and the norms are
+    fp32 (the layer then runs module by module)."""
+    if library() is None or not all(isinstance(k, GroupKernel) and k.n == k.out for k in kernels):
+        return None
+    if any(w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu" for w in (norm1, norm2)):
+        return None
+    qkv, o, gate_up, down = kernels
+    lin = [_Linear(k._codes, k._scale, k._offset, k._bias, k.n, k.bits, int(k.half))  # type: ignore[attr-defined]
+           for k in kernels]
+    return LayerPlan(norm1.data_ptr(), norm2.data_ptr(), eps, scale, qkv.cols, down.cols, heads,  # type: ignore[attr-defined]
+                     kv_heads, head_dim, *lin)
+
+
+def decode_layer(
+    plan: LayerPlan,
+    x: torch.Tensor,  # [N, hidden] fp32 contiguous, updated in place
+    cos: torch.Tensor,  # [N, 1, head_dim]
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [B, kv_heads, max_len, head_dim] fp32
+    v_cache: torch.Tensor,
+    slots: int | torch.Tensor,  # as in ``rope_store``
+    shape: tuple[int, int],  # (B, T): the queries' grid, N = B * T
+    kv_len: int,
+    mask: torch.Tensor | None,  # as in ``attention``
+    rows: torch.Tensor | None = None,  # [N] row of each token (packed rows of one token each)
+    counts: torch.Tensor | None = None,
+    ends: torch.Tensor | None = None,
+) -> None:
+    """A whole decoder layer in one C call (``decode_layer`` in the C source): the same kernels in the
+    same order as the modules, so the same bits, without their per-op overhead."""
+    b, t = shape
+    n = x.shape[0]
+    mb = mt = ms = 0
+    if mask is not None:
+        mb = mask.stride(0) if mask.shape[0] > 1 else 0
+        mt = mask.stride(2) if mask.shape[2] > 1 else 0
+        ms = mask.stride(3)
+    flat = None if isinstance(slots, int) else slots.reshape(-1).contiguous()  # kept alive through the call
+    library().decode_layer(  # type: ignore[union-attr]
+        ctypes.byref(plan), x.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache.stride(0), k_cache.stride(1), _int64_ptr(rows, n), _int64_ptr(flat, n), t,
+        slots if isinstance(slots, int) else 0, b, kv_len, None if mask is None else mask.data_ptr(), mb, mt, ms,
+        _int64_ptr(counts, b), _int64_ptr(ends, b))
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for fp32 CPU rows [N, I] (views of one fused gate/up output, or two tensors of
+    the same row stride) in one C call; None where the kernel does not run (PyTorch's ops then do;
+    their bits differ, so a model uses one or the other on every path: this one whenever it runs)."""
+    lib = library()
+    if (lib is None or torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
+            or gate.dtype != torch.float32 or up.dtype != torch.float32 or gate.device.type != "cpu"
+            or gate.dim() != 2 or gate.shape != up.shape or gate.stride(1) != 1 or up.stride(1) != 1
+            or gate.stride(0) != up.stride(0)):
+        return None
+    out = torch.empty(gate.shape)
+    lib.silu_mul(gate.data_ptr(), up.data_ptr(), gate.shape[0], gate.shape[1], gate.stride(0), out.data_ptr())
+    return out
 
 
 def available() -> bool:

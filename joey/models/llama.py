@@ -546,8 +546,15 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is not None and not torch.is_grad_enabled():
             gate, up = self._gate_up(x).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.activation == "silu" and not torch.is_grad_enabled():
+            # joey's C kernel wherever it runs: the fused decoder layer (LlamaModel.layer_plans) uses
+            # it too, and every path of a model must give the same bits
+            mid = group_kernel.silu_mul(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]))
+            if mid is not None:
+                return self.down_proj(mid.view(gate.shape))
+        return self.down_proj(self.act(gate) * up)
 
     def act(self, gate: torch.Tensor) -> torch.Tensor:
         if self.activation == "silu":
@@ -595,6 +602,7 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope: dict[RopeConfig, tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin tables
         self._format: str | None = None  # set_weights' format; None = plain float weights
+        self._plans: list[group_kernel.LayerPlan | None] | None = None  # layer_plans(), built on first use
 
     def prepack(self) -> bool:
         """Pre-pack every linear layer for oneDNN (fp32 CPU only); returns whether it did."""
@@ -614,6 +622,7 @@ class LlamaModel(nn.Module):
         """
         native = native or {}
         bits = {"int4": 4, "int8": 8}.get(fmt)
+        self._plans = None  # they point into the kernels being replaced
 
         def src(name: str, lin: Linear) -> WeightSource:
             # "native": every stored block at its own bits; int4/int8: stored codes of exactly that
@@ -665,6 +674,28 @@ class LlamaModel(nn.Module):
         w = self.lm_head.weight
         per = w.element_size()
         return sum(lin.weight.numel() * per for lin in self.modules() if isinstance(lin, Linear))
+
+    def layer_plans(self) -> list[group_kernel.LayerPlan | None]:
+        """Per layer, a plan that runs the whole layer in one C call (``group_kernel.decode_layer``),
+        or None where a layer must run module by module: anything but a plain Llama-style layer whose
+        four linear kernels are joey's low-bit ones (no sliding window, q/k norm, sandwich norms,
+        partial rotary, soft-cap or gated activation other than SwiGLU)."""
+        if self._plans is None:
+            cfg = self.cfg
+            plain = (not cfg.sandwich_norms and not cfg.qk_norm and cfg.activation == "silu" and not cfg.attn_softcap
+                     and self.ragged_attention)
+            scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+            plans: list[group_kernel.LayerPlan | None] = []
+            for layer in self.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                ok = (plain and a.window is None and layer.rope.rotary_fraction == 1.0 and a._qkv is not None
+                      and m._gate_up is not None)
+                plans.append(group_kernel.layer_plan(
+                    layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data, cfg.rms_norm_eps,
+                    scale, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                    [a._qkv, a.o_proj.kernel, m._gate_up, m.down_proj.kernel]) if ok else None)
+            self._plans = plans
+        return self._plans
 
     # -- building blocks -------------------------------------------------------------------------
     @property
@@ -742,7 +773,19 @@ class LlamaModel(nn.Module):
         def attend(i: int, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
             return attn(x, (b, t), cos, sin, cache.k[i], cache.v[i], slots, kv_len, mask)
 
-        return self._layers(hidden.reshape(b * t, h), positions, attend, start, end).view(b, t, h)
+        def whole(i: int, plan: group_kernel.LayerPlan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+            group_kernel.decode_layer(plan, x, cos, sin, cache.k[i], cache.v[i], slots, (b, t), kv_len, mask)
+
+        fused = whole if self._fusable(hidden, t, kv_len, mask) else None
+        return self._layers(hidden.reshape(b * t, h), positions, attend, start, end, fused).view(b, t, h)
+
+    def _fusable(self, x: torch.Tensor, t: int, kv_len: int, mask: torch.Tensor | None) -> bool:
+        """Whether a forward may run its layers whole in C (``layer_plans``): inference in fp32 on a
+        CPU, and an attention call the C kernel takes as ``Attention`` would give it (a mask over
+        exactly the keys, or queries that are the last positions)."""
+        return (not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
+                and (mask is not None or t == 1 or t == kv_len) and (mask is None or mask.shape[-1] == kv_len)
+                and any(p is not None for p in self.layer_plans()))
 
     def run_layers_rows(
         self,
@@ -770,18 +813,26 @@ class LlamaModel(nn.Module):
         attend: Callable[[int, Attention, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         start: int,
         end: int | None,
+        whole: Callable[[int, group_kernel.LayerPlan, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Layers [start, end) on x; ``attend(layer index, attention, normed x, cos, sin)`` says where
-        each layer's attention reads and writes its keys and values."""
+        each layer's attention reads and writes its keys and values. ``whole(index, plan, x, cos,
+        sin)``, where given, runs a layer that has a plan (``layer_plans``) in one C call, in place."""
         # Dense layers see 2-D [tokens, hidden] activations (what GEMM kernels and EMS-SD's packed
         # batches want); attention reshapes per row.
         end = self.cfg.num_layers if end is None else end
         tables = {}  # one cos/sin lookup per RoPE in use (Gemma 3's local and global layers differ)
+        plans = self.layer_plans() if whole is not None else None
+        if plans is not None:
+            x = x.contiguous().clone()  # updated in place from here: the caller's tensor stays as it was
         for i in range(start, end):
             layer = self.model.layers[i]
             if layer.rope not in tables:
                 tables[layer.rope] = self.rope(positions, layer.rope)
             cos, sin = tables[layer.rope]
+            if plans is not None and plans[i] is not None:
+                whole(i, plans[i], x, cos, sin)  # type: ignore[misc]
+                continue
             if self.cfg.sandwich_norms:
                 x = x + layer.post_attention_layernorm(attend(i, layer.self_attn, layer.input_layernorm(x), cos, sin))
                 x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
@@ -807,7 +858,13 @@ class LlamaModel(nn.Module):
         def attend(i: int, attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
             return attn(h, packing.grid, cos, sin, cache.k[i], cache.v[i], packing.slots, kv_len, mask, packing)
 
-        x = self._layers(x, packing.positions, attend, start, None)
+        def whole(i: int, plan: group_kernel.LayerPlan, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+            group_kernel.decode_layer(plan, h, cos, sin, cache.k[i], cache.v[i], packing.slots, packing.grid, kv_len,
+                                      mask, packing.rows, packing.row_counts, packing.row_ends)
+
+        # one token per row: the packed order is the attention grid's, which the C layer expects
+        fused = whole if packing.grid[1] == 1 and self._fusable(x, 1, kv_len, mask) else None
+        x = self._layers(x, packing.positions, attend, start, None, fused)
         return self.logits(x) if head else self.model.norm(x)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
