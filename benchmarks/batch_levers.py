@@ -1,6 +1,7 @@
 """What each EMS-SD lever gives at one batch size, switched off one at a time in the same process:
-row-by-row attention (vs one padded grid), batched drafting (vs rows drafting one after another)
-and the online step-cost correction (StepScale). Every variant's rows must equal AR's tokens.
+one attention call for all rows (vs a call per row, where joey's C attention runs), whole layers in
+one C call (vs module by module), batched drafting (vs rows drafting one after another) and the
+online step-cost correction (StepScale). Every variant's rows must equal AR's tokens.
 
 Rows are first turns of Spec-Bench questions (evaluation data: measured, never trained on), taken
 round-robin over the categories; EOS is ignored so every row asks for the same number of tokens.
@@ -19,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import joey
+import joey.continuous as continuous
 import joey.drafters.base as drafter_base
-import joey.engine as engine_module
 from joey.budget import StepScale, cpu_name
 
 QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
@@ -58,23 +59,31 @@ def main() -> None:
         gens = eng.generate(prompts, method=method, **kw, **extra)
         return sum(g.new_tokens for g in gens) / (time.perf_counter() - start), [g.token_ids for g in gens]
 
-    real = (engine_module.rows_pay_off, engine_module.drafts_together, drafter_base.drafts_together)
+    model_cls = type(eng.model)
+    real = {(continuous, "drafts_together"): continuous.drafts_together,
+            (drafter_base, "drafts_together"): drafter_base.drafts_together,
+            (continuous, "StepScale"): continuous.StepScale,
+            (model_cls, "ragged_attention"): model_cls.ragged_attention,
+            (model_cls, "layer_plans"): model_cls.layer_plans}
 
-    def switched(name: str, value: object) -> Callable[[], None]:
-        return lambda: setattr(engine_module, name, value)
-
-    def one_by_one() -> None:
-        engine_module.drafts_together = drafter_base.drafts_together = lambda drafters: False
+    def switched(*changes: tuple[object, str, object]) -> Callable[[], None]:
+        return lambda: [setattr(owner, name, value) for owner, name, value in changes]
 
     variants: dict[str, tuple[Callable[[], None] | None, str, dict]] = {
         "ar": (None, "ar", {}),
-        "ar, one padded attention grid": (switched("rows_pay_off", lambda *a: False), "ar", {}),
+        "ar, attention row by row": (switched((model_cls, "ragged_attention", property(lambda self: False))), "ar", {}),
+        "ar, layers module by module": (switched((model_cls, "layer_plans",
+                                                  lambda self: [None] * self.cfg.num_layers)), "ar", {}),
         "jakiro full depth, batched drafting": (None, "jakiro", {"adaptive": False}),
-        "jakiro full depth, rows draft one by one": (one_by_one, "jakiro", {"adaptive": False}),
+        "jakiro full depth, rows draft one by one": (switched((continuous, "drafts_together", lambda d: False),
+                                                              (drafter_base, "drafts_together", lambda d: False)),
+                                                     "jakiro", {"adaptive": False}),
         "kangaroo full depth, batched drafting": (None, "kangaroo", {"adaptive": False}),
-        "kangaroo full depth, rows draft one by one": (one_by_one, "kangaroo", {"adaptive": False}),
+        "kangaroo full depth, rows draft one by one": (switched((continuous, "drafts_together", lambda d: False),
+                                                                (drafter_base, "drafts_together", lambda d: False)),
+                                                       "kangaroo", {"adaptive": False}),
         "pld": (None, "pld", {}),
-        "pld, no StepScale": (switched("StepScale", _NoScale), "pld", {}),
+        "pld, no StepScale": (switched((continuous, "StepScale", _NoScale)), "pld", {}),
     }
     for m in ("ar", "pld", "jakiro", "kangaroo"):  # warm-up, untimed
         eng.generate(prompts[:2], method=m, max_new_tokens=8)
@@ -87,8 +96,8 @@ def main() -> None:
             try:
                 speed, tokens = run(method, **extra)
             finally:
-                engine_module.rows_pay_off, engine_module.drafts_together, drafter_base.drafts_together = real
-                engine_module.StepScale = StepScale
+                for (owner, name), value in real.items():
+                    setattr(owner, name, value)
             reference = reference or tokens
             if tokens != reference:
                 raise SystemExit(f"{name}: tokens differ from AR's")

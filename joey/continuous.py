@@ -122,10 +122,11 @@ class _Row:
         self.accepted: list[int] = []  # ... and steps whose accepted path reached it
         self.draft_tokens = 0
         self.draft_ms: float | None = None  # running estimate of one draft depth's cost
-        # whether the row drafted last step: only then does this step's drafting time measure what a
-        # depth costs (a first draft, or one after steps without drafting, also catches the drafter
-        # up on every token since: a Jakiro head's first call runs over the whole prompt)
-        self.drafted_last = False
+        self.drafted_last = False  # whether the row drafted last step (a drafter then has nothing to catch up)
+        # whether the row has drafted before: its first draft also runs the drafter over the whole
+        # prompt (a Jakiro head's first call), which is no measure of a draft depth's cost; a later
+        # draft after undrafted steps catches up on those few tokens, a real cost of drafting again
+        self.drafted_ever = False
         # pseudo-counts per depth, from the rows before this one (ContinuousBatch._prior): what the
         # budget assumes about drafting for this request until its own steps say otherwise
         self.prior_drafted: list[float] = []
@@ -448,12 +449,13 @@ class ContinuousBatch:
         """Every row's draft, drafted together where the drafter can (one forward per draft depth
         for all rows: ``propose_all``). Each row's ``draft_ms`` follows what one depth cost: the
         whole call ÷ the deepest draft for rows that draft together (they share each forward), the
-        row's own share for drafters that go row by row. Only steady steps count, where every
-        drafting row also drafted the step before: otherwise the call includes catching a drafter
-        up on the prompt or on undrafted steps (a 769-token prompt made Jakiro's first measurement
-        115 ms a depth, ~150x a steady one, and the budget then never drafted again). A drafter
-        without state (``catches_up`` False: prompt lookup) is measured every step: in a large batch
-        some row nearly always starts drafting again, so it would never be."""
+        row's own share for drafters that go row by row. A step counts only when every drafting row
+        has drafted before: a first draft also catches the drafter up on the whole prompt (a
+        769-token prompt made Jakiro's first measurement 115 ms a depth, ~150x a steady one, and the
+        budget then never drafted again). Catching up on a few undrafted steps does count: it is what
+        drafting again costs (leaving it out made jakiro+pld 0.77x batched AR at batch 16, against
+        0.88x with it). A drafter without state (``catches_up`` False: prompt lookup) is measured
+        from its first step."""
         if rows[0].drafter is None:
             return [Proposal.chain([]) for _ in rows]
         drafters = [row.drafter for row in rows]
@@ -463,7 +465,7 @@ class ContinuousBatch:
         props = propose_all(drafters, [row.prompt_ids + row.new_ids for row in rows], depths, self.shape.nodes)
         ms = 1000 * (time.perf_counter() - start)
         deepest = [max(depths_of(p.parents)) if len(p) else 0 for p in props]
-        steady = all(row.drafted_last for row, d in zip(rows, deepest)
+        steady = all(row.drafted_ever for row, d in zip(rows, deepest)
                      if d and getattr(row.drafter, "catches_up", True))
         for row, d in zip(rows, deepest):
             if d and steady:
@@ -471,6 +473,7 @@ class ContinuousBatch:
                 row.draft_ms = _average(row.draft_ms, per_depth)
                 self.draft_ms = _average(self.draft_ms, per_depth)
             row.drafted_last = d > 0
+            row.drafted_ever = row.drafted_ever or d > 0
         return props
 
     def _judge(self, logits: torch.Tensor, prop: Proposal, row: _Row) -> Verdict:

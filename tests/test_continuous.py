@@ -162,10 +162,10 @@ def test_a_joining_request_starts_from_what_drafting_was_worth_before(engine):
     assert events[1][-1].generation.token_ids == _alone(engine, PROMPTS[1], "kangaroo", {"threshold": 0.0})
 
 
-def test_draft_cost_is_measured_only_in_steady_steps(engine, monkeypatch):
-    """The first drafted step (the drafter catches up on the whole prompt) and a step after one
-    without drafting (it catches up on the undrafted tokens) do not count as the cost of a draft
-    depth; a step right after a drafted one does."""
+def test_a_first_draft_is_not_a_measure_of_the_draft_cost_but_drafting_again_is(engine, monkeypatch):
+    """A row's first drafted step (the drafter catches up on the whole prompt) does not count as the
+    cost of a draft depth; later drafted steps do, also right after a step without drafting (its
+    catch-up on the undrafted tokens is what drafting again costs)."""
     batch = ContinuousBatch(engine, "kangaroo", SpecConfig(threshold=0.0))  # drafts every step
     batch.add(engine.encode(PROMPTS[0]), GREEDY, key=0)
     batch.step()  # prefill, then the first drafted step
@@ -176,11 +176,10 @@ def test_draft_cost_is_measured_only_in_steady_steps(engine, monkeypatch):
     assert first is not None and batch.draft_ms == first
     depth = [0]
     monkeypatch.setattr(ContinuousBatch, "_depth", lambda self, r, room, ev: (depth[0], True))
-    batch.step()  # no draft
-    depth[0] = 3
-    batch.step()  # drafts again after an undrafted step: not measured
+    batch.step()  # no draft: nothing measured
     assert row.draft_ms == first
-    batch.step()
+    depth[0] = 3
+    batch.step()  # drafts again after an undrafted step: measured
     assert row.draft_ms != first
 
 
