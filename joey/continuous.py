@@ -122,11 +122,6 @@ class _Row:
         self.accepted: list[int] = []  # ... and steps whose accepted path reached it
         self.draft_tokens = 0
         self.draft_ms: float | None = None  # running estimate of one draft depth's cost
-        self.drafted_last = False  # whether the row drafted last step (a drafter then has nothing to catch up)
-        # whether the row has drafted before: its first draft also runs the drafter over the whole
-        # prompt (a Jakiro head's first call), which is no measure of a draft depth's cost; a later
-        # draft after undrafted steps catches up on those few tokens, a real cost of drafting again
-        self.drafted_ever = False
         # pseudo-counts per depth, from the rows before this one (ContinuousBatch._prior): what the
         # budget assumes about drafting for this request until its own steps say otherwise
         self.prior_drafted: list[float] = []
@@ -370,9 +365,6 @@ class ContinuousBatch:
             # No row drafts: a plain decoding step, and drafters catch up on the skipped tokens later.
             # Not for a self-speculative drafter: the target's own cache lacks the layers it runs.
             skip = not any(depths) and not any(getattr(row.drafter, "self_speculative", False) for row in active)
-            if skip:
-                for row in active:
-                    row.drafted_last = False
             proposals = [Proposal.chain([]) for _ in active] if skip else self._propose(active, depths, together)
             t1 = time.perf_counter()
             features = self._verify_pass(cache, active, proposals)  # per row: [1 + draft, hidden]
@@ -465,15 +457,13 @@ class ContinuousBatch:
         props = propose_all(drafters, [row.prompt_ids + row.new_ids for row in rows], depths, self.shape.nodes)
         ms = 1000 * (time.perf_counter() - start)
         deepest = [max(depths_of(p.parents)) if len(p) else 0 for p in props]
-        steady = all(row.drafted_ever for row, d in zip(rows, deepest)
-                     if d and getattr(row.drafter, "catches_up", True))
+        # a row with no drafted step yet (empty per-depth counts) is making its first draft
+        steady = all(row.drafted for row, d in zip(rows, deepest) if d and getattr(row.drafter, "catches_up", True))
         for row, d in zip(rows, deepest):
             if d and steady:
                 per_depth = ms / max(deepest) if together else ms / len(rows) / d
                 row.draft_ms = _average(row.draft_ms, per_depth)
                 self.draft_ms = _average(self.draft_ms, per_depth)
-            row.drafted_last = d > 0
-            row.drafted_ever = row.drafted_ever or d > 0
         return props
 
     def _judge(self, logits: torch.Tensor, prop: Proposal, row: _Row) -> Verdict:

@@ -146,17 +146,13 @@ def decode_layer(
     same order as the modules, so the same bits, without their per-op overhead."""
     b, t = shape
     n = x.shape[0]
-    mb = mt = ms = 0
-    if mask is not None:
-        mb = mask.stride(0) if mask.shape[0] > 1 else 0
-        mt = mask.stride(2) if mask.shape[2] > 1 else 0
-        ms = mask.stride(3)
-    flat = None if isinstance(slots, int) else slots.reshape(-1).contiguous()  # kept alive through the call
+    if not _cache_fits(k_cache, v_cache, plan.D) or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError("decode_layer needs contiguous cos/sin and a cache with contiguous slots of head_dim")
+    flat, first = _slot_args(slots)
     library().decode_layer(  # type: ignore[union-attr]
         ctypes.byref(plan), x.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.stride(0), k_cache.stride(1), _int64_ptr(rows, n), _int64_ptr(flat, n), t,
-        slots if isinstance(slots, int) else 0, b, kv_len, None if mask is None else mask.data_ptr(), mb, mt, ms,
-        _int64_ptr(counts, b), _int64_ptr(ends, b))
+        k_cache.stride(0), k_cache.stride(1), _int64_ptr(rows, n), _int64_ptr(flat, n), t, first, b, kv_len,
+        *_mask_args(mask), _int64_ptr(counts, b), _int64_ptr(ends, b))
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
@@ -218,20 +214,38 @@ def attention(
     if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad):
         return None  # no backward here: training runs PyTorch's attention
     if (not serves_attention(d) or q.dtype != torch.float32 or k_cache.dtype != torch.float32
-            or q.device.type != "cpu" or k_cache.stride(3) != 1 or k_cache.stride(2) != d
-            or v_cache.stride() != k_cache.stride() or (mask is not None and mask.shape[-1] != kv_len)):
+            or q.device.type != "cpu" or not _cache_fits(k_cache, v_cache, d)
+            or (mask is not None and mask.shape[-1] != kv_len)):
         return None
     qs = q.contiguous()
     out = torch.empty_like(qs)
-    mb = mt = ms = 0
-    if mask is not None:
-        mb = mask.stride(0) if mask.shape[0] > 1 else 0
-        mt = mask.stride(2) if mask.shape[2] > 1 else 0
-        ms = mask.stride(3)
     library().attention(qs.data_ptr(), b, t, h, d, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], kv_len,
-                  k_cache.stride(0), k_cache.stride(1), None if mask is None else mask.data_ptr(), mb, mt, ms,
-                  scale, _int64_ptr(counts, b), _int64_ptr(ends, b), out.data_ptr())
+                  k_cache.stride(0), k_cache.stride(1), *_mask_args(mask), scale, _int64_ptr(counts, b),
+                  _int64_ptr(ends, b), out.data_ptr())
     return out
+
+
+def _cache_fits(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> bool:
+    """Whether a cache has the layout the C side reads: slots of ``head_dim`` contiguous floats,
+    keys and values laid out alike."""
+    return k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim and v_cache.stride() == k_cache.stride()
+
+
+def _mask_args(mask: torch.Tensor | None) -> tuple[int | None, int, int, int]:
+    """A mask [B or 1, 1, T, S] as the C side takes it: its address and its strides over rows, queries
+    and keys (0 over a dimension of size 1, which every row or query then shares)."""
+    if mask is None:
+        return None, 0, 0, 0
+    return (mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2) if mask.shape[2] > 1 else 0,
+            mask.stride(3))
+
+
+def _slot_args(slots: int | torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """Slots as the C side takes them: (the slot of each token, flat; or None) and the first slot
+    of every row (0 where each token has its own). Keep the tensor alive through the call."""
+    if isinstance(slots, int):
+        return None, slots
+    return slots.reshape(-1).contiguous(), 0
 
 
 def rope_store(
@@ -254,12 +268,10 @@ def rope_store(
     if (lib is None or torch.is_grad_enabled() and qkv.requires_grad or qkv.dtype != torch.float32
             or k_cache.dtype != torch.float32 or qkv.device.type != "cpu" or cos.shape[-1] != d
             or not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous())
-            or k_cache.stride(3) != 1 or k_cache.stride(2) != d or v_cache.stride() != k_cache.stride()
-            or cos.dtype != torch.float32 or sin.dtype != torch.float32):
+            or not _cache_fits(k_cache, v_cache, d) or cos.dtype != torch.float32 or sin.dtype != torch.float32):
         return None
     q = torch.empty(n, h, d)
-    first = slots if isinstance(slots, int) else 0
-    flat = None if isinstance(slots, int) else slots.reshape(-1).contiguous()  # kept alive through the call
+    flat, first = _slot_args(slots)
     lib.rope_store(qkv.data_ptr(), n, h, kvh, d, cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
                    v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), _int64_ptr(rows, n), _int64_ptr(flat, n),
                    t, first)
