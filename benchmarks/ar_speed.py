@@ -1,4 +1,4 @@
-"""Compare greedy autoregressive (AR) decoding speed on the default model (SmolLM2-135M-Instruct).
+"""Compare greedy autoregressive (AR) decoding speed on a model (default: SmolLM2-135M-Instruct; --model).
 
 Methods, all fed the same chat-templated prompt token ids and asked for exactly N new tokens (EOS ignored):
   * joey AR [format]        -- ``joey.load(weights=format).generate(...)``, one engine per weight format
@@ -11,7 +11,8 @@ Methods, all fed the same chat-templated prompt token ids and asked for exactly 
 Runs are interleaved per prompt and repeated (method order rotates) so machine noise hits all methods alike.
 Timings include the prompt prefill and exclude tokenization. Prints a Markdown table for the README.
 
-    python benchmarks/ar_speed.py [--weights fp32,auto] [--max-new-tokens 64] [--repeats 3] [--json results.json]
+    python benchmarks/ar_speed.py [--model NAME] [--weights fp32,auto] [--max-new-tokens 64] [--repeats 3]
+                                  [--json results.json]
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def joey_runner(eng: joey.Engine, method: str = "ar") -> Runner:
 
 
 def hf_runner(eng: joey.Engine) -> Runner:
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(str(eng.source.folder), dtype=torch.float32).eval()
+    from joey.bench.runners import transformers_model
+
+    model = transformers_model(eng.source, torch.float32).eval()
 
     def run(prompt: str, ids: list[int], n: int) -> tuple[list[int], float]:
         # An explicit config: no EOS (so exactly n tokens), no sampling settings inherited from the folder.
@@ -93,6 +96,7 @@ def llamacpp_runner(eng: joey.Engine) -> Runner | str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="a known name, .gguf file or HF folder (default: the default model)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompts", nargs="+", default=PROMPTS, help="prompt strings (default: 4 built-in)")
@@ -109,7 +113,7 @@ def main() -> None:
     same_as: dict[str, str] = {}  # runner → the runner whose tokens it must equal (lossless methods)
     formats = [w.strip() for w in args.weights.split(",") if w.strip()]
     for fmt in formats:
-        e = joey.load(progress=False, weights=fmt)
+        e = joey.load(args.model, progress=False, weights=fmt)
         label = f"joey AR [{e.model.weight_format}]"
         runners[label] = joey_runner(e)
         if args.pld:

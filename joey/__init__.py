@@ -75,17 +75,14 @@ def load(
     from joey.models.adapter import find_adapter, load_adapter
     from joey.models.jakiro_head import find_head, load_head
     from joey.models.registry import resolve
-    from joey.models.weights import load_model, load_tokenizer, set_format
+    from joey.models.weights import load_source, load_tokenizer
 
     dev = pick_device(device)
+    fmt = weights if prepack or weights in ("int8", "int4") else None
     source = resolve(model, progress=progress)
-    net = load_model(source.folder, dev, pick_dtype(dtype, dev))
+    net = load_source(source, dev, pick_dtype(dtype, dev), fmt, progress)
     draft_source = None if draft_model is None else resolve(draft_model, progress=progress)
-    draft = None if draft_source is None else load_model(draft_source.folder, dev, pick_dtype(dtype, dev))
-    if prepack or weights in ("int8", "int4"):
-        for m, src in ((net, source), (draft, draft_source)):
-            if m is not None:
-                set_format(m, src.folder, weights, progress)
+    draft = None if draft_source is None else load_source(draft_source, dev, pick_dtype(dtype, dev), fmt, progress)
     path = find_adapter(net) if adapter is None else (None if adapter is False else adapter)
     kangaroo = load_adapter(path, net) if path else None
     path = find_head(net) if head is None else (None if head is False else head)

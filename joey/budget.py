@@ -82,7 +82,7 @@ class CostCurve:
 
 def measure(model: LlamaModel, tokens: Sequence[int] = MEASURED_TOKENS, repeats: int = 5) -> CostCurve:
     """Time one forward of k new tokens after ``CONTEXT`` cached (the median of ``repeats``, after warm-up)."""
-    dev = model.lm_head.weight.device
+    dev = model.device
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, model.cfg.vocab_size - 1, (1, CONTEXT + max(tokens)), generator=gen).to(dev)
     cache = model.new_cache(1, CONTEXT + max(tokens))
@@ -134,12 +134,12 @@ def measured_once(cache_root: Path, kind: str, key: str, measure: Callable[[], d
 def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCurve:
     """The cost curve of this model on this device/dtype/thread count, measured once and then read
     from ``cache_root/budget``. A corrupt or foreign cache file is measured again."""
-    w = model.lm_head.weight
-    hw = cpu_name() if w.device.type == "cpu" else torch.cuda.get_device_name(w.device)
+    hw = cpu_name() if model.device.type == "cpu" else torch.cuda.get_device_name(model.device)
     kernels = model.weight_format if model.lm_head.kernel is not None else "plain"
     if "int" in kernels:
         kernels += "/" + low_bit_kernels_key()
-    key = json.dumps([model_key, str(w.device), str(w.dtype), kernels, torch.get_num_threads(), hw, MEASURED_TOKENS])
+    key = json.dumps([model_key, str(model.device), str(model.dtype), kernels, torch.get_num_threads(), hw,
+                      MEASURED_TOKENS])
 
     def read(data: dict) -> CostCurve:
         d = data["curve"]

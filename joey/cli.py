@@ -1,5 +1,5 @@
-"""The ``joey`` command line: generate, chat, serve, info, bench, train-adapter, train-drafter. The only
-module that parses arguments."""
+"""The ``joey`` command line: generate, chat, serve, info, install, bench, train-adapter, train-drafter.
+The only module that parses arguments."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
-    p.add_argument("--model", "-m", default=None, help="HF folder, .gguf file, hub id, or 'default' (SmolLM2-135M)")
+    p.add_argument("--model", "-m", default=None,
+                   help="a known name ('joey info --models'), HF folder, .gguf file, hub id, or 'default' "
+                        "(SmolLM2-135M)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 on CPU, bf16 on CUDA)")
     if not weights:  # training distils from the float target
@@ -93,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show the model, device, dtype and cache")
     _model_args(info)
+    info.add_argument("--models", action="store_true",
+                      help="list the models joey knows by name and which are installed")
+
+    install = sub.add_parser("install", help="install a model joey knows by name (see 'joey info --models')")
+    install.add_argument("name", help="e.g. qwen2.5-coder-1.5b-instruct")
     _serve_parser(sub)
     _bench_parser(sub)
     _train_parser(sub)
@@ -198,10 +205,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply.text})
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from joey.models.registry import install
+
+    print(f"joey: {args.name} is installed: {install(args.name)}", file=sys.stderr)
+    return 0
+
+
+def _known_models() -> int:
+    from joey.models.registry import KNOWN_MODELS, installed_gguf
+
+    for m in KNOWN_MODELS:
+        where = installed_gguf(m)
+        state = f"installed ({where})" if where else f"not installed: {m.install_command}"
+        print(f"{m.name:<30} {m.size / 1e9:5.2f} GB  {m.about}\n{'':<30} {state}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from joey.models.llama import param_count
     from joey.models.registry import cache_dir
 
+    if args.models:
+        return _known_models()
     engine = _load(args)
     cfg = engine.model.cfg
     info = {
@@ -464,6 +490,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "bench": cmd_bench,
+                "install": cmd_install,
                 "train-adapter": cmd_train_adapter, "train-drafter": cmd_train_drafter}
     try:
         return handlers[args.command](args)

@@ -86,11 +86,11 @@ class Engine:
     # -- properties ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        return self.model.dtype
 
     @property
     def default_method(self) -> str:

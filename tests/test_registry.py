@@ -21,12 +21,12 @@ def test_default_cache_entry_is_valid_and_fast(default_source):
 
 
 def _fake_convert(gguf: Path, out: Path) -> None:
-    (out / "model.safetensors").write_bytes(b"weights-of-" + gguf.read_bytes())
-    (out / "config.json").write_text("{}")
-    (out / registry.NATIVE_FILE).write_bytes(b"blocks")
+    (out / "config.json").write_text('{"from": "' + gguf.read_bytes().hex() + '"}')
+    files = list(out.iterdir())
     manifest = {
-        "sizes": {p.name: p.stat().st_size for p in out.iterdir()},
-        "weights_sha256": registry.file_sha256(out / "model.safetensors"),
+        "version": 2,
+        "sizes": {p.name: p.stat().st_size for p in files},
+        "sha256": {p.name: registry.file_sha256(p) for p in files},
     }
     (out / "joey-manifest.json").write_text(json.dumps(manifest))
 
@@ -57,18 +57,18 @@ def test_cache_is_reused(fake_cache):
 def test_corrupt_or_partial_cache_entry_is_rebuilt(fake_cache, damage):
     gguf, calls = fake_cache
     folder = registry.gguf_to_folder(gguf, progress=False)
-    weights = folder / "model.safetensors"
+    config = folder / "config.json"
     if damage == "truncate":
-        weights.write_bytes(weights.read_bytes()[:5])
+        config.write_bytes(config.read_bytes()[:5])
     elif damage == "flip":
-        data = bytearray(weights.read_bytes())
-        data[-1] ^= 0xFF
-        weights.write_bytes(bytes(data))
+        data = bytearray(config.read_bytes())
+        data[-3] ^= 0x01
+        config.write_bytes(bytes(data))
     elif damage == "manifest":
         (folder / "joey-manifest.json").unlink()
-    else:  # written before joey kept a GGUF's quantized blocks: rebuilt once to add them
+    else:  # made by a joey that kept a float copy of every GGUF: rebuilt once, in place
         manifest = json.loads((folder / "joey-manifest.json").read_text())
-        del manifest["sizes"][registry.NATIVE_FILE]
+        del manifest["version"]
         (folder / "joey-manifest.json").write_text(json.dumps(manifest))
     assert not registry.entry_is_valid(folder)
     again = registry.gguf_to_folder(gguf, progress=False)

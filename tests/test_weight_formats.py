@@ -13,7 +13,9 @@ import joey
 from joey.engine import Engine
 from joey.errors import InvalidArgumentError
 from joey.models.adapter import KangarooAdapter
-from joey.models.gguf_blocks import DECODERS, NATIVE_FILE, decode_tensor, load_native
+from joey.models.gguf_blocks import DECODERS, decode_tensor
+from joey.models.gguf_file import GGUFFile
+from joey.models.gguf_load import quantized_weights
 from joey.models.group_kernel import GroupKernel
 from joey.models.jakiro_head import JakiroHead
 from joey.models.weight_formats import (
@@ -268,18 +270,28 @@ def test_gguf_blocks_decode_to_the_reference_values(type_name):
 
 
 def test_default_gguf_blocks_equal_the_float_conversion(default_source):
-    """Every linear weight of the embedded Q4_1 GGUF (its LM head is Q8_0) read natively equals
-    transformers' dequantization bit for bit, q/k row order included."""
-    from safetensors import safe_open
+    """Every linear weight of the embedded Q4_1 GGUF (its LM head is Q8_0) read as codes equals its
+    reference dequantization bit for bit, and the q/k rows come back in the order transformers'
+    converter gives them (llama.cpp interleaves each head's RoPE halves)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    native = load_native(default_source.folder / NATIVE_FILE)
+    file = GGUFFile(default_source.gguf)
+    names = file.hf_names()
+    native = quantized_weights(file, names, names["model.embed_tokens.weight"])
     assert len(native) == 30 * 7 + 1
     assert {q.bits for q in native.values()} == {4, 8} and native["lm_head.weight"].bits == 8
-    with safe_open(str(default_source.folder / "model.safetensors"), "pt") as f:
-        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
-                     "model.layers.29.mlp.down_proj.weight"):
-            assert torch.equal(native[name].dequantize(), f.get_tensor(name))
-        assert torch.equal(native["lm_head.weight"].dequantize(), f.get_tensor("model.embed_tokens.weight"))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
+                 "model.layers.29.mlp.down_proj.weight", "lm_head.weight"):
+        g = names.get(name, "token_embd.weight")
+        assert torch.equal(native[name].dequantize(), file.float_tensor(g))
+    g = names["model.layers.7.self_attn.k_proj.weight"]
+    t = file.tensors[g]
+    plain = dequantize(file.raw(t), GGMLQuantizationType[t.type_name]).reshape(t.rows, t.cols)
+    cfg = {"num_attention_heads": 9, "num_key_value_heads": 3}
+    reference = LlamaTensorProcessor(config=cfg).process(plain, g).weights
+    assert torch.equal(file.float_tensor(g), torch.from_numpy(np.ascontiguousarray(reference)))
     assert source_formats(native, "float32") == ["native", "fp32"]
     assert source_formats({}, "float32") == ["fp32"]
 
@@ -410,7 +422,9 @@ def test_default_model_native_weights_are_lossless():
     eng = joey.load(None, device="cpu", progress=False, weights="int4")
     assert eng.model.weight_format == "int4"
     native = joey.load(None, device="cpu", progress=False, adapter=False, head=False, weights="fp32")
-    native.model.set_weights("native", load_native(native.source.folder / NATIVE_FILE))
+    file = GGUFFile(native.source.gguf)
+    names = file.hf_names()
+    native.model.set_weights("native", quantized_weights(file, names, names["model.embed_tokens.weight"]))
     assert native.model.weight_format == "int4+int8"
     long = "Summarize: " + " ".join(f"Paragraph {i}: the committee met, argued and adjourned." for i in range(25))
     for prompt in ("List three uses of a paperclip.", long):  # long: ~300 tokens, more than any verification

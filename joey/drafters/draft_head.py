@@ -29,8 +29,8 @@ class DraftVocabHead:
               low_bit: str | None = None) -> DraftVocabHead:
         """``dtype``: the drafting precision (default: the target's activations'); ``low_bit``
         ("int8"): the rows quantized onto joey's low-bit kernel instead of a float kernel."""
-        vocab = vocab.to(model.lm_head.weight.device)
-        weight = model.lm_head.weight.detach()[vocab].to(dtype or model.lm_head.weight.dtype).contiguous()
+        vocab = vocab.to(model.device)
+        weight = model.head_rows(vocab).to(dtype or model.dtype).contiguous()
         kernel = None
         if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and \
                 torch.backends.mkldnn.is_available():

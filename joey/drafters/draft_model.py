@@ -74,7 +74,7 @@ class DraftModelDrafter(BatchedDrafter):
         """One draft-model forward over every row's new tokens, packed; appends them to the rows'
         caches → each row's logits after its last token [vocab]."""
         model = feeds[0].drafter.model
-        dev = model.lm_head.weight.device
+        dev = model.device
         spans, positions, last = [], [], []
         for f in feeds:
             n, t = f.drafter.cache.lengths[0], len(f.tokens)

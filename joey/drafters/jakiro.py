@@ -59,8 +59,7 @@ class JakiroDraft:
         weights, whichever one forward measures fastest here (bf16 oneDNN kernels are ~3x faster on
         CPUs with AMX and far slower on some without; int8 halved a one-node forward on a Zen 5). The
         drafting precision never changes the output: the target verifies in its own."""
-        w = model.lm_head.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        if model.device.type != "cpu" or model.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return cls(model, head, DraftVocabHead.build(model, head.vocab))
         choices: list[tuple[torch.dtype, str | None]] = [(torch.float32, None)]
         if torch.ops.mkldnn._is_mkldnn_bf16_supported():

@@ -119,11 +119,10 @@ class KangarooDrafter(BatchedDrafter):
         self.lookup = lookup  # a retrieval branch: prompt lookup's continuation joins the tree
         model = draft.model
         cfg = model.cfg
-        w = model.lm_head.weight
         self.shallow = model.new_cache(1, max_len, layers=draft.exit_layer)
         self.adapter_cache = draft.adapter.new_cache(1, max_len)
         # the layer-l state of every slot: the adapter's input and the verification's input
-        self.hidden = torch.zeros(max_len, cfg.hidden_size, dtype=w.dtype, device=w.device)
+        self.hidden = torch.zeros(max_len, cfg.hidden_size, dtype=model.dtype, device=model.device)
         self.cached: list[int] = []  # tokens whose shallow K/V and layer-l state are stored, in order
         self.adapted: list[int] = []  # tokens whose adapter K/V are stored (a prefix of ``cached``)
         self._tree: DraftTree | None = None  # the last proposal, until the committed tokens say which path won
@@ -137,7 +136,7 @@ class KangarooDrafter(BatchedDrafter):
         [len(adapt slots) or 1, draft_vocab], None for a row that asked for the shallow layers only."""
         draft = passes[0].drafter.draft
         model = draft.model
-        dev = model.lm_head.weight.device
+        dev = model.device
         tokens = torch.tensor([t for p in passes for t in p.tokens], device=dev)
         positions = torch.tensor([q for p in passes for q in p.shallow.positions], device=dev)
         spans = [p.shallow.span(p.drafter.shallow, dev) for p in passes]

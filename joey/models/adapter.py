@@ -57,7 +57,7 @@ class KangarooAdapter(nn.Module):
             adapter.post_attention_layernorm.load_state_dict(layer.post_attention_layernorm.state_dict())
             adapter.mlp.load_state_dict(layer.mlp.state_dict())
         adapter.norm.load_state_dict(model.model.norm.state_dict())
-        return adapter.to(model.lm_head.weight.device, model.lm_head.weight.dtype)
+        return adapter.to(model.device, model.dtype)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.norm.weight
@@ -117,8 +117,7 @@ def load_adapter(path: str | Path, model: LlamaModel) -> KangarooAdapter:
         adapter.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelFormatError(f"{path}: adapter weights do not fit this model ({str(exc).splitlines()[0][:120]})")
-    w = model.lm_head.weight
-    return adapter.to(w.device, w.dtype).eval()
+    return adapter.to(model.device, model.dtype).eval()
 
 
 def find_adapter(model: LlamaModel, folder: Path | None = None) -> Path | None:

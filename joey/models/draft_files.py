@@ -20,7 +20,8 @@ from joey.models.llama import LlamaModel
 
 def model_fingerprint(model: LlamaModel) -> str:
     """A short hash of the first embedding rows, rounded to bf16 so fp32 and bf16 loads agree."""
-    rows = model.model.embed_tokens.weight[:64].detach().float().cpu().to(torch.bfloat16)
+    with torch.no_grad():
+        rows = model.model.embed_tokens(torch.arange(64, device=model.device)).float().cpu().to(torch.bfloat16)
     return hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
 

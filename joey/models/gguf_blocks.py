@@ -1,9 +1,7 @@
-"""A GGUF's quantized linear weights read as they are stored: codes plus per-block scales.
-
-transformers dequantizes a GGUF to float; joey keeps that float copy for everything else (config,
-tokenizer, norms, the embedding table) and reads the linear layers' Q4_0, Q4_1, Q4_K and Q8_0
-blocks here, so an int4 or int8 model runs on the GGUF's own numbers. Block layouts follow
-ggml's (see the gguf package's reference dequantizers, which the tests compare against):
+"""A GGUF's 4- and 8-bit blocks as ``QuantizedWeight`` codes plus per-group scales: what PyTorch's
+int4/int8 kernels run (where joey's own kernel does not, or int4/int8 is asked for), so those run
+on the GGUF's own numbers too. Block layouts follow ggml's (see the gguf package's reference
+dequantizers, which the tests compare against):
 
 - Q4_0, 18 bytes per 32 weights: fp16 d, 16 bytes of nibbles (low nibbles = weights 0-15); w = d (q - 8)
 - Q4_1, 20 bytes per 32: fp16 d, fp16 m, 16 bytes of nibbles; w = d q + m
@@ -12,29 +10,16 @@ ggml's (see the gguf package's reference dequantizers, which the tests compare a
   32, 128 bytes of nibbles (each 32-byte run holds two groups: low nibbles, then high nibbles);
   w = d sc q - dmin m
 
-5- and 6-bit types (Q5_0, Q5_1, Q5_K, Q6_K: llama.cpp's Q4_K_M mixes some in) have no kernel of
-their own; they become int8 with a scale per row, so no weight is stored below its source's bits.
-Float tensors (F32, F16, BF16) are left to the float copy.
+Other types have no PyTorch kernel: joey.models.gguf_load widens them to int8 with a scale per
+row, so no weight is stored below its source's bits (joey's own kernel runs Q5_0 and Q6_K as stored).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from joey.models.weight_formats import GROUP, QuantizedWeight, quantize_int8
-
-NATIVE_FILE = "native-blocks.safetensors"
-WIDER_TYPES = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")  # read as int8 (see above)
-
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+from joey.models.weight_formats import GROUP, QuantizedWeight
 
 
 def _f16(raw: np.ndarray) -> torch.Tensor:
@@ -95,80 +80,3 @@ def decode_tensor(type_name: str, raw: np.ndarray, rows: int, cols: int) -> Quan
     scale = scale.reshape(rows, groups).contiguous()
     offset = None if offset is None else offset.reshape(rows, groups).contiguous()
     return QuantizedWeight(bits, codes, scale, offset, GROUP)
-
-
-def unpermute_rows(rows: int, heads: int) -> torch.Tensor:
-    """llama.cpp's converter interleaves the two RoPE halves of each head's q/k rows; this is the
-    row order that undoes it (the same reordering transformers applies to the float weights)."""
-    idx = torch.arange(rows)
-    return idx.view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
-
-
-def read_native(gguf: Path) -> dict[str, QuantizedWeight]:
-    """Hugging Face name → quantized weight, for every linear layer stored in a natively read type."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(str(gguf))
-
-    def field(key: str):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = field("general.architecture")
-    heads = field(f"{arch}.attention.head_count")
-    kv_heads = field(f"{arch}.attention.head_count_kv") or heads
-    names = {t.name for t in reader.tensors}
-    out: dict[str, QuantizedWeight] = {}
-    for t in reader.tensors:
-        if t.tensor_type.name not in DECODERS and t.tensor_type.name not in WIDER_TYPES:
-            continue
-        cols, rows = (int(x) for x in t.shape)  # GGUF lists the fastest-varying dimension first
-        kind = ""
-        if t.name == "output.weight" or (t.name == "token_embd.weight" and "output.weight" not in names):
-            name = "lm_head.weight"  # a tied model's embedding doubles as its LM head
-        else:
-            parts = t.name.split(".")  # blk.<i>.<kind>.weight
-            if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
-                continue
-            kind = parts[2]
-            name = f"model.layers.{parts[1]}.{_LAYER_NAMES[kind]}.weight"
-        if t.tensor_type.name in WIDER_TYPES:
-            q = quantize_int8(torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(rows, cols)))
-        else:
-            q = decode_tensor(t.tensor_type.name, t.data, rows, cols)
-        if arch == "llama" and kind in ("attn_q", "attn_k"):
-            q = q.rows(unpermute_rows(rows, heads if kind == "attn_q" else kv_heads))
-        out[name] = q
-    return out
-
-
-def save_native(weights: dict[str, QuantizedWeight], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, list[int]] = {}
-    for name, q in weights.items():
-        tensors[f"{name}.codes"] = q.codes.contiguous()
-        tensors[f"{name}.scale"] = q.scale.contiguous()
-        if q.offset is not None:
-            tensors[f"{name}.offset"] = q.offset.contiguous()
-        meta[name] = [q.bits, q.group]
-    save_file(tensors, str(path), metadata={"joey_native_blocks": json.dumps(meta)})
-
-
-def load_native(path: Path) -> dict[str, QuantizedWeight]:
-    """What ``save_native`` wrote; an empty dict when the file is absent."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        return {}
-    out: dict[str, QuantizedWeight] = {}
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["joey_native_blocks"])
-        keys = set(f.keys())
-        for name, (bits, group) in meta.items():
-            offset = f.get_tensor(f"{name}.offset") if f"{name}.offset" in keys else None
-            out[name] = QuantizedWeight(bits, f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scale"),
-                                        offset, group)
-    return out

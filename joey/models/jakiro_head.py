@@ -145,8 +145,7 @@ def load_head(path: str | Path, model: LlamaModel) -> JakiroHead:
         head.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelFormatError(f"{path}: head weights do not fit this model ({str(exc).splitlines()[0][:120]})")
-    w = model.lm_head.weight
-    return head.to(w.device, w.dtype).eval()
+    return head.to(model.device, model.dtype).eval()
 
 
 def find_head(model: LlamaModel, folder: Path | None = None) -> Path | None:

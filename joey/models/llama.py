@@ -12,7 +12,7 @@ Weights are read from Hugging Face names; nothing in transformers is patched or 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from joey.errors import UnsupportedArchitectureError
 from joey.models import group_kernel
 from joey.models.kv_cache import KVCache
 from joey.models.rope import RopeConfig, rope_table
-from joey.models.weight_formats import FORMATS, LinearKernel, QuantizedWeight, concat_rows, make_kernel
+from joey.models.weight_formats import LinearKernel, QuantizedWeight, concat_rows, make_kernel
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
@@ -263,6 +263,13 @@ def float_format(dtype: torch.dtype) -> str:
 
 
 WeightSource = torch.Tensor | QuantizedWeight  # a float weight or a GGUF's own codes
+_NARROWEST_FIRST = ("int4", "int5", "int6", "int8", "bf16", "fp32")
+
+
+def mixed_format(formats: Iterable[str]) -> str:
+    """The name of a model whose kernels run these formats: each once, narrowest first ("int4+int6")."""
+    parts = {p for f in formats for p in f.split("+")}
+    return "+".join(sorted(parts, key=lambda p: _NARROWEST_FIRST.index(p) if p in _NARROWEST_FIRST else -1))
 
 
 def fuse(fmt: str, linears: list[Linear], sources: list[WeightSource] | None = None) -> LinearKernel | None:
@@ -603,11 +610,51 @@ class LlamaModel(nn.Module):
         self._rope: dict[RopeConfig, tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin tables
         self._format: str | None = None  # set_weights' format; None = plain float weights
         self._plans: list[group_kernel.LayerPlan | None] | None = None  # layer_plans(), built on first use
+        # rows of the LM head where its float weight is not kept (a GGUF's head stays in its blocks)
+        self._head_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the residual stream, norms and the KV cache unless said otherwise)."""
+        return self.model.norm.weight.dtype
+
+    def head_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [n] of the LM head's float weight → [n, hidden] in the model's dtype: what
+        drafters slice for their draft vocabularies. Read from the stored blocks where the model keeps
+        no float copy of the head."""
+        w = self.lm_head.weight
+        if w is not None and w.device.type != "meta":
+            return w.detach()[index.to(w.device)]
+        if self._head_rows is None:
+            raise RuntimeError("this model keeps neither a float LM head nor its blocks")
+        return self._head_rows(index).to(self.device, self.dtype)
+
+    def use_kernels(self, kernels: dict[str, LinearKernel], head_rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Run the linear layers on ready-made kernels (a GGUF's blocks laid out for joey's kernel),
+        keeping no float weights: per layer i ``model.layers.{i}.self_attn.qkv`` (q, k, v fused),
+        ``...self_attn.o_proj``, ``...mlp.gate_up`` (fused), ``...mlp.down_proj``, and ``lm_head``.
+        ``head_rows``: what ``head_rows`` reads instead of a float head."""
+        self._plans = None
+        for i, layer in enumerate(self.model.layers):
+            a, m, p = layer.self_attn, layer.mlp, f"model.layers.{i}"
+            a._qkv, a.o_proj.kernel = kernels[f"{p}.self_attn.qkv"], kernels[f"{p}.self_attn.o_proj"]
+            m._gate_up, m.down_proj.kernel = kernels[f"{p}.mlp.gate_up"], kernels[f"{p}.mlp.down_proj"]
+            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                lin.kernel = None
+            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                lin.weight = None  # type: ignore[assignment]
+        self.lm_head.kernel = kernels["lm_head"]
+        self.lm_head.weight = None  # type: ignore[assignment]
+        self._head_rows = head_rows
+        self._format = mixed_format(k.format for k in self.kernels())
 
     def prepack(self) -> bool:
         """Pre-pack every linear layer for oneDNN (fp32 CPU only); returns whether it did."""
-        w = self.lm_head.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        if self.device.type != "cpu" or self.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return False
         self.set_weights("fp32")
         return True
@@ -641,7 +688,7 @@ class LlamaModel(nn.Module):
             m.set_weights(fmt, [src(f"{p}.mlp.{n}.weight", getattr(m, n)) for n in ("gate_proj", "up_proj",
                                                                                      "down_proj")])
         self.lm_head.kernel = make_kernel(fmt, src("lm_head.weight", self.lm_head))
-        self._format = "+".join(sorted({k.format for k in self.kernels()}, key=lambda f: -FORMATS.index(f)))
+        self._format = mixed_format(k.format for k in self.kernels())
         if not keep_float:
             for layer in self.model.layers:
                 for lin in (*layer.self_attn.children(), *layer.mlp.children()):
@@ -652,7 +699,7 @@ class LlamaModel(nn.Module):
     def weight_format(self) -> str:
         """fp32, bf16, int8 or int4 (what set_weights chose; "int4+int8" for a mix, as a GGUF that
         keeps its LM head in 8 bits runs natively), or the float dtype of plain weights."""
-        return self._format or str(self.lm_head.weight.dtype).replace("torch.", "").replace("float32", "fp32")
+        return self._format or str(self.dtype).replace("torch.", "").replace("float32", "fp32")
 
     def kernels(self) -> list[LinearKernel]:
         """Every kernel a decoding step runs (fused ones count once)."""
@@ -671,8 +718,7 @@ class LlamaModel(nn.Module):
         kernels = self.kernels()
         if kernels:
             return sum(k.nbytes for k in kernels)
-        w = self.lm_head.weight
-        per = w.element_size()
+        per = self.lm_head.weight.element_size()
         return sum(lin.weight.numel() * per for lin in self.modules() if isinstance(lin, Linear))
 
     def layer_plans(self) -> list[group_kernel.LayerPlan | None]:
@@ -711,25 +757,24 @@ class LlamaModel(nn.Module):
         result) the cache stays fp32."""
         if self._format is not None and self._format != "fp32":
             if (group_kernel.serves_attention(self.cfg.head_dim) and not self.cfg.attn_softcap
-                    and self.lm_head.weight.device.type == "cpu"):
-                return self.lm_head.weight.dtype
+                    and self.device.type == "cpu"):
+                return self.dtype
             return torch.float64
-        return self.lm_head.weight.dtype
+        return self.dtype
 
     @property
     def ragged_attention(self) -> bool:
         """Whether joey's C attention serves every attention call of a step (an fp32 cache on a CPU
         that runs the kernel, no soft-cap): one call then covers the rows of a ragged batch whatever
         their lengths, each scanning only its own slots (``Packing.row_ends``)."""
-        w = self.lm_head.weight
-        return (w.device.type == "cpu" and w.dtype == torch.float32 and self.cache_dtype == torch.float32
+        return (self.device.type == "cpu" and self.dtype == torch.float32 and self.cache_dtype == torch.float32
                 and not self.cfg.attn_softcap and group_kernel.serves_attention(self.cfg.head_dim))
 
     def new_cache(self, batch: int, max_len: int, layers: int | None = None) -> KVCache:
         """An empty KV cache for ``layers`` (default: all) layers."""
         return KVCache(
             self.cfg.num_layers if layers is None else layers, batch, self.cfg.num_kv_heads, max_len,
-            self.cfg.head_dim, dtype=self.cache_dtype, device=self.lm_head.weight.device,
+            self.cfg.head_dim, dtype=self.cache_dtype, device=self.device,
         )
 
     def rope(self, positions: torch.Tensor, rope: RopeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -743,7 +788,7 @@ class LlamaModel(nn.Module):
         if table is None or table[0].device != positions.device:
             table = self._rope[rope] = rope_tables(self.cfg, need, positions.device, rope)
         cos, sin = table
-        dtype = self.lm_head.weight.dtype
+        dtype = self.dtype
         flat = positions.reshape(-1)
         return cos[flat].unsqueeze(1).to(dtype), sin[flat].unsqueeze(1).to(dtype)
 
@@ -908,6 +953,17 @@ class LlamaModel(nn.Module):
 
 
 def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Parameters of a module, counting the weights of linears that keep only a kernel (a GGUF read
+    in place) and an embedding kept in blocks by their shapes; shared (tied) tensors count once."""
+    from joey.models.gguf_file import BlockEmbedding
+
+    count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    tied = isinstance(model, LlamaModel) and model.cfg.tie_word_embeddings
+    for m in model.modules():
+        if isinstance(m, Linear) and m.weight is None and not (tied and m is model.lm_head):
+            count += m.in_features * m.out_features
+        elif isinstance(m, BlockEmbedding) and not (tied and model.lm_head.weight is not None):
+            count += m.rows.shape[0] * m.rows.shape[1]  # (a tied float head already counted it)
+    return count
 
 

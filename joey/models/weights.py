@@ -11,6 +11,7 @@ import torch
 
 from joey.errors import InvalidArgumentError, ModelFormatError
 from joey.models.llama import LlamaModel, ModelConfig, RMSNorm
+from joey.models.registry import ModelSource
 from joey.models.weight_formats import FORMATS, QuantizedWeight, low_bit_kernels_key
 
 
@@ -31,9 +32,7 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from joey.models.gguf_blocks import NATIVE_FILE
-
-    files = sorted(f for f in folder.glob("*.safetensors") if f.name != NATIVE_FILE)
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelFormatError(f"{folder}: no .safetensors weights found")
     state: dict[str, torch.Tensor] = {}
@@ -116,16 +115,30 @@ def load_tokenizer(folder: Path):
 WEIGHT_CHOICES = ("auto", *FORMATS)
 
 
+def load_source(source: ModelSource, device: torch.device, dtype: torch.dtype, weights: str | None,
+                progress: bool = True) -> LlamaModel:
+    """The model of a resolved source: a GGUF read in place (joey.models.gguf_load) or a folder's
+    float weights, its linears in format ``weights`` (None: plain float linears)."""
+    if weights is not None and weights not in WEIGHT_CHOICES:
+        raise InvalidArgumentError(f"unknown weight format '{weights}'; choose from {', '.join(WEIGHT_CHOICES)}")
+    if source.in_place:
+        from joey.models.gguf_load import load_gguf
+
+        return load_gguf(source, device, dtype, weights, progress)
+    model = load_model(source.folder, device, dtype)
+    if weights is not None:
+        set_format(model, source.folder, weights, progress)
+    return model
+
+
 def set_format(model: LlamaModel, folder: Path, weights: str, progress: bool = True) -> str:
-    """``apply_weights`` for a model loaded from ``folder``: its GGUF blocks (if it is a converted
-    GGUF), its config's dtype, and a cache key naming the model."""
+    """``apply_weights`` for a model loaded from ``folder``'s float weights: its config's dtype,
+    and a cache key naming the model."""
     from joey.models.draft_files import model_cache_key
-    from joey.models.gguf_blocks import NATIVE_FILE, load_native
     from joey.models.registry import cache_dir
 
     _, hf = read_config(folder)
-    native = load_native(folder / NATIVE_FILE) if weights in ("auto", "int8", "int4") else {}
-    return apply_weights(model, weights, native, hf.get("torch_dtype") or hf.get("dtype"), model_cache_key(model),
+    return apply_weights(model, weights, {}, hf.get("torch_dtype") or hf.get("dtype"), model_cache_key(model),
                          cache_dir(), progress)
 
 
@@ -155,7 +168,7 @@ def apply_weights(
     keep their dtype."""
     if weights not in WEIGHT_CHOICES:
         raise InvalidArgumentError(f"unknown weight format '{weights}'; choose from {', '.join(WEIGHT_CHOICES)}")
-    dev = model.lm_head.weight.device
+    dev = model.device
     if dev.type != "cpu":
         if weights in ("int8", "int4"):
             raise InvalidArgumentError(
@@ -163,7 +176,7 @@ def apply_weights(
         return model.weight_format
     if weights == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise InvalidArgumentError("bf16 weights need a CPU with AVX-512 BF16 or AMX; this one has neither")
-    dtype = model.lm_head.weight.dtype
+    dtype = model.dtype
     if weights == "auto" and dtype != torch.float32:  # the user chose a float dtype: keep it
         if dtype != torch.bfloat16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return model.weight_format  # plain torch linears

@@ -212,7 +212,7 @@ def split_data(
 ) -> Split:
     """A seeded held-out split (sequences whose prompt has at least 2 tokens) and the draft vocabulary
     (``vocab`` when given: that of a drafter whose training continues)."""
-    dev = model.lm_head.weight.device
+    dev = model.device
     order = [i for i in range(len(seqs)) if seqs[i].prompt_len >= 2]
     random.Random(seed).shuffle(order)
     n_hold = max(1, int(len(order) * holdout))
@@ -223,7 +223,7 @@ def split_data(
         f"{len(held)}; draft vocabulary {len(vocab)} tokens covers {coverage:.1%} of answer tokens")
     local = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=dev)
     local[vocab.to(dev)] = torch.arange(len(vocab), device=dev)
-    head = model.lm_head.weight.detach()[vocab.to(dev)].float().contiguous()
+    head = model.head_rows(vocab).float().contiguous()
     return Split(train, held, vocab, local, head)
 
 
@@ -237,7 +237,7 @@ def train_adapter(
 ) -> tuple[KangarooAdapter, Evaluation | None]:
     """Train (resuming from ``out_dir/checkpoint.pt`` when its settings match); returns the adapter
     and its held-out evaluation (None on ranks other than 0 under a launcher)."""
-    dev = model.lm_head.weight.device
+    dev = model.device
     data = split_data(model, seqs, s.holdout, s.draft_vocab, s.seed, log)
     torch.manual_seed(s.seed)
     adapter = KangarooAdapter.initialized_from(model, s.exit_layer, data.vocab, s.mlp).float().train()

@@ -66,7 +66,7 @@ def answer_batch(
     model: LlamaModel, prompts: Sequence[list[int]], eos_ids: frozenset[int], s: DistillSettings
 ) -> list[dict]:
     """Greedy answers for a batch of tokenized prompts, with hidden states and top-k soft labels."""
-    dev = model.lm_head.weight.device
+    dev = model.device
     b = len(prompts)
     lengths = [len(p) for p in prompts]
     t = max(lengths)

@@ -155,7 +155,7 @@ def train_head(
 ) -> tuple[JakiroHead, HeadEvaluation | None]:
     """Train (resuming from ``out_dir/checkpoint.pt`` when its settings match); returns the head and
     its held-out evaluation (None on ranks other than 0 under a launcher)."""
-    dev = model.lm_head.weight.device
+    dev = model.device
     start = load_head(s.init, model) if s.init else None  # fine-tuning: more data for a trained head
     data = split_data(model, seqs, s.holdout, s.draft_vocab, s.seed, log, None if start is None else start.vocab)
     torch.manual_seed(s.seed)
@@ -209,7 +209,7 @@ def evaluate_head(
     """Teacher-forced top-1 agreement on ``held`` (from ``split_data``: prompts of 2+ tokens), and τ
     simulated with the real drafter."""
     dev = head.fc.weight.device
-    head_w = model.lm_head.weight.detach()[head.vocab].float()
+    head_w = model.head_rows(head.vocab).float()
     agree = agree_after = total = total_after = 0
     for i in range(0, len(held), 16):
         chunk = held[i : i + 16]
