@@ -53,9 +53,7 @@ def joey_runner(eng: joey.Engine, method: str = "ar") -> Runner:
 def hf_runner(eng: joey.Engine) -> Runner:
     from transformers import GenerationConfig
 
-    from joey.bench.runners import transformers_model
-
-    model = transformers_model(eng.source, torch.float32).eval()
+    model = eng.source.transformers_model(dtype=torch.float32).eval()
 
     def run(prompt: str, ids: list[int], n: int) -> tuple[list[int], float]:
         # An explicit config: no EOS (so exactly n tokens), no sampling settings inherited from the folder.

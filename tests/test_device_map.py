@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import joey
+from joey.models.registry import ModelSource
 from joey.training.distill import FEATURE, DistillSettings, answer_batch
 from joey.training.hf_target import answer_batch_hf, load_hf_target
 
@@ -24,7 +25,7 @@ def folder(tmp_path_factory, default_source) -> Path:
 def test_device_mapped_target_answers_as_joey_does(folder):
     engine = joey.load(str(folder), device="cpu", prepack=False, progress=False, adapter=False, head=False,
                        weights="fp32")
-    hf = load_hf_target(folder, "auto")
+    hf = load_hf_target(ModelSource("tiny", folder), "auto")
     # prompts of different lengths (padding on both sides) and an early end-of-sequence for one row
     prompts = [engine.encode(f"Tell me about the number {i}." + " Please." * i) for i in range(3)]
     s = DistillSettings(exit_layers=(1, 2), max_new_tokens=8, top_k=8, features=True)
@@ -66,7 +67,7 @@ def test_hidden_state_indices_match_joeys_layers_in_float32(folder):
     the final norm (joey's feature), to float32 tolerance."""
     engine = joey.load(str(folder), device="cpu", prepack=False, progress=False, adapter=False, head=False,
                        weights="fp32")
-    model, hf = engine.model, load_hf_target(folder, "auto")
+    model, hf = engine.model, load_hf_target(ModelSource("tiny", folder), "auto")
     ids = torch.tensor([engine.encode("Count to three.")])
     t = ids.shape[1]
     out = hf(input_ids=ids, output_hidden_states=True)

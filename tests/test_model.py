@@ -15,6 +15,12 @@ def _hf(folder):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="module")
+def default_hf(default_source):
+    """transformers' model of the default GGUF (its own dequantization; joey keeps no float copy)."""
+    return default_source.transformers_model(dtype=torch.float32).eval()
+
+
 def _prefill(model, ids):
     cache = model.new_cache(1, 256)
     x = torch.tensor([ids])
@@ -36,8 +42,8 @@ def test_tiny_logits_match_transformers(tiny_folder, prepack):
     assert (ref - ours).abs().max().item() < 1e-3
 
 
-def test_default_logits_match_transformers(default_engine, default_source):
-    hf = _hf(default_source.folder)
+def test_default_logits_match_transformers(default_engine, default_hf):
+    hf = default_hf
     ids = default_engine.encode("Explain what a KV cache is in one sentence.")
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits
@@ -45,8 +51,8 @@ def test_default_logits_match_transformers(default_engine, default_source):
     assert (ref - ours).abs().max().item() < 1e-3
 
 
-def test_default_greedy_matches_transformers_generate(default_engine, default_source):
-    hf = _hf(default_source.folder)
+def test_default_greedy_matches_transformers_generate(default_engine, default_hf):
+    hf = default_hf
     for prompt in ["Write a haiku about the sea.", "List three uses of copper."]:
         ids = default_engine.encode(prompt)
         with torch.inference_mode():

@@ -21,7 +21,6 @@ import torch
 from joey.config import SamplingParams, SpecConfig
 from joey.engine import METHODS, Engine, Message
 from joey.errors import InvalidArgumentError, MissingDependencyError
-from joey.models.registry import ModelSource
 
 EXTERNAL = ("hf", "hf-pld", "llamacpp")
 
@@ -126,7 +125,7 @@ class HFRunner:
         self.engine = engine
         self.name = "hf" if prompt_lookup is None else "hf-pld"
         self.prompt_lookup = prompt_lookup
-        self.model = transformers_model(engine.source, engine.dtype)
+        self.model = engine.source.transformers_model(dtype=engine.dtype)
         self.model.to(engine.device).eval()
         self.eos = sorted(engine.eos_ids)
 
@@ -206,12 +205,3 @@ class LlamaCppRunner:
             accept_lengths=(1,) * steps,
         )
 
-
-def transformers_model(source: ModelSource, dtype: torch.dtype):
-    """transformers' model of a source: its float folder, or the GGUF dequantized by transformers
-    (joey keeps no float copy of a GGUF it reads in place)."""
-    from transformers import AutoModelForCausalLM
-
-    if source.in_place and source.gguf is not None:
-        return AutoModelForCausalLM.from_pretrained(str(source.gguf.parent), gguf_file=source.gguf.name, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=dtype)

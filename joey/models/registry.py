@@ -91,6 +91,16 @@ class ModelSource:
         """Whether the weights are read from the GGUF itself (no float copy in the folder)."""
         return self.gguf is not None and not (self.folder / _WEIGHTS).exists()
 
+    def transformers_model(self, **kwargs):
+        """transformers' own model of this source (the baselines, the reference tests, distillation
+        on accelerate): its float folder, or the GGUF dequantized by transformers, since joey keeps
+        no float copy of a GGUF it reads in place. ``kwargs`` go to ``from_pretrained``."""
+        from transformers import AutoModelForCausalLM
+
+        if self.in_place and self.gguf is not None:
+            return AutoModelForCausalLM.from_pretrained(str(self.gguf.parent), gguf_file=self.gguf.name, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(str(self.folder), **kwargs)
+
 
 def cache_dir() -> Path:
     """The root of joey's cache (``JOEY_CACHE``, else the user's cache dir)."""

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
+from joey.models.registry import ModelSource
 from joey.training.distill import FEATURE, DistillSettings, shard_row
 
 
-def load_hf_target(folder: str | Path, device_map: str):
+def load_hf_target(source: ModelSource, device_map: str):
     """The float target, frozen, its layers placed by accelerate's ``device_map``."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, dtype=torch.float32)
+    model = source.transformers_model(device_map=device_map, dtype=torch.float32)
     return model.eval().requires_grad_(False)
 
 

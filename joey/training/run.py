@@ -88,7 +88,7 @@ def train_from_prompts(
     if device_map is not None:
         from joey.training.hf_target import answer_batch_hf, load_hf_target
 
-        target, answer = load_hf_target(engine.source.folder, device_map), answer_batch_hf
+        target, answer = load_hf_target(engine.source, device_map), answer_batch_hf
     shards = collect(target, engine.encode, prompts, engine.eos_ids, out / "data", distill, progress, budget, answer)
     del target  # the device-mapped copy is only for answering
     if not shards:
