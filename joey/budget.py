@@ -33,6 +33,7 @@ CONTEXT = 128  # cached tokens before the measured forward: a typical mid-genera
 T = TypeVar("T")
 SLACK = 0.3  # a tree may cost up to 30 % more to verify than one token ("nearly free")
 PROBE_EVERY = 16  # steps without drafting before drafting is tried again
+PROBE_DEPTH = 2  # draft depth of a probe after steps without drafting
 
 
 def cpu_name() -> str:
@@ -175,15 +176,18 @@ def best_depth(
     max_depth: int,
     nodes_at: Sequence[int],
     draft_ms_per_depth: float,
+    catch_up_ms: float = 0.0,
 ) -> int:
     """The draft depth (0 = no draft) with the most expected tokens per millisecond.
 
     ``nodes_at[d]``: draft tokens in a tree of depth d (d for a chain); a step drafted d deep costs
-    d draft forwards plus verifying ``1 + nodes_at[d]`` tokens; no draft costs one plain step.
+    d draft forwards plus verifying ``1 + nodes_at[d]`` tokens, plus ``catch_up_ms`` whatever its
+    depth (a drafter with its own cache first reads the tokens committed while it did not draft);
+    no draft costs one plain step.
     """
     best, best_rate = 0, 1.0 / curve.cost(1)
     for d in range(1, max_depth + 1):
-        step_ms = d * draft_ms_per_depth + curve.cost(1 + nodes_at[d])
+        step_ms = catch_up_ms + d * draft_ms_per_depth + curve.cost(1 + nodes_at[d])
         rate = expected_tokens(drafted, accepted, d) / step_ms
         if rate > best_rate:
             best, best_rate = d, rate

@@ -34,7 +34,7 @@ from joey.batching import (
     rows_pay_off,
     step_mask,
 )
-from joey.budget import PROBE_EVERY, CostCurve, StepScale, batch_depths, best_depth
+from joey.budget import PROBE_DEPTH, PROBE_EVERY, CostCurve, StepScale, batch_depths, best_depth
 from joey.config import METHODS, Generation, GenerationStats, SamplingParams, SpecConfig, TreeShape
 from joey.detokenize import IncrementalText
 from joey.drafters import Drafter, Proposal
@@ -122,6 +122,8 @@ class _Row:
         self.accepted: list[int] = []  # ... and steps whose accepted path reached it
         self.draft_tokens = 0
         self.draft_ms: float | None = None  # running estimate of one draft depth's cost
+        self.behind = 0  # tokens committed since the drafter last drafted: its next draft reads them first
+        self.catch_up_ms: float | None = None  # running estimate of reading one such token
         # pseudo-counts per depth, from the rows before this one (ContinuousBatch._prior): what the
         # budget assumes about drafting for this request until its own steps say otherwise
         self.prior_drafted: list[float] = []
@@ -208,6 +210,7 @@ class ContinuousBatch:
         self.drafted: list[int] = []
         self.accepted: list[int] = []
         self.draft_ms: float | None = None
+        self.catch_up_ms: float | None = None
         self._cancelled: set[Hashable] = set()
         self._started = False
         self._keys = itertools.count()
@@ -393,6 +396,8 @@ class ContinuousBatch:
                 continue
             counts.append(1 + verdict.accepted)  # pending + accepted drafts now have K/V
             paths.append(verdict.path)
+            if not len(prop):
+                row.behind += len(tokens)
             if row.finish_reason is None:
                 row.pending = verdict.bonus
                 still.append(i)
@@ -424,8 +429,13 @@ class ContinuousBatch:
         if row.idle >= row.probe_every:  # probes that keep failing come less and less often
             row.idle = 0
             row.probe_every = min(8 * PROBE_EVERY, 2 * row.probe_every)
-            return spec.max_draft, True
-        depth = best_depth(self.curve, *evidence, spec.max_draft, self.nodes_at, draft_ms)
+            # shallow: a probe asks whether drafting pays again, and a deeper level is only tried once
+            # the first ones are accepted (a full-depth probe of a 0.5B draft model cost ~3x a target
+            # step and mostly failed where drafting did not pay)
+            return min(spec.max_draft, PROBE_DEPTH), True
+        catch_up = row.catch_up_ms if row.catch_up_ms is not None else self.catch_up_ms
+        depth = best_depth(self.curve, *evidence, spec.max_draft, self.nodes_at, draft_ms,
+                           row.behind * (catch_up or 0.0))
         row.idle = row.idle + 1 if depth == 0 else 0
         if depth:
             row.probe_every = PROBE_EVERY
@@ -459,11 +469,25 @@ class ContinuousBatch:
         deepest = [max(depths_of(p.parents)) if len(p) else 0 for p in props]
         # a row with no drafted step yet (empty per-depth counts) is making its first draft
         steady = all(row.drafted for row, d in zip(rows, deepest) if d and getattr(row.drafter, "catches_up", True))
+        drafting = [(row, d) for row, d in zip(rows, deepest) if d]
+        if steady and len(drafting) == 1 and drafting[0][0].behind > 1 and drafting[0][0].draft_ms is not None:
+            # one row resuming after undrafted steps: what its draft cost beyond its depths was the
+            # catch-up, priced per token apart from the depths (before, it was averaged into the
+            # per-depth cost, and a draft model that had skipped 30 tokens then looked too dear to
+            # draft again: Qwen2.5-Coder-0.5B drafting for the 1.5B)
+            row, d = drafting[0]
+            per_token = max(0.0, ms - d * row.draft_ms) / row.behind
+            row.catch_up_ms = _average(row.catch_up_ms, per_token)
+            self.catch_up_ms = _average(self.catch_up_ms, per_token)
+        else:
+            for row, d in drafting:
+                if steady:
+                    per_depth = ms / max(deepest) if together else ms / len(rows) / d
+                    row.draft_ms = _average(row.draft_ms, per_depth)
+                    self.draft_ms = _average(self.draft_ms, per_depth)
         for row, d in zip(rows, deepest):
-            if d and steady:
-                per_depth = ms / max(deepest) if together else ms / len(rows) / d
-                row.draft_ms = _average(row.draft_ms, per_depth)
-                self.draft_ms = _average(self.draft_ms, per_depth)
+            if d or not getattr(row.drafter, "catches_up", True):
+                row.behind = 0
         return props
 
     def _judge(self, logits: torch.Tensor, prop: Proposal, row: _Row) -> Verdict:

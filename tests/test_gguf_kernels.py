@@ -61,9 +61,9 @@ def _x(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [48, 40])  # 40: not a whole number of 16-output tiles
-@pytest.mark.parametrize("type_name", TYPES)
-def test_blocks_compute_int8_activations_times_the_reference_weights(type_name, rows):
-    cols = 512
+@pytest.mark.parametrize(("type_name", "cols"), [(t, 512) for t in TYPES] + [
+    (t, 896) for t in TYPES if not t.endswith("_K")])  # 896: Qwen2.5-0.5B's hidden size (no K-quant super-blocks)
+def test_blocks_compute_int8_activations_times_the_reference_weights(type_name, cols, rows):
     raw = _blocks(type_name, rows, cols, seed=1)
     w = _dequantized(type_name, raw, rows, cols)
     bias = torch.randn(rows, generator=torch.Generator().manual_seed(2))

@@ -98,6 +98,30 @@ def test_sps_greedy_equals_ar(tiny_engine, sps_engines):
         assert [g.token_ids for g in batch] == ar
 
 
+def test_sps_draft_reads_only_the_end_of_a_long_prompt(tiny_engine, sps_engines, monkeypatch):
+    """The draft model reads the last PROMPT_WINDOW prompt tokens (its prefill is paid whether
+    drafting pays or not); the output stays AR's."""
+    from joey.drafters import draft_model
+
+    monkeypatch.setattr(draft_model, "PROMPT_WINDOW", 16)
+    long = " ".join(f"item {i} is {i * 7 % 10};" for i in range(40)) + " item 3 is"
+    ar = tiny_engine.generate(long, max_new_tokens=20, ignore_eos=True).token_ids
+    seen = []
+    original = draft_model.DraftModelDrafter._steps
+
+    def spy(self, context, max_tokens, max_nodes):
+        out = yield from original(self, context, max_tokens, max_nodes)
+        seen.append((len(context), self.start, self.cache.lengths[0]))
+        return out
+
+    monkeypatch.setattr(draft_model.DraftModelDrafter, "_steps", spy)
+    for eng in sps_engines:
+        assert eng.generate(long, max_new_tokens=20, ignore_eos=True, method="sps", adaptive=False).token_ids == ar
+    n0, start, _ = seen[0]  # the first draft: the whole prompt was there, the window kept its end
+    assert start == n0 - 16
+    assert max(length for _, _, length in seen) <= 16 + 20 + 8
+
+
 def test_sps_with_the_target_as_draft_accepts_everything(sps_engines):
     """The all-accepted path: every draft token is accepted and the bonus comes on top."""
     _, perfect = sps_engines

@@ -170,6 +170,9 @@ def test_best_depth_drafts_when_it_pays_and_falls_back_when_it_cannot():
     assert best_depth(CURVE, [50] * 6, [49] * 6, 6, nodes_at, 0.5) >= 4
     # never accepted and drafting is expensive: no draft at all
     assert best_depth(CURVE, [50] * 6, [0] * 6, 6, nodes_at, 5.0) == 0
+    # half accepted at a cheap depth pays, until the drafter must first catch up on many tokens
+    assert best_depth(CURVE, [50] * 6, [25] * 6, 6, nodes_at, 2.0) >= 1
+    assert best_depth(CURVE, [50] * 6, [25] * 6, 6, nodes_at, 2.0, catch_up_ms=20.0) == 0
     # the prior alone (no data) gives 1.5 tokens at depth 1, and each level beyond halves
     assert expected_tokens([], [], 1) == pytest.approx(1.5)
     assert expected_tokens([], [], 3) == pytest.approx(1.875)
