@@ -795,6 +795,8 @@ class LlamaModel(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] → hidden [B, T, hidden]."""
         x = self.model.embed_tokens(tokens)
+        if x.dtype != self.dtype:  # a table kept in a GGUF's blocks gives fp32 rows
+            x = x.to(self.dtype)
         if self.cfg.embed_scale != 1.0:
             # the scale rounded to the embedding's dtype first, as the reference implementation does
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
