@@ -396,8 +396,8 @@ class ContinuousBatch:
                 continue
             counts.append(1 + verdict.accepted)  # pending + accepted drafts now have K/V
             paths.append(verdict.path)
-            if not len(prop):
-                row.behind += len(tokens)
+            if not len(prop) and row.drafter is not None and getattr(row.drafter, "catches_up", True):
+                row.behind += len(tokens)  # a drafter with its own cache reads these at its next draft
             if row.finish_reason is None:
                 row.pending = verdict.bonus
                 still.append(i)
@@ -486,7 +486,7 @@ class ContinuousBatch:
                     row.draft_ms = _average(row.draft_ms, per_depth)
                     self.draft_ms = _average(self.draft_ms, per_depth)
         for row, d in zip(rows, deepest):
-            if d or not getattr(row.drafter, "catches_up", True):
+            if d:
                 row.behind = 0
         return props
 

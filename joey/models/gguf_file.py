@@ -173,10 +173,7 @@ class GGUFFile:
     def float_tensor(self, gguf_name: str) -> torch.Tensor:
         """A tensor as fp32 in Hugging Face's convention (rows reordered, Gemma's norms stored as
         1 + w made w, both as transformers' converter does)."""
-        t = self.tensors[gguf_name]
-        w = self.floats(t, self.row_order(gguf_name))
-        if t.rows == 1 and w.dim() == 2:
-            w = w[0]
+        w = self.floats(self.tensors[gguf_name], self.row_order(gguf_name))
         if self.arch.startswith("gemma") and gguf_name.endswith("norm.weight"):
             w = torch.from_numpy(w.numpy() - np.float32(1))  # numpy's subtraction, as the converter's
         return w

@@ -36,6 +36,11 @@ _MAGIC = b"JOEYKRN1"
 _ALIGN = 64
 
 
+def _aligned(n: int) -> int:
+    """``n`` rounded up to the layout file's alignment."""
+    return -(-n // _ALIGN) * _ALIGN
+
+
 def load_gguf(source: ModelSource, device: torch.device, dtype: torch.dtype, weights: str | None,
               progress: bool = True) -> LlamaModel:
     """The model of ``source`` (a GGUF read in place) on ``device`` in ``dtype``; ``weights``: the
@@ -188,9 +193,9 @@ def write_kernels(path: Path, kernels: dict[str, LinearKernel]) -> None:
     table, offset = {}, 0
     for key, t in arrays:
         table[key] = [str(t.dtype).removeprefix("torch."), list(t.shape), offset]
-        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        offset += _aligned(t.numel() * t.element_size())
     header = json.dumps({"kernels": metas, "arrays": table}).encode()
-    start = -(-(len(_MAGIC) + 8 + len(header)) // _ALIGN) * _ALIGN
+    start = _aligned(len(_MAGIC) + 8 + len(header))
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     digest = hashlib.sha256()
     try:
@@ -204,7 +209,7 @@ def write_kernels(path: Path, kernels: dict[str, LinearKernel]) -> None:
             for key, t in arrays:
                 data = t.view(torch.uint8).numpy().data if t.numel() else b""
                 put(data)
-                put(b"\0" * (start + table[key][2] + -(-len(data) // _ALIGN) * _ALIGN - f.tell()))
+                put(b"\0" * (start + table[key][2] + _aligned(len(data)) - f.tell()))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -236,7 +241,7 @@ def read_kernels(path: Path) -> dict[str, LinearKernel] | None:
         if buf[: len(_MAGIC)] != _MAGIC:
             return None
         head = json.loads(buf[len(_MAGIC) + 8: len(_MAGIC) + 8 + n])
-        start = -(-(len(_MAGIC) + 8 + n) // _ALIGN) * _ALIGN
+        start = _aligned(len(_MAGIC) + 8 + n)
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, (dtype, shape, offset) in head["arrays"].items():
             name, _, part = key.rpartition("/")

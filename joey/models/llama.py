@@ -627,7 +627,7 @@ class LlamaModel(nn.Module):
         drafters slice for their draft vocabularies. Read from the stored blocks where the model keeps
         no float copy of the head."""
         w = self.lm_head.weight
-        if w is not None and w.device.type != "meta":
+        if w is not None:
             return w.detach()[index.to(w.device)]
         if self._head_rows is None:
             raise RuntimeError("this model keeps neither a float LM head nor its blocks")
