@@ -440,7 +440,8 @@ def _train_drafter_parser(sub: Any) -> None:
                    help="of which summarization / passage-QA / translation prompts derived from the files' answers")
     p.add_argument("--distill-minutes", type=float, default=None,
                    help="stop answering after this long and train on what exists (run again to continue)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of the target's answers")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="length of the target's answers (--answers data: cut there)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts answered at once")
     p.add_argument("--draft-vocab", type=int, default=t.draft_vocab, help="tokens in the draft's LM head")
     p.add_argument("--batch-tokens", type=int, default=t.batch_tokens,
@@ -457,8 +458,16 @@ def _train_drafter_parser(sub: Any) -> None:
                    help="continue from this head file (e.g. the shipped one, joey/heads/...): fine-tune it on "
                         "this run's data, keeping its draft vocabulary, experts and width")
     p.add_argument("--distill-weights", default="fp32", choices=list(WEIGHT_CHOICES),
-                   help="weights the target answers with (default fp32; auto = those joey decodes with, so "
-                        "the head learns that target's features; faster with joey's low-bit kernel)")
+                   help="weights the target distills with (default fp32; auto = those joey decodes with, so "
+                        "the head learns that target's features, fast where joey's low-bit kernel runs; bf16 = "
+                        "the same weights in plain bf16 products, fastest on CPUs with AMX)")
+    p.add_argument("--answers", choices=["target", "data"], default="target",
+                   help="target: the target answers the prompts (self-distillation, token by token); data: "
+                        "it reads the files' own answers (teacher forcing, one prefill per batch, much faster)")
+    p.add_argument("--distill-batch-tokens", type=int, default=4096,
+                   help="with --answers data: padded positions per distillation forward (default 4096)")
+    p.add_argument("--distill-only", action="store_true",
+                   help="stop after distilling (run again without it to train on every data folder in --out)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -474,10 +483,14 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--intermediate must be 0 (the target's width) or positive")
     if args.distill_minutes is not None and args.distill_minutes <= 0:
         raise InvalidArgumentError("--distill-minutes must be positive")
+    if args.distill_batch_tokens < 1:
+        raise InvalidArgumentError("--distill-batch-tokens must be at least 1")
     train_from_prompts(
         args.model, args.prompts, args.out, num_prompts=args.num_prompts, derived=args.derived,
+        answers=args.answers, distill_only=args.distill_only,
         distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                weights=args.distill_weights),
+                                weights=args.distill_weights,
+                                batch_tokens=args.distill_batch_tokens if args.answers == "data" else 0),
         train=HeadTrainSettings(draft_vocab=args.draft_vocab, experts=args.experts, intermediate=args.intermediate,
                                 epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr, bf16=args.bf16,
                                 seed=args.seed, init=args.init),

@@ -291,17 +291,17 @@ def test_train_drafter_continues_from_a_head_with_the_chosen_answering_weights(t
 
 
 def test_distillation_time_budget_stops_between_shards(tmp_path, tiny_folder):
-    from joey.training.distill import DistillSettings, collect
+    from joey.training.distill import DistillSettings, collect, prompt_items
     from joey.training.prompts import read_prompts
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Count to {i}."}) for i in range(8)))
     eng = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, adapter=False)
     s = DistillSettings(exit_layers=(), features=True, max_new_tokens=4, batch_size=2)
-    texts = read_prompts([prompts])
-    first = collect(eng.model, eng.encode, texts, eng.eos_ids, tmp_path / "d", s, False, time_budget=0.0)
+    texts = prompt_items(eng.encode, read_prompts([prompts]), s.max_prompt_tokens)
+    first = collect(eng.model, texts, eng.eos_ids, tmp_path / "d", s, False, time_budget=0.0)
     assert len(first) == 1  # the first shard runs, then the spent budget stops the rest
-    rest = collect(eng.model, eng.encode, texts, eng.eos_ids, tmp_path / "d", s, False)
+    rest = collect(eng.model, texts, eng.eos_ids, tmp_path / "d", s, False)
     assert len(rest) == 4 and rest[0] == first[0]
 
 

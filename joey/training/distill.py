@@ -35,6 +35,7 @@ class DistillSettings:
     max_new_tokens: int = 128
     max_prompt_tokens: int = 512  # longer prompts are skipped
     batch_size: int = 32
+    batch_tokens: int = 0  # with fixed answers: at most this many padded positions per forward (0: no limit)
     top_k: int = 16  # soft labels: the target's top-k probabilities at each answer position
     features: bool = False  # also keep the final-norm feature of every position (key "feature")
     weights: str = "fp32"  # the target's weight format while answering (joey.load's ``weights``)
@@ -43,11 +44,13 @@ class DistillSettings:
 FEATURE = "feature"  # key of the final-norm features among the kept states
 
 
-def _run(
+def run_kept(
     model: LlamaModel, x: torch.Tensor, positions, cache, slots, kv_len, mask, s: DistillSettings
 ) -> tuple[dict, torch.Tensor]:
     """All layers, keeping the hidden states after each exit layer (and the final-norm feature when
-    ``s.features``); returns ({layer or FEATURE: [B,T,h] fp16}, logits)."""
+    ``s.features``); returns ({layer or FEATURE: [B,T,h] fp16}, final-norm features [B,T,h]). The LM
+    head is the caller's to run where it needs logits: over a whole prefill of a 152 k vocabulary it
+    would cost gigabytes."""
     kept = {}
     prev = 0
     for end in [*s.exit_layers, model.cfg.num_layers]:
@@ -58,7 +61,23 @@ def _run(
     feature = model.model.norm(x)
     if s.features:
         kept[FEATURE] = feature.to(torch.float16)
-    return kept, model.head(feature)
+    return kept, feature
+
+
+def top_k_labels(
+    model: LlamaModel, features: torch.Tensor, k: int, chunk: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's top-k next-token probabilities for final-norm ``features`` [N, h] → (ids int32,
+    p fp16), each [N, k]. In chunks of rows: the whole vocabulary's probabilities are never held."""
+    ids, probs = [], []
+    for part in features.split(chunk):
+        logits = model.head(part)  # fp32 [chunk, vocab]
+        top, at = logits.topk(k, dim=-1)
+        probs.append((top - logits.logsumexp(-1, keepdim=True)).exp().to(torch.float16))
+        ids.append(at.to(torch.int32))
+    if not ids:
+        return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k, dtype=torch.float16)
+    return torch.cat(ids), torch.cat(probs)
 
 
 @torch.inference_mode()
@@ -75,7 +94,7 @@ def answer_batch(
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
     positions = torch.arange(t, device=dev).expand(b, t)
-    kept, logits = _run(model, model.embed(tokens), positions, cache, 0, t, None, s)
+    kept, feature = run_kept(model, model.embed(tokens), positions, cache, 0, t, None, s)
     keys = list(kept)
     cache.advance(lengths)
     rows = [
@@ -83,7 +102,7 @@ def answer_batch(
          "top_ids": [], "top_p": []}
         for i, p in enumerate(prompts)
     ]
-    last = logits[torch.arange(b), torch.tensor(lengths) - 1]  # [B, vocab]
+    last = model.head(feature[torch.arange(b), torch.tensor(lengths) - 1])  # [B, vocab]
     active = list(range(b))
     for step in range(s.max_new_tokens):
         probs = torch.softmax(last, dim=-1)
@@ -106,14 +125,14 @@ def answer_batch(
         lens = cache.lengths
         pos = torch.tensor(lens, device=dev)[:, None]
         mask = causal_mask(lens, 1, max(lens) + 1, dev)
-        kept, logits = _run(
+        kept, feature = run_kept(
             model, model.embed(torch.tensor(nxt, device=dev)[:, None]), pos, cache, pos, max(lens) + 1, mask, s
         )
         cache.advance([1] * len(active))
         for j, r in enumerate(active):
             for e in keys:
                 rows[r]["hidden"][e].append(kept[e][j])
-        last = logits[:, 0]
+        last = model.head(feature[:, 0])
     return [shard_row(row) for row in rows]
 
 
@@ -129,10 +148,51 @@ def shard_row(row: dict) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Item:
+    """One sequence to distill: chat-templated prompt ids, followed (teacher forcing) by a fixed answer's."""
+
+    ids: tuple[int, ...]
+    prompt_len: int
+
+
+def prompt_items(encode: Callable[[str], list[int]], prompts: Sequence[str], max_prompt_tokens: int) -> list[Item]:
+    """Prompts for the target to answer (``encode``: prompt → chat-templated ids); longer ones are skipped."""
+    items = [tuple(ids) for ids in map(encode, prompts)]
+    return [Item(ids, len(ids)) for ids in items if len(ids) <= max_prompt_tokens]
+
+
+def generated(answer: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
+    """An answering function of prompt id lists (``answer_batch``, ``answer_batch_hf``) as one of items."""
+
+    def on_items(model, items: Sequence[Item], eos_ids: frozenset[int], s: DistillSettings) -> list[dict]:
+        return answer(model, [list(it.ids) for it in items], eos_ids, s)
+
+    return on_items
+
+
+def batches_of(items: Sequence[Item], s: DistillSettings) -> list[list[int]]:
+    """Item indices in batches: similar lengths together (less padding), at most ``s.batch_size`` items
+    and, when ``s.batch_tokens``, at most that many padded positions; in a seeded shuffled order, so
+    that a run stopped by its time budget holds a mix of lengths."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        padded = len(items[i].ids) * (len(cur) + 1)  # sorted: this item is the longest so far
+        if cur and (len(cur) >= s.batch_size or (s.batch_tokens and padded > s.batch_tokens)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    random.Random(len(batches)).shuffle(batches)
+    return batches
+
+
 def collect(
     model: LlamaModel,
-    encode: Callable[[str], list[int]],  # prompt → chat-templated ids (Engine.encode)
-    prompts: Sequence[str],
+    items: Sequence[Item],
     eos_ids: frozenset[int],
     out_dir: Path,
     s: DistillSettings,
@@ -140,48 +200,48 @@ def collect(
     time_budget: float | None = None,
     answer: Callable[..., list[dict]] | None = None,
 ) -> list[Path]:
-    """Answer every prompt (chat-templated), writing shards of ``s.batch_size`` sequences to ``out_dir``.
+    """Distill every item, writing a shard per batch (``batches_of``) to ``out_dir``.
 
     Shards that already exist are kept (resume). With ``time_budget`` (seconds) no new shard starts
-    once it is spent (at least one does); a later call continues. ``answer`` replaces :func:`answer_batch`
-    (same arguments and rows; ``model`` is passed to it): e.g. the device-mapped transformers target of
-    :mod:`joey.training.hf_target`. Returns the paths of the shards that exist.
+    once it is spent (at least one does); a later call continues. ``answer(model, items, eos_ids, s)``
+    makes a batch's rows: by default the target's greedy answers (:func:`answer_batch`); teacher
+    forcing over fixed answers (``joey.training.teacher_forced``) or the device-mapped transformers
+    target of :mod:`joey.training.hf_target` (through :func:`generated`) instead. Returns the paths of
+    the shards that exist.
     """
-    answer = answer or answer_batch
+    answer = answer or generated(answer_batch)
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoded = [ids for ids in map(encode, prompts) if len(ids) <= s.max_prompt_tokens]
-    # Shards are matched to batches by number: refuse to resume data made from other prompts/settings.
-    digest = hashlib.sha256(json.dumps([asdict(s), encoded]).encode()).hexdigest()
+    # Shards are matched to batches by number: refuse to resume data made from other items/settings.
+    digest = hashlib.sha256(json.dumps([asdict(s), [[list(it.ids), it.prompt_len] for it in items]]).encode())
+    digest = digest.hexdigest()
     manifest = out_dir / "manifest.json"
     if distributed.is_main() and not manifest.exists():
-        manifest.write_text(json.dumps({"digest": digest, "settings": asdict(s), "prompts": len(encoded)}))
+        manifest.write_text(json.dumps({"digest": digest, "settings": asdict(s), "sequences": len(items)}))
     distributed.barrier()  # the manifest exists for every rank; each refuses (together) if it differs
     if json.loads(manifest.read_text()).get("digest") != digest:
         raise InvalidArgumentError(
-            f"{out_dir} holds answers distilled from other prompts or settings; use another --out folder"
+            f"{out_dir} holds data distilled from other prompts or settings; use another --out folder"
         )
-    # similar lengths in one batch waste less of the right-padded prefill; the batches run in a
-    # seeded shuffled order so that a run stopped by its time budget holds a mix of lengths
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    batches = [order[i : i + s.batch_size] for i in range(0, len(order), s.batch_size)]
-    random.Random(len(batches)).shuffle(batches)
+    batches = batches_of(items, s)
     rank, world = distributed.rank(), distributed.world_size()
     start = time.monotonic()
     spent = False  # checked after each new shard, so every run makes progress
-    # rank 0's bar counts its own batches times the world: about the whole distillation's progress
-    bar = tqdm(total=len(encoded), desc="target answers", unit="prompt", disable=not (progress and rank == 0))
+    # rank 0's bar counts its own batches' tokens times the world: about the whole distillation's progress
+    total = sum(len(it.ids) for it in items)
+    bar = tqdm(total=total, desc="distilling", unit="tok", unit_scale=True,
+               disable=not (progress and rank == 0))
     for n in range(rank, len(batches), world):  # shard names are global batch numbers: ranks never collide
         batch = batches[n]
         path = out_dir / f"shard_{n:05d}.pt"
         if not path.exists():
             if spent:
                 break
-            rows = answer(model, [encoded[i] for i in batch], eos_ids, s)
+            rows = answer(model, [items[i] for i in batch], eos_ids, s)
             tmp = path.with_suffix(".tmp")
             torch.save(rows, tmp)
             tmp.replace(path)  # a shard appears whole or not at all
             spent = time_budget is not None and time.monotonic() - start > time_budget
-        bar.update(min(len(encoded) - bar.n, len(batch) * world))
+        bar.update(min(total - bar.n, sum(len(items[i].ids) for i in batch) * world))
     bar.close()
     distributed.barrier()  # every rank's shards are written before anyone lists them
     # in batch order; with a time budget the ranks may have stopped at different points

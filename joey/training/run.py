@@ -18,13 +18,19 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
+
 from joey.errors import InvalidArgumentError
 from joey.models.jakiro_head import load_head
 from joey.training import distributed
 from joey.training.adapter_training import TrainSettings, load_sequences, train_adapter
-from joey.training.distill import FEATURE, DistillSettings, collect
+from joey.training.distill import FEATURE, DistillSettings, collect, generated, prompt_items
 from joey.training.jakiro_training import HeadTrainSettings, train_head
 from joey.training.prompts import read_prompts
+from joey.training.teacher_forced import forced_batch, forced_items, read_examples
+
+ANSWERS = ("target", "data")  # who writes the answers distilled: the target itself, or the prompt files
+DATA_FOLDERS = {"target": "data", "data": "data-fixed"}  # in the run folder; training reads every one
 
 
 def train_from_prompts(
@@ -42,32 +48,60 @@ def train_from_prompts(
     progress: bool = True,
     distill_minutes: float | None = None,
     device_map: str | None = None,
+    answers: str = "target",
+    distill_only: bool = False,
 ) -> dict:
     """Distill, train and save; ``train`` says which kind (default: a Kangaroo adapter). Returns the
     report (also written to ``out/report.json``; under a launcher only rank 0's is complete).
 
+    ``answers="target"``: the target answers the prompts itself (greedy), into ``out/data``;
+    ``"data"``: it reads the files' own answers (teacher forcing, ``joey.training.teacher_forced``;
+    one prefill per batch), into ``out/data-fixed``. Training uses every data folder in ``out``, so
+    runs of both kinds into one folder train on the union. ``distill_only`` stops after distilling.
+
     With ``device_map`` (``auto``, ``balanced``, ...) the distillation runs the target as a transformers
     model whose layers accelerate places over the available devices and CPU memory; joey's own copy,
     which training reuses (embedding, LM head, the adapter's starting layers), still loads on ``device``.
-    ``distill.weights`` other than fp32 answers with the target in that format (e.g. ``auto``, the
-    low-bit weights joey decodes the default model with): the drafter then learns the features and
-    tokens of the target it will draft for, and answering is faster where joey's low-bit kernel runs."""
+    ``distill.weights`` other than fp32 distills with the target in that format: ``auto`` is the
+    low-bit weights joey decodes with (the drafter then learns that target's features; faster where
+    joey's low-bit kernel runs); ``bf16`` runs plain bf16 matrix products over the whole batch (the
+    same weights, fastest on CPUs with AMX; joey's decoding bf16 path works in 16-row blocks for batch
+    invariance, which distillation does not need)."""
     import joey
 
+    if answers not in ANSWERS:
+        raise InvalidArgumentError(f"answers must be one of {', '.join(ANSWERS)}")
     distill = distill or DistillSettings()
     train = train or TrainSettings()
     jakiro = isinstance(train, HeadTrainSettings)
     out = Path(out)
-    prompts = read_prompts(prompt_files, limit=num_prompts, derived=derived, seed=seed)  # fails before the load
+    # the inputs are read before any model loads: a bad file fails at once
+    if answers == "data":
+        examples = read_examples(prompt_files, limit=num_prompts, seed=seed)
+    else:
+        prompts = read_prompts(prompt_files, limit=num_prompts, derived=derived, seed=seed)
     device = distributed.init(device)  # a no-op without a launcher
     if device_map is not None and distributed.world_size() > 1:
         raise InvalidArgumentError("--device-map places one target over all devices: run it in a single process")
+    if device_map is not None and answers == "data":
+        raise InvalidArgumentError("--device-map distills the target's own answers only (not --answers data)")
     main = distributed.is_main()
     progress = progress and main
-    # the float target: its features and distributions are what the drafter learns, and its float
-    # layers are where a Kangaroo adapter starts; the result works on low-bit targets unchanged
-    engine = joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=progress,
-                       weights="fp32")
+
+    def float_engine():
+        # the float target: its features and distributions are what the drafter learns, and its float
+        # layers are where a Kangaroo adapter starts; the result works on low-bit targets unchanged
+        return joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=progress,
+                         weights="fp32")
+
+    if distill.weights == "bf16":  # plain bf16 products over whole batches (not the 16-row decode path)
+        engine = joey.load(model, device=device, dtype="bf16", adapter=False, head=False, progress=progress,
+                           prepack=False)
+    elif distill.weights != "fp32" and device_map is None:
+        engine = joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=progress,
+                           weights=distill.weights)
+    else:
+        engine = float_engine()
     layers = engine.model.cfg.num_layers
     if jakiro:
         distill = replace(distill, exit_layers=(), features=True)
@@ -82,39 +116,57 @@ def train_from_prompts(
     t0 = time.perf_counter()
     budget = None if distill_minutes is None else 60 * distill_minutes
     target, answer = engine.model, None
-    if distill.weights != "fp32" and device_map is None:
-        target = joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=False,
-                           weights=distill.weights).model
+    if answers == "data":
+        tok = engine.tokenizer
+        items = forced_items(engine.encode, lambda text: tok(text, add_special_tokens=False).input_ids, examples,
+                             tok.eos_token_id, distill)
+        answer = forced_batch
+    else:
+        items = prompt_items(engine.encode, prompts, distill.max_prompt_tokens)
     if device_map is not None:
         from joey.training.hf_target import answer_batch_hf, load_hf_target
 
-        target, answer = load_hf_target(engine.source, device_map), answer_batch_hf
-    shards = collect(target, engine.encode, prompts, engine.eos_ids, out / "data", distill, progress, budget, answer)
-    del target  # the device-mapped copy is only for answering
+        target, answer = load_hf_target(engine.source, device_map), generated(answer_batch_hf)
+    collect(target, items, engine.eos_ids, out / DATA_FOLDERS[answers], distill, progress, budget, answer)
+    del target  # the answering copy is only for distilling
+    shards = [p for folder in DATA_FOLDERS.values() for p in sorted((out / folder).glob("shard_*.pt"))]
     if not shards:
         raise InvalidArgumentError("no distilled data yet: give the distillation more time (--distill-minutes)")
     t1 = time.perf_counter()
+    report = {"model": engine.name, "kind": "jakiro" if jakiro else "kangaroo", "answers": answers,
+              "items": len(items), "distill_settings": asdict(distill), "distill_seconds_this_run": round(t1 - t0, 1)}
+    if distill_only:
+        report.update(shards=len(shards), **data_size(shards))
+        if main:
+            (out / "distill-report.json").write_text(json.dumps(report, indent=2))
+            print(f"distilled: {report['sequences']} sequences, {report['answer_tokens']} answer tokens "
+                  f"in {len(shards)} shards under {out}")
+        return report
+    if distill.weights != "fp32" or device_map is not None:
+        del engine
+        engine = float_engine()
     seqs = load_sequences(shards, FEATURE if jakiro else train.exit_layer)
     answer_tokens = sum(len(s.ids) - s.prompt_len for s in seqs)
-    report = {
-        "model": engine.name,
-        "kind": "jakiro" if jakiro else "kangaroo",
-        "prompts": len(prompts),
-        "sequences": len(seqs),
-        "answer_tokens": answer_tokens,
-        "distill_settings": asdict(distill),
-        "train_settings": asdict(train),
-        "distill_seconds_this_run": round(t1 - t0, 1),
-    }
+    report.update(sequences=len(seqs), answer_tokens=answer_tokens, train_settings=asdict(train))
     if jakiro:
         report.update(_train_jakiro(engine, seqs, out, train, progress, answer_tokens))
     else:
-        report.update(_train_kangaroo(engine, seqs, out, train, progress, len(prompts)))
+        report.update(_train_kangaroo(engine, seqs, out, train, progress, len(items)))
     report["train_seconds"] = round(time.perf_counter() - t1, 1)
     if main:
         (out / "report.json").write_text(json.dumps(report, indent=2))
     distributed.barrier()  # no rank finishes before the trained file and the report are written
     return report
+
+
+def data_size(shards: list[Path]) -> dict:
+    """Sequences and answer tokens (those with soft labels) held in ``shards``."""
+    seqs = tokens = 0
+    for path in shards:
+        for row in torch.load(path, weights_only=True):
+            seqs += 1
+            tokens += len(row["ids"]) - int(row["prompt_len"])
+    return {"sequences": seqs, "answer_tokens": tokens}
 
 
 def _log(message: str) -> None:
