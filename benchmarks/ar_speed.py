@@ -29,7 +29,7 @@ import torch
 import transformers
 
 import joey
-from joey.bench.report import cpu_name
+from joey.measurements import cpu_name
 
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome, with a short docstring.",

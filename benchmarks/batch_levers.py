@@ -22,7 +22,8 @@ from pathlib import Path
 import joey
 import joey.continuous as continuous
 import joey.drafters.base as drafter_base
-from joey.budget import StepScale, cpu_name
+from joey.budget import StepScale
+from joey.measurements import cpu_name
 
 QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 

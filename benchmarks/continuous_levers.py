@@ -1,7 +1,7 @@
 """Continuous batching without the HTTP layer: Spec-Bench first turns pushed through one
 ``ContinuousBatch`` (``max_batch`` rows decoding, the rest waiting and joining as rows leave),
 AR against PLD with and without the acceptance prior a joining request starts from
-(``ContinuousBatch.PRIOR_STEPS``), all in one process, repeated. Every PLD run's tokens are checked
+(``joey.budget.DepthPolicy.PRIOR_STEPS``), all in one process, repeated. Every PLD run's tokens are checked
 against AR's.
 
     python benchmarks/continuous_levers.py --requests 32 --max-batch 16 --repeats 2
@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import joey
-from joey.budget import cpu_name
+from joey.budget import DepthPolicy
 from joey.config import SamplingParams, SpecConfig
 from joey.continuous import ContinuousBatch
+from joey.measurements import cpu_name
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import load_prompts  # noqa: E402  (the same prompt order as the server benchmark)
@@ -25,7 +26,7 @@ from serve_load import load_prompts  # noqa: E402  (the same prompt order as the
 
 def run(engine, ids: list[list[int]], method: str, prior: int, max_batch: int, max_tokens: int):
     """(tokens/s, draft tokens, accepted tokens, token ids per request) of one pass over the requests."""
-    ContinuousBatch.PRIOR_STEPS = prior
+    DepthPolicy.PRIOR_STEPS = prior
     batch = ContinuousBatch(engine, method, SpecConfig(), max_batch=max_batch)
     for key, x in enumerate(ids):
         batch.add(x, SamplingParams(max_new_tokens=max_tokens), key=key)
@@ -57,7 +58,7 @@ def main() -> None:
     ids = [engine.encode(q) for q in load_prompts(args.questions)[: args.requests]]
     engine.generate("Hi", method="pld", max_new_tokens=8)  # warm-up, and the cost curve
     print(f"{cpu_name()}: {args.requests} requests, max_batch {args.max_batch}, {args.max_tokens} tokens")
-    default_prior = ContinuousBatch.PRIOR_STEPS
+    default_prior = DepthPolicy.PRIOR_STEPS
     for rep in range(args.repeats):
         reference = None
         for method, prior in (("ar", default_prior), ("pld", default_prior), ("pld", 0)):
@@ -65,7 +66,7 @@ def main() -> None:
             reference = out if method == "ar" else reference
             print(f"repeat {rep} {method} prior={prior}: {speed:.1f} tok/s, draft tokens {drafted}, "
                   f"accepted {accepted}, tokens equal AR's: {out == reference}", flush=True)
-    ContinuousBatch.PRIOR_STEPS = default_prior
+    DepthPolicy.PRIOR_STEPS = default_prior
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from joey.budget import cpu_name
+from joey.measurements import cpu_name
 from joey.models.group_kernel import BLOCKS, GroupKernel, available
 from joey.models.weight_formats import quantize_int8
 

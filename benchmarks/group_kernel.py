@@ -17,9 +17,10 @@ import time
 
 import torch
 
-from joey.budget import cpu_name
+from joey.measurements import cpu_name
 from joey.models.group_kernel import GroupKernel, available
-from joey.models.weight_formats import Int4Kernel, Int8Kernel, QuantizedWeight
+from joey.models.quantized import QuantizedWeight
+from joey.models.weight_formats import Int4Kernel, Int8Kernel
 
 SHAPES = {"q/k/v": (960, 576), "o": (576, 576), "gate/up": (3072, 576), "down": (576, 1536),
           "LM head": (49152, 576)}

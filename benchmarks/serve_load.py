@@ -87,7 +87,7 @@ class Record:
 
 # -- small helpers -------------------------------------------------------------------------------------------------
 def cpu_model() -> str:
-    from joey.budget import cpu_name
+    from joey.measurements import cpu_name
 
     return cpu_name()
 

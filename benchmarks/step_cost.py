@@ -16,7 +16,8 @@ import time
 import torch
 
 import joey
-from joey.budget import CONTEXT, cpu_name, measure
+from joey.budget import CONTEXT, measure
+from joey.measurements import cpu_name
 
 TOKENS = (1, 2, 4, 8, 16, 32)
 

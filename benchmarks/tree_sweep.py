@@ -17,7 +17,7 @@ import glob
 import statistics
 
 import joey
-from joey.budget import cpu_name
+from joey.measurements import cpu_name
 from joey.training.prompts import read_prompts
 
 DATA = "../shared/data/"

@@ -74,8 +74,9 @@ def load(
     """
     from joey.models.adapter import find_adapter, load_adapter
     from joey.models.jakiro_head import find_head, load_head
+    from joey.models.loading import load_source
     from joey.models.registry import resolve
-    from joey.models.weights import load_source, load_tokenizer
+    from joey.models.weights import load_tokenizer
 
     dev = pick_device(device)
     fmt = weights if prepack or weights in ("int8", "int4") else None

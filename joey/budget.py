@@ -11,40 +11,25 @@ falling back to no draft at all when drafting cannot pay.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
 from joey.batching import causal_mask
+from joey.measurements import cpu_name, measured_once
 from joey.models.llama import LlamaModel
 from joey.models.weight_formats import low_bit_kernels_key
 
 MEASURED_TOKENS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CONTEXT = 128  # cached tokens before the measured forward: a typical mid-generation state
-T = TypeVar("T")
 SLACK = 0.3  # a tree may cost up to 30 % more to verify than one token ("nearly free")
 PROBE_EVERY = 16  # steps without drafting before drafting is tried again
 PROBE_DEPTH = 2  # draft depth of a probe after steps without drafting
-
-
-def cpu_name() -> str:
-    """The CPU's model name (for figures and cache keys); the platform's string where /proc lacks it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @dataclass(frozen=True)
@@ -108,28 +93,6 @@ def measure(model: LlamaModel, tokens: Sequence[int] = MEASURED_TOKENS, repeats:
     # shared machine), so each point is capped by every later one.
     ms = [min(ms[i:]) for i in range(len(ms))]
     return CostCurve(tuple(tokens), tuple(ms), str(dev), model.weight_format, torch.get_num_threads())
-
-
-def measured_once(cache_root: Path, kind: str, key: str, measure: Callable[[], dict], read: Callable[[dict], T]) -> T:
-    """``read`` of the record stored for ``key`` in ``cache_root/kind``; a missing, corrupt or
-    foreign file (``read`` raising on it included) is measured again with ``measure`` and rewritten.
-    For measurements of the machine that are worth doing once (cost curves, weight formats)."""
-    path = cache_root / kind / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
-    try:
-        data = json.loads(path.read_text())
-        if data.get("key") == key:
-            return read(data)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    data = {"key": key, **measure()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache only costs a re-measurement next time
-    return read(data)
 
 
 def cached_curve(model: LlamaModel, model_key: str, cache_root: Path) -> CostCurve:
@@ -266,3 +229,173 @@ def batch_depths(
             break
         best_rate, depths = top
     return depths
+
+
+def _average(old: float | None, new: float) -> float:
+    """A running estimate of a draft depth's cost: mostly the past, a fifth the newest measurement."""
+    return new if old is None else 0.8 * old + 0.2 * new
+
+
+def count_by_depth(drafted: list[int], accepted: list[int], reached: int, kept: int) -> None:
+    """Add one step to per-depth counts: the depths its draft ``reached``, and the ``kept`` first of
+    them that its accepted path reached."""
+    for d in range(reached):
+        if d == len(drafted):
+            drafted.append(0)
+            accepted.append(0)
+        drafted[d] += 1
+        accepted[d] += d < kept
+
+
+class RowPolicy:
+    """One row's drafting record and the state of the depth decisions about it (``DepthPolicy``)."""
+
+    def __init__(self, drafts: bool, catches_up: bool) -> None:
+        self.drafts = drafts  # the row has a drafter
+        self.catches_up = catches_up  # ... with state of its own (``Drafter.catches_up``)
+        self.drafted: list[int] = []  # per draft depth: steps whose draft reached that depth
+        self.accepted: list[int] = []  # ... and steps whose accepted path reached it
+        # pseudo-counts per depth, from the rows before this one (DepthPolicy.join): what the budget
+        # assumes about drafting for this request until its own steps say otherwise
+        self.prior_drafted: list[float] = []
+        self.prior_accepted: list[float] = []
+        self.draft_ms: float | None = None  # running estimate of one draft depth's cost
+        self.behind = 0  # tokens committed since the drafter last drafted: its next draft reads them first
+        self.catch_up_ms: float | None = None  # running estimate of reading one such token
+        self.idle = 0  # consecutive steps the budget chose not to draft
+        self.probe_every = PROBE_EVERY  # idle steps before drafting again; doubles after each probe
+
+    def evidence(self) -> tuple[list[float], list[float]]:
+        """Drafted / accepted counts per depth for the budget: the row's own plus its prior."""
+        n = max(len(self.drafted), len(self.prior_drafted))
+
+        def add(own: list[int], prior: list[float]) -> list[float]:
+            return [(own[d] if d < len(own) else 0) + (prior[d] if d < len(prior) else 0.0) for d in range(n)]
+
+        return add(self.drafted, self.prior_drafted), add(self.accepted, self.prior_accepted)
+
+
+class DepthPolicy:
+    """How deep every row of a batch drafts, step by step, and what the decision learns from.
+
+    Called once per step with the running rows (``choose``), then told what the drafts cost
+    (``timed_drafts``), what each row's verification kept (``record``) and what the target pass
+    took (``timed_pass``). It holds the per-batch state (the cost curve, the measured step scale, the batch's
+    acceptance per depth and draft cost, from which a joining row starts: ``join``) and each row's
+    ``RowPolicy``. ``curve`` None (``adaptive=False``) drafts every row at full depth.
+    """
+
+    PRIOR_STEPS = 8  # how many steps of the earlier rows' acceptance a new row starts with (0: none)
+
+    def __init__(self, curve: CostCurve | None, max_draft: int, nodes_at: Sequence[int]) -> None:
+        self.curve = curve
+        self.max_draft = max_draft
+        self.nodes_at = list(nodes_at)  # draft tokens of a tree of each depth (a chain: the depth)
+        self.scale = StepScale()  # what this batch's steps really cost, against the curve
+        # what drafting was worth for every row so far (per depth) and what a draft depth cost
+        self.drafted: list[int] = []
+        self.accepted: list[int] = []
+        self.draft_ms: float | None = None
+        self.catch_up_ms: float | None = None
+
+    def join(self, row: RowPolicy) -> None:
+        """Start a joining row from what drafting has been worth for the rows before it: their
+        acceptance per depth as ``PRIOR_STEPS`` pseudo-steps, and their draft cost. Without this
+        every request would first draft at full depth to measure itself, which a large batch pays
+        for on every arrival. Rows admitted together at the start (``Engine.stream``) have none."""
+        if not self.PRIOR_STEPS or not self.drafted or self.draft_ms is None:
+            return
+        weight = self.PRIOR_STEPS / self.drafted[0]
+        row.prior_drafted = [weight * n for n in self.drafted]
+        row.prior_accepted = [weight * a for a in self.accepted]
+        row.draft_ms = self.draft_ms
+
+    def row_draft_ms(self, row: RowPolicy) -> float | None:
+        """What one draft depth costs this row: its own measurement, else the batch's (a row whose
+        drafting has not been timed yet is priced like the others instead of drafting at full depth
+        unpriced; in a large batch that would be every step of a row that rarely drafts)."""
+        return row.draft_ms if row.draft_ms is not None else self.draft_ms
+
+    def alone(self, row: RowPolicy, room: int) -> tuple[int, bool]:
+        """How deep this row would draft this step alone, and whether that depth is forced: the most
+        the budget expects to pay (``best_depth``), the full depth before anything is measured and,
+        after a fallback to no draft, once more after ``PROBE_EVERY`` steps (then 2x, 4x, 8x as long
+        while drafting keeps not paying) to measure acceptance again (both forced)."""
+        if not row.drafts or room <= 0:
+            return 0, False
+        draft_ms = self.row_draft_ms(row)
+        if self.curve is None or draft_ms is None:
+            return self.max_draft, True
+        if row.idle >= row.probe_every:  # probes that keep failing come less and less often
+            row.idle = 0
+            row.probe_every = min(8 * PROBE_EVERY, 2 * row.probe_every)
+            # shallow: a probe asks whether drafting pays again, and a deeper level is only tried once
+            # the first ones are accepted (a full-depth probe of a 0.5B draft model cost ~3x a target
+            # step and mostly failed where drafting did not pay)
+            return min(self.max_draft, PROBE_DEPTH), True
+        catch_up = row.catch_up_ms if row.catch_up_ms is not None else self.catch_up_ms
+        depth = best_depth(self.curve, *row.evidence(), self.max_draft, self.nodes_at, draft_ms,
+                           row.behind * (catch_up or 0.0))
+        row.idle = row.idle + 1 if depth == 0 else 0
+        if depth:
+            row.probe_every = PROBE_EVERY
+        return depth, False
+
+    def choose(self, rows: Sequence[RowPolicy], rooms: Sequence[int], together: bool) -> list[int]:
+        """This step's draft depth for every row (``rooms``: the most each may draft); with several
+        rows, each draft is priced at what it adds to the packed step (``batch_depths``)."""
+        alone = [self.alone(row, room) for row, room in zip(rows, rooms)]
+        depths = [min(room, d) for room, (d, _) in zip(rooms, alone)]
+        if len(rows) > 1 and self.curve is not None:
+            evidence = [row.evidence() for row in rows]
+            depths = batch_depths(self.curve, depths, [f for _, f in alone], [e[0] for e in evidence],
+                                  [e[1] for e in evidence], self.nodes_at, [self.row_draft_ms(r) for r in rows],
+                                  self.scale, together)
+        return depths
+
+    def timed_drafts(self, rows: Sequence[RowPolicy], deepest: Sequence[int], ms: float, together: bool) -> None:
+        """What one ``propose_all`` call cost (``ms``) for rows whose drafts reached ``deepest``.
+
+        Each row's ``draft_ms`` follows what one depth cost: the whole call ÷ the deepest draft for
+        rows that draft together (they share each forward), the row's own share for drafters that go
+        row by row. A step counts only when every drafting row has drafted before: a first draft
+        also catches the drafter up on the whole prompt (a 769-token prompt made Jakiro's first
+        measurement 115 ms a depth, ~150x a steady one, and the budget then never drafted again).
+        Catching up on a few undrafted steps does count: it is what drafting again costs (leaving it
+        out made jakiro+pld 0.77x batched AR at batch 16, against 0.88x with it). A drafter without
+        state (``catches_up`` False: prompt lookup) is measured from its first step."""
+        # a row with no drafted step yet (empty per-depth counts) is making its first draft
+        steady = all(row.drafted for row, d in zip(rows, deepest) if d and row.catches_up)
+        drafting = [(row, d) for row, d in zip(rows, deepest) if d]
+        if steady and len(drafting) == 1 and drafting[0][0].behind > 1 and drafting[0][0].draft_ms is not None:
+            # one row resuming after undrafted steps: what its draft cost beyond its depths was the
+            # catch-up, priced per token apart from the depths (before, it was averaged into the
+            # per-depth cost, and a draft model that had skipped 30 tokens then looked too dear to
+            # draft again: Qwen2.5-Coder-0.5B drafting for the 1.5B)
+            row, d = drafting[0]
+            per_token = max(0.0, ms - d * row.draft_ms) / row.behind
+            row.catch_up_ms = _average(row.catch_up_ms, per_token)
+            self.catch_up_ms = _average(self.catch_up_ms, per_token)
+        elif steady:
+            for row, d in drafting:
+                per_depth = ms / max(deepest) if together else ms / len(rows) / d
+                row.draft_ms = _average(row.draft_ms, per_depth)
+                self.draft_ms = _average(self.draft_ms, per_depth)
+        for row, d in zip(rows, deepest):
+            if d:
+                row.behind = 0
+
+    def record(self, row: RowPolicy, reached: int, kept: int, committed: int) -> None:
+        """One row's verdict: its draft ``reached`` this depth, the accepted path ``kept`` that many
+        draft tokens, and ``committed`` tokens were committed (a drafter with state reads those
+        at its next draft when this step drafted nothing)."""
+        count_by_depth(row.drafted, row.accepted, reached, kept)
+        count_by_depth(self.drafted, self.accepted, reached, kept)
+        if not reached and row.drafts and row.catches_up:
+            row.behind += committed
+
+    def timed_pass(self, rows: int, fed: int, ms: float) -> None:
+        """A target pass over ``fed`` tokens for ``rows`` rows took ``ms``: the step scale learns
+        from it (a batch's steps only: one row's are what the curve measured)."""
+        if rows > 1 and self.curve is not None:
+            self.scale.observe(fed > rows, self.curve.cost(fed), ms)

@@ -10,9 +10,13 @@ import sys
 from dataclasses import asdict
 from typing import Any, NoReturn
 
+from torch import nn
+
 from joey.config import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD, MAX_DRAFT_LIMIT, SamplingParams, SpecConfig
 from joey.engine import BATCH_MODES, METHODS
 from joey.errors import InvalidArgumentError, JoeyError, PromptError
+from joey.models.gguf_file import BlockEmbedding
+from joey.models.llama import Linear, LlamaModel
 from joey.models.weight_formats import low_bit_kernels
 from joey.models.weights import WEIGHT_CHOICES
 
@@ -222,8 +226,20 @@ def _known_models() -> int:
     return 0
 
 
+def param_count(model: nn.Module) -> int:
+    """Parameters of a module, counting the weights of linears that keep only a kernel (a GGUF read
+    in place) and an embedding kept in blocks by their shapes; shared (tied) tensors count once."""
+    count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    tied = isinstance(model, LlamaModel) and model.cfg.tie_word_embeddings
+    for m in model.modules():
+        if isinstance(m, Linear) and m.weight is None and not (tied and m is model.lm_head):
+            count += m.in_features * m.out_features
+        elif isinstance(m, BlockEmbedding) and not (tied and model.lm_head.weight is not None):
+            count += m.rows.shape[0] * m.rows.shape[1]  # (a tied float head already counted it)
+    return count
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    from joey.models.llama import param_count
     from joey.models.registry import cache_dir
 
     if args.models:

@@ -14,6 +14,7 @@ from typing import Any, Union
 
 import torch
 
+from joey import methods
 from joey.budget import CostCurve, cached_curve
 from joey.config import (
     DEFAULT_MAX_DRAFT,
@@ -24,29 +25,20 @@ from joey.config import (
     SpecConfig,
     TreeShape,
 )
-from joey.continuous import BATCH_MODES, ContinuousBatch, DrafterFactory, StreamEvent
-from joey.drafters import (
-    DraftModelDrafter,
-    JakiroDraft,
-    JakiroDrafter,
-    KangarooDraft,
-    KangarooDrafter,
-    PromptLookupDrafter,
-)
+from joey.continuous import BATCH_MODES, ContinuousBatch
+from joey.drafters import JakiroDraft, KangarooDraft
 from joey.errors import InvalidArgumentError, PromptError
 from joey.models.adapter import KangarooAdapter
 from joey.models.jakiro_head import JakiroHead
 from joey.models.llama import LlamaModel
 from joey.models.registry import ModelSource
 from joey.models.weights import read_config
+from joey.request import StreamEvent
 
 __all__ = ["BATCH_MODES", "METHODS", "Engine", "StreamEvent"]
 
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]
-KANGAROO_TOPK = 3  # children per expanded node of Kangaroo's tree (benchmarks/tree_sweep.py)
-JAKIRO_TOPK = 2  # children per expanded node of Jakiro's tree (benchmarks/tree_sweep.py)
-PLD_BRANCHES = 3  # distinct continuations prompt lookup may offer at once, when asked for a tree
 
 
 def _is_messages(p: Any) -> bool:
@@ -217,48 +209,23 @@ class Engine:
         return self._curve
 
     def tree_shape(self, method: str, spec: SpecConfig) -> TreeShape:
-        """How a method drafts under ``spec``: chain or tree, its node budget and branching."""
-        if method.startswith(("kangaroo", "jakiro")):
-            topk = spec.tree_topk or (KANGAROO_TOPK if method.startswith("kangaroo") else JAKIRO_TOPK)
+        """How a method drafts under ``spec``: chain or tree, its node budget and branching
+        (``joey.methods``)."""
+        m = methods.method(method)
+        if m.trees == "measured":
+            topk = spec.tree_topk or m.topk
             nodes = spec.tree_nodes if spec.tree_nodes is not None else self.cost_curve().tree_nodes()
-        elif method == "pld":
-            topk, nodes = spec.tree_topk or PLD_BRANCHES, spec.tree_nodes or 0
+        elif m.trees == "asked":
+            topk, nodes = spec.tree_topk or m.topk, spec.tree_nodes or 0
         else:
-            if method == "sps" and spec.tree_nodes:
-                raise InvalidArgumentError("method 'sps' drafts chains only; use --tree-nodes 0")
+            if m.make is not None and spec.tree_nodes:
+                raise InvalidArgumentError(f"method '{method}' drafts chains only; use --tree-nodes 0")
             topk, nodes = 1, 0
         if nodes == 0 or topk == 1:
             return TreeShape(nodes=spec.max_draft, topk=1)
         return TreeShape(nodes=nodes, topk=topk)
 
-    def drafter_factory(self, method: str, spec: SpecConfig, shape: TreeShape) -> DrafterFactory | None:
+    def drafter_factory(self, method: str, spec: SpecConfig, shape: TreeShape) -> methods.DrafterFactory | None:
         """What makes each row's drafter: f(max_len, generator, params) -> Drafter; None for AR."""
-        if method == "pld":
-            return lambda max_len, generator, params: PromptLookupDrafter(branches=shape.topk)
-        if method == "sps":
-            if self.draft_model is None:
-                raise InvalidArgumentError("method 'sps' needs a draft model: joey.load(..., draft_model=...)")
-            draft = self.draft_model
-            return lambda max_len, generator, params: DraftModelDrafter(draft, params, generator, max_len)
-        if method.startswith("jakiro"):
-            if self.jakiro is None:
-                raise InvalidArgumentError(
-                    f"method '{method}' needs a Jakiro head for this model: joey.load(..., head=...); "
-                    "train one with `joey train-drafter`"
-                )
-            jd, hybrid = self.jakiro, self.jakiro_hybrid
-            lookup = method == "jakiro+pld"
-            return lambda max_len, generator, params: JakiroDrafter(
-                jd, params, max_len, shape.topk, PromptLookupDrafter() if lookup else None, hybrid
-            )
-        if method.startswith("kangaroo"):
-            if self.kangaroo is None:
-                raise InvalidArgumentError(
-                    f"method '{method}' needs an adapter for this model: joey.load(..., adapter=...)"
-                )
-            kd = self.kangaroo
-            lookup = method == "kangaroo+pld"
-            return lambda max_len, generator, params: KangarooDrafter(
-                kd, params, generator, max_len, spec.threshold, shape.topk, PromptLookupDrafter() if lookup else None
-            )
-        return None
+        make = methods.method(method).make
+        return None if make is None else make(self, spec, shape)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_batch_modes import DRAFTERS, PROMPTS
 
+from joey.budget import DepthPolicy
 from joey.config import SamplingParams, SpecConfig
 from joey.continuous import ContinuousBatch, fill_gaps
 from joey.detokenize import IncrementalText
@@ -95,14 +96,14 @@ def test_a_cancelled_row_leaves_at_the_next_step(engine, method):
         batch.add(engine.encode(p), GREEDY, key=key)
     batch.step()
     batch.step()
-    assert [r.index for r in batch.active] == [0, 1, 2] and len(batch.waiting) == 1
+    assert [r.key for r in batch.active] == [0, 1, 2] and len(batch.waiting) == 1
     batch.cancel(1)
     batch.cancel(3)  # still waiting
     batch.cancel(99)  # unknown: ignored
     events = {ev.row: ev for ev in batch.step()}
     assert events[1].generation.finish_reason == "cancelled" and events[3].generation.finish_reason == "cancelled"
     assert 0 < events[1].generation.new_tokens < GREEDY.max_new_tokens and events[3].generation.new_tokens == 0
-    assert [r.index for r in batch.active] == [0, 2] and batch.cache.batch == 2 and not batch.waiting
+    assert [r.key for r in batch.active] == [0, 2] and batch.cache.batch == 2 and not batch.waiting
     rest = _run(batch, {})
     assert rest[0][-1].generation.token_ids == _alone(engine, PROMPTS[0], method, {"threshold": 0.0})
 
@@ -150,14 +151,15 @@ def test_a_joining_request_starts_from_what_drafting_was_worth_before(engine):
     batch.add(engine.encode(PROMPTS[0]), GREEDY, key=0)
     for _ in range(6):
         batch.step()
-    assert batch.active[0].prior_drafted == [] and batch.drafted and batch.draft_ms is not None
+    policy = batch.policy
+    assert batch.active[0].policy.prior_drafted == [] and policy.drafted and policy.draft_ms is not None
     batch.add(engine.encode(PROMPTS[1]), GREEDY, key=1)
     batch._admit([])
-    joined = batch.active[1]
-    assert joined.prior_drafted[0] == ContinuousBatch.PRIOR_STEPS and joined.draft_ms == batch.draft_ms
-    rate = [a / n for a, n in zip(batch.accepted, batch.drafted)]
+    joined = batch.active[1].policy
+    assert joined.prior_drafted[0] == DepthPolicy.PRIOR_STEPS and joined.draft_ms == policy.draft_ms
+    rate = [a / n for a, n in zip(policy.accepted, policy.drafted)]
     assert [a / n for a, n in zip(joined.prior_accepted, joined.prior_drafted)] == pytest.approx(rate)
-    assert batch._depth(joined, 10, joined.evidence())[1] is False  # not forced
+    assert policy.alone(joined, 10)[1] is False  # not forced
     events = _run(batch, {})
     assert events[1][-1].generation.token_ids == _alone(engine, PROMPTS[1], "kangaroo", {"threshold": 0.0})
 
@@ -169,13 +171,13 @@ def test_a_first_draft_is_not_a_measure_of_the_draft_cost_but_drafting_again_is(
     batch = ContinuousBatch(engine, "kangaroo", SpecConfig(threshold=0.0))  # drafts every step
     batch.add(engine.encode(PROMPTS[0]), GREEDY, key=0)
     batch.step()  # prefill, then the first drafted step
-    row = batch.active[0]
-    assert row.drafted and row.draft_ms is None and batch.draft_ms is None
+    row = batch.active[0].policy
+    assert row.drafted and row.draft_ms is None and batch.policy.draft_ms is None
     batch.step()
     first = row.draft_ms
-    assert first is not None and batch.draft_ms == first
+    assert first is not None and batch.policy.draft_ms == first
     depth = [0]
-    monkeypatch.setattr(ContinuousBatch, "_depth", lambda self, r, room, ev: (depth[0], True))
+    monkeypatch.setattr(DepthPolicy, "alone", lambda self, r, room: (depth[0], True))
     batch.step()  # no draft: nothing measured
     assert row.draft_ms == first
     depth[0] = 3
@@ -196,15 +198,15 @@ def test_a_stateless_drafter_is_measured_in_every_step_and_new_rows_start_from_t
     batch = ContinuousBatch(engine, "pld", SpecConfig())
     batch.add(engine.encode("one two three one two three"), GREEDY, key=0)
     batch.step()  # prefill, then the first step: drafted (unmeasured rows draft), and already measured
-    row = batch.active[0]
-    assert row.drafted and row.draft_ms is not None and batch.draft_ms == row.draft_ms
+    row, policy = batch.active[0].policy, batch.policy
+    assert row.drafted and row.draft_ms is not None and policy.draft_ms == row.draft_ms
     batch.add(engine.encode("Hi"), GREEDY, key=1)
     batch.step()
-    late = batch.active[1]
+    late = batch.active[1].policy
     if late.draft_ms is None:  # it has not drafted yet: priced like the rows before it
-        assert batch._draft_ms(late) == batch.draft_ms
+        assert policy.row_draft_ms(late) == policy.draft_ms
     late.draft_ms = None
-    assert batch._draft_ms(late) == batch.draft_ms is not None
+    assert policy.row_draft_ms(late) == policy.draft_ms is not None
 
 
 def test_the_cache_adds_rows_into_spare_storage_and_fills_gaps_from_the_end():

@@ -13,7 +13,7 @@ from conftest import TINY_FAMILIES, make_tiny
 import joey
 from joey.batching import grid_positions, step_mask
 from joey.errors import UnsupportedArchitectureError
-from joey.models.llama import ModelConfig
+from joey.models.config import ModelConfig
 from joey.models.weights import load_model
 
 FAMILIES = [f for f in TINY_FAMILIES if f not in ("llama", "qwen2")]  # those two: tests/test_model.py

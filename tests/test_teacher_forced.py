@@ -10,6 +10,7 @@ import torch
 
 import joey
 from joey.errors import InvalidArgumentError
+from joey.training.adapter_training import exit_states
 from joey.training.distill import FEATURE, DistillSettings, Item, answer_batch, batches_of
 from joey.training.teacher_forced import forced_batch, forced_items, read_examples
 
@@ -24,6 +25,9 @@ def test_fixed_answers_equal_to_the_targets_own_give_its_rows(tiny_folder):
     ref = answer_batch(eng.model, prompts, frozenset(eng.eos_ids), s)
     items = [Item(tuple(r["ids"].tolist()), r["prompt_len"]) for r in ref]
     mine = forced_batch(eng.model, items, frozenset(), s)
+    computed = exit_states(eng.model, [r["ids"] for r in ref], 1, batch_tokens=40)  # a Kangaroo adapter's inputs
+    for r, c in zip(ref, computed, strict=True):
+        torch.testing.assert_close(r["hidden"][1].float(), c.float(), atol=2e-3, rtol=2e-3)
     for a, b in zip(ref, mine, strict=True):
         assert a["ids"].tolist() == b["ids"].tolist() and a["prompt_len"] == b["prompt_len"]
         assert a["hidden"].keys() == b["hidden"].keys() == {1, FEATURE}
@@ -78,6 +82,12 @@ def test_answers_data_run_resumes_and_trains_on_both_folders(tmp_path, tiny_fold
     own = train_from_prompts(str(tiny_folder), [str(data)], out, answers="target",
                              distill=DistillSettings(max_new_tokens=4, batch_size=4), **kw)
     assert own["sequences"] == 12 + 12 and (out / "head.safetensors").exists()  # both folders trained on
+    # the same teacher-forced data trains a Kangaroo adapter: its exit layer's states come from the tokens
+    from joey.training.adapter_training import TrainSettings
+
+    ad = train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "run", answers="data", distill=d,
+                            **{**kw, "train": TrainSettings(exit_layer=1, draft_vocab=64, epochs=1, batch_tokens=256)})
+    assert ad["kind"] == "kangaroo" and ad["sequences"] == 24 and (out / "adapter.safetensors").exists()
     with pytest.raises(InvalidArgumentError, match="other prompts or settings"):
         train_from_prompts(str(tiny_folder), [str(data)], out, answers="data", distill_only=True,
                            distill=DistillSettings(max_new_tokens=5, batch_size=4, batch_tokens=64), **kw)

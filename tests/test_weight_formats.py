@@ -18,14 +18,8 @@ from joey.models.gguf_file import GGUFFile
 from joey.models.gguf_load import quantized_weights
 from joey.models.group_kernel import GroupKernel
 from joey.models.jakiro_head import JakiroHead
-from joey.models.weight_formats import (
-    Int8Kernel,
-    QuantizedWeight,
-    low_bit_kernels,
-    make_kernel,
-    quantize_int4,
-    quantize_int8,
-)
+from joey.models.quantized import QuantizedWeight
+from joey.models.weight_formats import Int8Kernel, low_bit_kernels, make_kernel, quantize_int4, quantize_int8
 from joey.models.weights import source_formats
 
 PROMPTS = ["Hello there, how are you today?", "Write a poem about cats and dogs.", "Hi"]

@@ -23,7 +23,7 @@ import torch
 from joey.bench import metrics
 from joey.bench.runners import EXTERNAL, TurnResult
 from joey.bench.store import MethodRun, QuestionRecord
-from joey.budget import cpu_name
+from joey.measurements import cpu_name
 
 OVERALL = "overall"
 SCHEMA = "joey-bench/1"

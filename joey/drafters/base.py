@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -53,10 +53,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class Drafter(Protocol):
-    """Anything that can guess the next tokens of a sequence."""
+class Drafter:
+    """Anything that can guess the next tokens of a sequence: the one base of every drafter, whose
+    flags tell the step machine how to treat it (the defaults fit a drafter with its own state that
+    needs nothing from the target)."""
 
-    name: str
+    name: str = "drafter"
     # True for a drafter that runs the target's own first layers in its place (Kangaroo): it must be
     # asked every step, even to draft nothing, because the target's cache lacks those layers
     self_speculative: bool = False
@@ -70,8 +72,7 @@ class Drafter(Protocol):
     catches_up: bool = True
 
     def observe(self, features: torch.Tensor) -> None:
-        """Features [n, hidden] of the next n committed tokens (only if ``wants_features``)."""
-        ...
+        """Features [n, hidden] of the next n committed tokens (called only if ``wants_features``)."""
 
     def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
         """Propose tokens to follow ``context`` (prompt + committed tokens): no path deeper than
@@ -79,7 +80,7 @@ class Drafter(Protocol):
 
         A tree drafter may keep per-node state between calls (its own caches): the next call's
         context tells which path the target committed."""
-        ...
+        raise NotImplementedError
 
 
 Request = TypeVar("Request")
@@ -113,7 +114,7 @@ def draft_in_rounds(
     return proposals  # type: ignore[return-value]  # every row has returned
 
 
-class BatchedDrafter:
+class BatchedDrafter(Drafter):
     """A drafter whose rows draft together: ``propose`` is ``propose_batch`` of one row, so a row
     alone and a batch run one code path. A subclass gives ``shared`` (what its draft forwards run
     on; the rows of one batch must share it), ``_steps`` (one row's drafting: a generator of the

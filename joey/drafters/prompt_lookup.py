@@ -11,10 +11,10 @@ each variant is verified in the same step.
 
 from __future__ import annotations
 
-from joey.drafters.base import Proposal
+from joey.drafters.base import Drafter, Proposal
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(Drafter):
     """Proposes the continuation of the most recent earlier occurrence of the context's tail."""
 
     name = "pld"

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from joey.errors import ModelFormatError
+from joey.models.config import ModelConfig
 from joey.models.draft_files import find_shipped, load_checked, read_meta, save_draft_file
 from joey.models.kv_cache import KVCache
-from joey.models.llama import MLP, Attention, LlamaModel, ModelConfig, RMSNorm, RowSpan
+from joey.models.llama import MLP, Attention, LlamaModel, RMSNorm, RowSpan
 
 FORMAT = "joey-kangaroo-adapter/1"
 

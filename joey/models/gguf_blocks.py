@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from joey.models.weight_formats import GROUP, QuantizedWeight
+from joey.models.quantized import GROUP, QuantizedWeight
 
 
 def _f16(raw: np.ndarray) -> torch.Tensor:

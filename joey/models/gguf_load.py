@@ -27,8 +27,9 @@ from torch import nn
 from joey.errors import ModelFormatError
 from joey.models.gguf_file import BlockEmbedding, BlockRows, GGUFFile
 from joey.models.llama import LlamaModel
+from joey.models.quantized import QuantizedWeight
 from joey.models.registry import ModelSource
-from joey.models.weight_formats import LinearKernel, QuantizedWeight, low_bit_kernels, quantize_int8
+from joey.models.weight_formats import LinearKernel, low_bit_kernels, quantize_int8
 from joey.models.weights import apply_weights, read_config, to_decoder_layout
 
 _PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}

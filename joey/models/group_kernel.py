@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from joey.models.weight_formats import GROUP, QuantizedWeight
+from joey.models.gguf_blocks import decode_tensor
+from joey.models.quantized import GROUP, QuantizedWeight
 
 SOURCE = Path(__file__).parent / "kernels" / "group_gemm.c"
 TILE = 16  # output columns per tile (LANES in the C source)
@@ -614,8 +615,6 @@ class GroupKernel:
             return cls._of([_native_part(type_name, raw, rows, cols, bias)], cols)
         if type_name not in LEGACY:
             raise ValueError(f"no layout for {type_name} blocks")
-        from joey.models.gguf_blocks import decode_tensor
-
         view = np.asarray(raw).reshape(rows, -1)
         chunks = [_legacy_part(decode_tensor(type_name, view[r0 : r0 + _CHUNK], min(_CHUNK, rows - r0), cols), None)
                   for r0 in range(0, rows, _CHUNK)]

@@ -1,9 +1,9 @@
 """Weight formats of the decoder's linear layers: fp32, bf16, int8 and int4, behind one kernel call.
 
 A linear layer holds one ``LinearKernel``: a frozen, pre-laid-out weight and the CPU kernel that
-multiplies by it. Low-bit weights are kept as ``QuantizedWeight`` codes (groups of ``GROUP`` input
-columns, each with its own scale and offset) so that a GGUF's Q4_0/Q4_1/Q4_K/Q8_0 blocks load
-as they are, and so that nothing is rounded twice.
+multiplies by it. Low-bit weights are kept as ``QuantizedWeight`` codes (``joey.models.quantized``:
+groups of ``GROUP`` input columns, each with its own scale and offset) so that a GGUF's
+Q4_0/Q4_1/Q4_K/Q8_0 blocks load as they are, and so that nothing is rounded twice.
 
 Why these kernels (measured on 2 cores; benchmarks/weight_formats.py):
 - fp32: oneDNN with a pre-packed weight (``pack_weight``), flat in the number of rows.
@@ -19,49 +19,16 @@ and their outputs are cast back, so the residual stream and the KV cache keep fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from joey.errors import InvalidArgumentError
+from joey.models import group_kernel
+from joey.models.quantized import GROUP, QuantizedWeight
 
 FORMATS = ("fp32", "bf16", "int8", "int4")
-GROUP = 32  # columns per int4 scale group: what Q4_0/Q4_1/Q4_K/Q8_0 blocks use
 BF16_ROWS = 16  # bf16 GEMM calls take at most this many rows (FloatKernel)
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """A low-bit [out, in] weight: ``w = scale * codes + offset`` per group of ``group`` columns.
-
-    int4: codes in [0, 15] (uint8), ``offset`` the group's minimum (Q4_0's is -8 * scale);
-    int8: codes in [-128, 127] (int8), no offset (symmetric, like Q8_0); ``group`` is 32 for a
-    GGUF's blocks or the whole row for a per-channel quantization.
-    """
-
-    bits: int
-    codes: torch.Tensor  # [out, in]
-    scale: torch.Tensor  # [out, in // group], fp32
-    offset: torch.Tensor | None  # [out, in // group], fp32 (int4 only)
-    group: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
-
-    def dequantize(self) -> torch.Tensor:
-        """The float weight these codes stand for, fp32 [out, in]."""
-        out, cols = self.codes.shape
-        w = self.codes.float().view(out, cols // self.group, self.group) * self.scale.unsqueeze(-1)
-        if self.offset is not None:
-            w = w + self.offset.unsqueeze(-1)
-        return w.view(out, cols)
-
-    def rows(self, index: torch.Tensor) -> QuantizedWeight:
-        """These output rows only (a permutation or a subset), codes untouched."""
-        off = None if self.offset is None else self.offset[index]
-        return QuantizedWeight(self.bits, self.codes[index], self.scale[index], off, self.group)
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -216,16 +183,12 @@ def low_bit_kernels() -> str:
     """Which kernels run int4/int8 weights here: "vnni" (joey's, 8-bit activations; see
     ``joey.models.group_kernel``) or "torch" (PyTorch's, bf16 activations). Part of every cache key
     of measured costs, since the two differ in speed and in numbers."""
-    from joey.models import group_kernel
-
     return "vnni" if group_kernel.available() else "torch"
 
 
 def low_bit_kernels_key() -> str:
     """``low_bit_kernels()`` plus the version of joey's kernel source: measured costs (the budget's
     curve, the weight choice) are measured again when the kernel changes, not read from an old one's."""
-    from joey.models import group_kernel
-
     kind = low_bit_kernels()
     return f"{kind}:{group_kernel.source_digest()}" if kind == "vnni" else kind
 
@@ -233,7 +196,5 @@ def low_bit_kernels_key() -> str:
 def _low_bit(q: QuantizedWeight, bias: torch.Tensor | None) -> LinearKernel:
     """int4/int8 codes on joey's kernel where it runs, else on PyTorch's."""
     if low_bit_kernels() == "vnni" and q.shape[1] % GROUP == 0 and q.group % GROUP == 0:
-        from joey.models.group_kernel import GroupKernel
-
-        return GroupKernel(q, bias)
+        return group_kernel.GroupKernel(q, bias)
     return Int4Kernel(q, bias) if q.bits == 4 else Int8Kernel(q, bias)

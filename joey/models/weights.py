@@ -9,10 +9,13 @@ from pathlib import Path
 
 import torch
 
+from joey.budget import measure
 from joey.errors import InvalidArgumentError, ModelFormatError
-from joey.models.llama import LlamaModel, ModelConfig, RMSNorm
-from joey.models.registry import ModelSource
-from joey.models.weight_formats import FORMATS, QuantizedWeight, low_bit_kernels_key
+from joey.measurements import cpu_name, measured_once
+from joey.models.config import ModelConfig
+from joey.models.llama import LlamaModel, RMSNorm
+from joey.models.quantized import QuantizedWeight
+from joey.models.weight_formats import FORMATS, low_bit_kernels_key
 
 
 def read_config(folder: Path) -> tuple[ModelConfig, dict]:
@@ -115,22 +118,6 @@ def load_tokenizer(folder: Path):
 WEIGHT_CHOICES = ("auto", *FORMATS)
 
 
-def load_source(source: ModelSource, device: torch.device, dtype: torch.dtype, weights: str | None,
-                progress: bool = True) -> LlamaModel:
-    """The model of a resolved source: a GGUF read in place (joey.models.gguf_load) or a folder's
-    float weights, its linears in format ``weights`` (None: plain float linears)."""
-    if weights is not None and weights not in WEIGHT_CHOICES:
-        raise InvalidArgumentError(f"unknown weight format '{weights}'; choose from {', '.join(WEIGHT_CHOICES)}")
-    if source.in_place:
-        from joey.models.gguf_load import load_gguf
-
-        return load_gguf(source, device, dtype, weights, progress)
-    model = load_model(source.folder, device, dtype)
-    if weights is not None:
-        set_format(model, source.folder, weights, progress)
-    return model
-
-
 def set_format(model: LlamaModel, folder: Path, weights: str, progress: bool = True) -> str:
     """``apply_weights`` for a model loaded from ``folder``'s float weights: its config's dtype,
     and a cache key naming the model."""
@@ -199,8 +186,6 @@ def fastest_format(
     progress: bool,
 ) -> str:
     """The candidate with the fastest one-token decoding step here (a kernel that fails is skipped)."""
-    from joey.budget import cpu_name, measure, measured_once
-
     if len(candidates) == 1:
         return candidates[0]
     key = json.dumps([cache_key, candidates, cpu_name(), torch.get_num_threads(), torch.__version__,

@@ -30,8 +30,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from joey.config import Generation, SpecConfig
-from joey.continuous import ContinuousBatch, StreamEvent
+from joey.continuous import ContinuousBatch
 from joey.errors import JoeyError
+from joey.request import StreamEvent
 from joey.server.metrics import ServerMetrics
 from joey.server.schemas import APIError, ChatRequest, CompletionRequest, _Sampling, parse
 from joey.server.worker import BatchWorker, Handle, Overloaded

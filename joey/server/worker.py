@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 from joey.config import SamplingParams
-from joey.continuous import ContinuousBatch, StreamEvent
+from joey.continuous import ContinuousBatch
+from joey.request import StreamEvent
 from joey.server.metrics import ServerMetrics
 
 

@@ -60,15 +60,49 @@ class Evaluation:
     positions: int
 
 
-def load_sequences(paths: Sequence[Path], exit_layer: int) -> list[Sequence_]:
-    out = []
-    for path in paths:
-        for row in torch.load(path, weights_only=True):
-            if exit_layer not in row["hidden"]:
-                raise ValueError(f"{path} has no hidden states for exit layer {exit_layer}")
-            out.append(Sequence_(row["hidden"][exit_layer], row["ids"].long(), int(row["prompt_len"]),
-                                 row["top_ids"].long(), row["top_p"].float()))
-    return out
+def load_sequences(paths: Sequence[Path], exit_layer: int | str, model: LlamaModel | None = None) -> list[Sequence_]:
+    """The distilled sequences of ``paths`` with their states after ``exit_layer`` (or the final-norm
+    features, ``FEATURE``). Shards distilled without that layer's states (e.g. a Jakiro head's data)
+    get them computed from their tokens by ``model``'s first layers (``exit_states``), so one
+    distillation serves both drafters and every exit layer."""
+    rows = [row for path in paths for row in torch.load(path, weights_only=True)]
+    missing = [i for i, row in enumerate(rows) if exit_layer not in row["hidden"]]
+    if missing and (model is None or not isinstance(exit_layer, int)):
+        raise ValueError(f"the distilled data has no hidden states for exit layer {exit_layer}")
+    computed = dict(zip(missing, exit_states(model, [rows[i]["ids"] for i in missing], exit_layer))) if missing else {}
+    return [Sequence_(computed[i] if i in computed else row["hidden"][exit_layer], row["ids"].long(),
+                      int(row["prompt_len"]), row["top_ids"].long(), row["top_p"].float())
+            for i, row in enumerate(rows)]
+
+
+@torch.inference_mode()
+def exit_states(
+    model: LlamaModel, ids: Sequence[torch.Tensor], layer: int, batch_tokens: int = 8192
+) -> list[torch.Tensor]:
+    """Hidden states after ``layer`` of positions 0 .. n - 2 of each token sequence (fp16), as
+    distillation would have kept them: the target's layers [0, layer) over right-padded batches of
+    similar lengths."""
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    dev = model.device
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and (len(ids[order[j]]) - 1) * (j - i + 1) <= batch_tokens:
+            j += 1
+        batch = order[i:j]
+        t = max(len(ids[k]) - 1 for k in batch)
+        tokens = torch.zeros(len(batch), t, dtype=torch.long, device=dev)
+        for r, k in enumerate(batch):
+            tokens[r, : len(ids[k]) - 1] = ids[k][:-1].to(dev).long()
+        positions = torch.arange(t, device=dev).expand(len(batch), t)
+        # causal attention, no mask: a row's real positions never see its padding on the right
+        x = model.run_layers(model.embed(tokens), positions, model.new_cache(len(batch), t, layers=layer), 0, t,
+                             None, end=layer)
+        for r, k in enumerate(batch):
+            out[k] = x[r, : len(ids[k]) - 1].to(torch.float16).cpu()
+        i = j
+    return out  # type: ignore[return-value]
 
 
 def draft_vocabulary(

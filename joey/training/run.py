@@ -103,15 +103,20 @@ def train_from_prompts(
     else:
         engine = float_engine()
     layers = engine.model.cfg.num_layers
-    if jakiro:
+    if jakiro or answers == "data":
+        # features only: a Kangaroo adapter's states after its exit layer are computed from the
+        # tokens when it trains (load_sequences), so one teacher-forced distillation serves both
+        # drafters and every exit layer
         distill = replace(distill, exit_layers=(), features=True)
+    if jakiro:
         if train.init:  # a wrong or foreign head file fails now, not after the distillation
             load_head(train.init, engine.model)
     else:
         if not 1 <= train.exit_layer < layers:
             raise InvalidArgumentError(f"--exit-layer must be in [1, {layers - 1}] for this {layers}-layer model")
-        exits = tuple(sorted({e for e in distill.exit_layers if e < layers} | {train.exit_layer}))
-        distill = replace(distill, exit_layers=exits)
+        if answers == "target":  # generating keeps the states of a few exit layers at no extra cost
+            exits = tuple(sorted({e for e in distill.exit_layers if e < layers} | {train.exit_layer}))
+            distill = replace(distill, exit_layers=exits)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     budget = None if distill_minutes is None else 60 * distill_minutes
@@ -145,7 +150,7 @@ def train_from_prompts(
     if distill.weights != "fp32" or device_map is not None:
         del engine
         engine = float_engine()
-    seqs = load_sequences(shards, FEATURE if jakiro else train.exit_layer)
+    seqs = load_sequences(shards, FEATURE if jakiro else train.exit_layer, engine.model)
     answer_tokens = sum(len(s.ids) - s.prompt_len for s in seqs)
     report.update(sequences=len(seqs), answer_tokens=answer_tokens, train_settings=asdict(train))
     if jakiro:
