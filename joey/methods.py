@@ -48,14 +48,22 @@ def _sps(engine: Any, spec: SpecConfig, shape: TreeShape) -> DrafterFactory:
     return lambda max_len, generator, params: DraftModelDrafter(draft, params, generator, max_len)
 
 
+def _trained(engine: Any, attr: str, method: str, how: str) -> Any:
+    """The engine's trained draft network ``attr`` (its Jakiro head or Kangaroo adapter), or a
+    one-line error saying how to get one."""
+    net = getattr(engine, attr)
+    if net is None:
+        raise InvalidArgumentError(f"method '{method}' needs {how}")
+    return net
+
+
 def _jakiro(lookup: bool) -> FactoryMaker:
+    name = "jakiro+pld" if lookup else "jakiro"
+
     def make(engine: Any, spec: SpecConfig, shape: TreeShape) -> DrafterFactory:
-        if engine.jakiro is None:
-            raise InvalidArgumentError(
-                f"method '{'jakiro+pld' if lookup else 'jakiro'}' needs a Jakiro head for this model: "
-                "joey.load(..., head=...); train one with `joey train-drafter`"
-            )
-        jd, hybrid = engine.jakiro, engine.jakiro_hybrid
+        jd = _trained(engine, "jakiro", name, "a Jakiro head for this model: joey.load(..., head=...); train one "
+                      "with `joey train-drafter`")
+        hybrid = engine.jakiro_hybrid
         return lambda max_len, generator, params: JakiroDrafter(
             jd, params, max_len, shape.topk, PromptLookupDrafter() if lookup else None, hybrid
         )
@@ -64,13 +72,10 @@ def _jakiro(lookup: bool) -> FactoryMaker:
 
 
 def _kangaroo(lookup: bool) -> FactoryMaker:
+    name = "kangaroo+pld" if lookup else "kangaroo"
+
     def make(engine: Any, spec: SpecConfig, shape: TreeShape) -> DrafterFactory:
-        if engine.kangaroo is None:
-            raise InvalidArgumentError(
-                f"method '{'kangaroo+pld' if lookup else 'kangaroo'}' needs an adapter for this model: "
-                "joey.load(..., adapter=...)"
-            )
-        kd = engine.kangaroo
+        kd = _trained(engine, "kangaroo", name, "an adapter for this model: joey.load(..., adapter=...)")
         return lambda max_len, generator, params: KangarooDrafter(
             kd, params, generator, max_len, spec.threshold, shape.topk, PromptLookupDrafter() if lookup else None
         )
