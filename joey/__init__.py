@@ -47,6 +47,28 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return table[dtype]
 
 
+def _check_load_args(model, prepack, progress, draft_model, adapter, head, weights) -> None:
+    """``load``'s arguments by type and value: a one-line error naming the argument."""
+    from joey.errors import InvalidArgumentError
+    from joey.models.weights import WEIGHT_CHOICES
+
+    for name, value in (("model", model), ("draft_model", draft_model)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise InvalidArgumentError(
+                f"{name} must be a model name, a folder or a .gguf path, got {type(value).__name__}"
+            )
+    for name, value in (("adapter", adapter), ("head", head)):
+        if value is not None and not isinstance(value, (bool, str, os.PathLike)):
+            raise InvalidArgumentError(
+                f"{name} must be a file path, None or True (the shipped one) or False (none), got {value!r}"
+            )
+    for name, value in (("prepack", prepack), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
+    if weights not in WEIGHT_CHOICES:
+        raise InvalidArgumentError(f"unknown weights '{weights}'; choose from {', '.join(WEIGHT_CHOICES)}")
+
+
 def load(
     model: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
@@ -78,15 +100,16 @@ def load(
     from joey.models.registry import resolve
     from joey.models.weights import load_tokenizer
 
+    _check_load_args(model, prepack, progress, draft_model, adapter, head, weights)
     dev = pick_device(device)
     fmt = weights if prepack or weights in ("int8", "int4") else None
     source = resolve(model, progress=progress)
     net = load_source(source, dev, pick_dtype(dtype, dev), fmt, progress)
     draft_source = None if draft_model is None else resolve(draft_model, progress=progress)
     draft = None if draft_source is None else load_source(draft_source, dev, pick_dtype(dtype, dev), fmt, progress)
-    path = find_adapter(net) if adapter is None else (None if adapter is False else adapter)
+    path = find_adapter(net) if adapter is None or adapter is True else (None if adapter is False else adapter)
     kangaroo = load_adapter(path, net) if path else None
-    path = find_head(net) if head is None else (None if head is False else head)
+    path = find_head(net) if head is None or head is True else (None if head is False else head)
     jakiro = load_head(path, net) if path else None
     tokenizer = load_tokenizer(source.folder)
     return Engine(net, tokenizer, source, draft_model=draft, adapter=kangaroo, head=jakiro)

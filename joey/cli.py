@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, NoReturn
 
 from torch import nn
@@ -78,7 +79,10 @@ def _spec_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from joey import __version__
+
     parser = _Parser(prog="joey", description="Lossless speculative decoding for Llama-family models.")
+    parser.add_argument("--version", action="version", version=f"joey {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate a reply to one or more prompts")
@@ -239,6 +243,11 @@ def param_count(model: nn.Module) -> int:
     return count
 
 
+def _folder_size(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from joey.models.registry import cache_dir
 
@@ -260,7 +269,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "device": str(engine.device),
         "dtype": str(engine.dtype).replace("torch.", ""),
         "weights": f"{engine.model.weight_format}, {engine.model.weight_bytes() / 1e6:.1f} MB read per token",
-        "cache": str(cache_dir()),
+        "cache": f"{cache_dir()} ({_folder_size(cache_dir()) / 1e9:.2f} GB; JOEY_CACHE moves it)",
         "default method": engine.default_method,
     }
     if "int" in engine.model.weight_format:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from joey.errors import InvalidArgumentError
 
@@ -12,6 +12,14 @@ METHODS = ("ar", "pld", "sps", "kangaroo", "kangaroo+pld", "jakiro", "jakiro+pld
 MAX_DRAFT_LIMIT = 64  # keeps draft positions inside the RoPE table's margin past the context
 MAX_TREE_NODES = 128
 MAX_TREE_TOPK = 16
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -31,20 +39,39 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise InvalidArgumentError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not (self.temperature >= 0.0):  # also rejects NaN
-            raise InvalidArgumentError(f"temperature must be >= 0, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or not self.temperature >= 0.0:  # also rejects NaN
+            raise InvalidArgumentError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise InvalidArgumentError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise InvalidArgumentError("stop strings must be non-empty strings")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgumentError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise InvalidArgumentError(f"seed must be a 64-bit integer or None, got {self.seed!r}")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (tuple, list)) or any(not isinstance(x, str) or x == "" for x in stop):
+            raise InvalidArgumentError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidArgumentError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+    @classmethod
+    def with_overrides(cls, params: SamplingParams | None, overrides: dict) -> SamplingParams:
+        """``params`` (default: SamplingParams()) with some fields replaced; an unknown keyword is a
+        one-line error naming it and the accepted ones."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise InvalidArgumentError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params = params or cls()
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown keyword '{unknown[0]}'; sampling keywords are {', '.join(sorted(names))}"
+            )
+        return replace(params, **overrides) if overrides else params
 
     @property
     def greedy(self) -> bool:
@@ -72,10 +99,7 @@ class SpecConfig:
     adaptive: bool = True
 
     def __post_init__(self) -> None:
-        def is_int(x: object) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        if not is_int(self.max_draft) or not 1 <= self.max_draft <= MAX_DRAFT_LIMIT:
+        if not _is_int(self.max_draft) or not 1 <= self.max_draft <= MAX_DRAFT_LIMIT:
             raise InvalidArgumentError(
                 f"max_draft must be an integer in [1, {MAX_DRAFT_LIMIT}], got {self.max_draft!r}"
             )
@@ -84,10 +108,12 @@ class SpecConfig:
         ):
             raise InvalidArgumentError(f"threshold must be a number in [0, 1], got {self.threshold!r}")
         nodes = self.tree_nodes
-        if nodes is not None and (not is_int(nodes) or not 0 <= nodes <= MAX_TREE_NODES):
+        if nodes is not None and (not _is_int(nodes) or not 0 <= nodes <= MAX_TREE_NODES):
             raise InvalidArgumentError(f"tree_nodes must be an integer in [0, {MAX_TREE_NODES}], got {nodes!r}")
-        if not is_int(self.tree_topk) or not 0 <= self.tree_topk <= MAX_TREE_TOPK:
+        if not _is_int(self.tree_topk) or not 0 <= self.tree_topk <= MAX_TREE_TOPK:
             raise InvalidArgumentError(f"tree_topk must be an integer in [0, {MAX_TREE_TOPK}], got {self.tree_topk!r}")
+        if not isinstance(self.adaptive, bool):
+            raise InvalidArgumentError(f"adaptive must be true or false, got {self.adaptive!r}")
 
 
 @dataclass(frozen=True)

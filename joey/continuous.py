@@ -125,9 +125,16 @@ class ContinuousBatch:
     def add(self, prompt_ids: list[int], params: SamplingParams | None = None, key: Hashable | None = None) -> Hashable:
         """Queue a request; it joins at the next step that has room. Returns its key (the ``row`` of
         its events): ``key`` if given, else a new integer."""
-        params = params or SamplingParams()
+        params = SamplingParams.with_overrides(params, {})
+        if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, int) for t in prompt_ids):
+            raise InvalidArgumentError("prompt_ids must be a list of token ids (ints); Engine.encode makes one")
         if not prompt_ids:
             raise PromptError("the prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidArgumentError(f"prompt_ids holds a token id outside the vocabulary [0, {vocab})")
+        if key is not None and not isinstance(key, Hashable):
+            raise InvalidArgumentError(f"key must be hashable, got {type(key).__name__}")
         context = self.engine.context_length
         if len(prompt_ids) >= context:
             raise PromptError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")

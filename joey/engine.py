@@ -38,6 +38,7 @@ from joey.request import StreamEvent
 __all__ = ["BATCH_MODES", "METHODS", "Engine", "StreamEvent"]
 
 Message = dict[str, str]
+ROLES = ("system", "user", "assistant")  # chat roles every supported template takes
 Prompt = Union[str, Sequence[Message]]
 
 
@@ -110,9 +111,11 @@ class Engine:
         """Token ids of a prompt: a string (wrapped as one user message when ``chat``) or messages."""
         if _is_messages(prompt):
             messages = list(prompt)
-            for m in messages:
+            for i, m in enumerate(messages):
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise InvalidArgumentError("each message needs string 'role' and 'content' fields")
+                if m["role"] not in ROLES:
+                    raise InvalidArgumentError(f"message {i} has role '{m['role']}'; roles are {', '.join(ROLES)}")
         elif isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError("the prompt is empty")
@@ -132,9 +135,13 @@ class Engine:
     def _as_batch(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
         if isinstance(prompts, str) or _is_messages(prompts):
             return [prompts], False
-        if isinstance(prompts, (list, tuple)) and prompts:
+        if isinstance(prompts, (list, tuple)):
+            if not prompts:
+                raise PromptError("no prompt given")
             return list(prompts), True
-        raise PromptError("no prompt given")
+        raise InvalidArgumentError(
+            f"a prompt must be a string, a list of messages or a list of prompts, got {type(prompts).__name__}"
+        )
 
     # -- generation ------------------------------------------------------------------------------
     def stream(
@@ -165,7 +172,9 @@ class Engine:
         (``max_new_tokens=64, temperature=0.7, ...``).
         """
         method = method or self.default_method
-        params = replace(params or SamplingParams(), **overrides) if overrides else (params or SamplingParams())
+        params = SamplingParams.with_overrides(params, overrides)
+        if not isinstance(chat, bool):
+            raise InvalidArgumentError(f"chat must be true or false, got {chat!r}")
         if method not in METHODS:
             raise InvalidArgumentError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
         if batch_mode not in BATCH_MODES:

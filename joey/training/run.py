@@ -149,7 +149,14 @@ def train_from_prompts(
         return report
     if distill.weights != "fp32" or device_map is not None:
         del engine
-        engine = float_engine()
+        if jakiro:
+            # a head reads only the target's embeddings and LM-head rows (its features come from the
+            # shards), which every format gives exactly: the one joey decodes with is the lightest
+            engine = joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=progress)
+        else:
+            # float layers, where the adapter starts, unpacked: no second copy of a large target
+            engine = joey.load(model, device=device, dtype=dtype, adapter=False, head=False, progress=progress,
+                               weights="fp32", prepack=False)
     seqs = load_sequences(shards, FEATURE if jakiro else train.exit_layer, engine.model)
     answer_tokens = sum(len(s.ids) - s.prompt_len for s in seqs)
     report.update(sequences=len(seqs), answer_tokens=answer_tokens, train_settings=asdict(train))
