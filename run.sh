@@ -32,6 +32,6 @@ cmd="${1:-demo}"
 case "$cmd" in
   demo)  joey generate "Explain in three sentences why the sky is blue." --max-new-tokens 128 "$@" ;;
   test)  python -m pytest -q tests "$@" ;;
-  bench) joey bench --questions "${JOEY_QUESTIONS:-../shared/data/spec_bench/question.jsonl}" --limit 5 --out bench_out/spec_bench "$@" ;;
+  bench) joey bench ${JOEY_QUESTIONS:+--questions "$JOEY_QUESTIONS"} --limit 5 --out bench_out/spec_bench "$@" ;;
   *) echo "usage: ./run.sh [demo|test|bench] [args...]" >&2; exit 2 ;;
 esac

@@ -25,7 +25,7 @@ import joey.drafters.base as drafter_base
 from joey.budget import StepScale
 from joey.measurements import cpu_name
 
-QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
+QUESTIONS = Path(__file__).resolve().parents[1] / "joey" / "bench" / "data" / "spec_bench" / "question.jsonl"
 
 
 class _NoScale(StepScale):

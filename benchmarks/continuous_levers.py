@@ -45,7 +45,7 @@ def run(engine, ids: list[list[int]], method: str, prior: int, max_batch: int, m
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_questions = Path(__file__).parents[1] / "../shared/data/spec_bench/question.jsonl"
+    default_questions = Path(__file__).parents[1] / "joey/bench/data/spec_bench/question.jsonl"
     p.add_argument("--questions", type=Path, default=default_questions)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=16)

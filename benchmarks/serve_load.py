@@ -47,7 +47,7 @@ except ImportError:  # the venv ships httpx's fork "httpx2" (what openai uses), 
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-QUESTIONS = REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+QUESTIONS = REPO / "joey" / "bench" / "data" / "spec_bench" / "question.jsonl"
 REFERENCE = "joey:ar"  # the speed-up column is relative to this server at the same concurrency
 LLAMACPP_DEPS = ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 
@@ -453,7 +453,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default: 128)")
     ap.add_argument("--questions", type=Path, default=QUESTIONS,
                     help="JSONL with a 'turns' list; the first turn of each question is a prompt "
-                         "(default: ../shared/data/spec_bench/question.jsonl from the repo root)")
+                         "(default: the Spec-Bench questions shipped in joey/bench/data/spec_bench/)")
     ap.add_argument("--out", type=Path, default=Path("bench_out/serve_load"),
                     help="output folder (default: bench_out/serve_load)")
     ap.add_argument("--timeout", type=float, default=600.0,

@@ -66,7 +66,7 @@ def _check_load_args(model, prepack, progress, draft_model, adapter, head, weigh
         if not isinstance(value, bool):
             raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
     if weights not in WEIGHT_CHOICES:
-        raise InvalidArgumentError(f"unknown weights '{weights}'; choose from {', '.join(WEIGHT_CHOICES)}")
+        raise InvalidArgumentError(f"unknown weight format '{weights}'; choose from {', '.join(WEIGHT_CHOICES)}")
 
 
 def load(

@@ -170,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "text": g.text, "token_ids": list(g.token_ids), "new_tokens": g.new_tokens,
                 "wall_time_s": round(g.wall_time_s, 4), "tokens_per_s": round(g.tokens_per_s, 2),
                 "method": g.method, "steps": g.stats.steps, "mean_accepted_tokens": g.stats.mean_accepted_tokens,
-                "finish_reason": g.finish_reason,
+                "finish_reason": g.finish_reason, "seed": g.seed,
             }))
             continue
         if not stream_text:

@@ -27,7 +27,12 @@ class SamplingParams:
     """How the next token is chosen from the target's logits.
 
     ``temperature == 0`` means greedy decoding; top-k / top-p only matter when sampling.
-    ``seed`` seeds a private ``torch.Generator`` so runs are reproducible.
+    ``seed`` keys the randomness of sampling: the token at position t is drawn with a uniform that
+    depends only on (seed, t) (``joey.sampling.keyed_uniform``), so the same request with the same
+    seed gives the same tokens with every method, batch and load (on one machine and weight format).
+    A request without a seed gets a random one, reported in its ``Generation``. ``rejection=True``
+    verifies sampled drafts by rejection sampling instead (exact in distribution, but its draws
+    depend on the method and the drafts: not token-reproducible).
     """
 
     max_new_tokens: int = 128
@@ -37,6 +42,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    rejection: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -57,6 +63,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(stop))
         if not isinstance(self.ignore_eos, bool):
             raise InvalidArgumentError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if not isinstance(self.rejection, bool):
+            raise InvalidArgumentError(f"rejection must be true or false, got {self.rejection!r}")
 
     @classmethod
     def with_overrides(cls, params: SamplingParams | None, overrides: dict) -> SamplingParams:
@@ -160,6 +168,7 @@ class Generation:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     method: str = "ar"
     stats: GenerationStats = field(default_factory=GenerationStats)
+    seed: int | None = None  # the seed its sampling was keyed by (given or drawn): rerun with it to reproduce
 
     @property
     def tokens_per_s(self) -> float:

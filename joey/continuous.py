@@ -20,6 +20,7 @@ row only.
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
@@ -38,7 +39,7 @@ from joey.models.kv_cache import KVCache
 from joey.request import FinishReason, Request, StreamEvent
 from joey.sampling import next_tokens, probabilities
 from joey.target_runner import TargetRunner
-from joey.verify import Verdict, verify_greedy, verify_sampled
+from joey.verify import Verdict, verify_greedy, verify_keyed, verify_sampled
 
 BATCH_MODES = ("packed", "padded")  # packed: EMS-SD, no padding; padded: the vanilla baseline (Lockstep)
 
@@ -142,10 +143,12 @@ class ContinuousBatch:
             raise InvalidArgumentError("a padded batch takes all its rows before the first step")
         if key is None:
             key = next(self._keys)
+        if params.seed is None:  # drawn here and reported in the result, so any output can be reproduced
+            params = replace(params, seed=secrets.randbits(63))
         generator = None
-        if not params.greedy:
+        if params.rejection and not params.greedy:  # rejection sampling's stateful draws
             generator = torch.Generator(device=self.engine.device)
-            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            generator.manual_seed(params.seed)
         max_new = min(params.max_new_tokens, context - len(prompt_ids))
         self.waiting.append(Request(key, list(prompt_ids), params, generator, max_new,
                                     IncrementalText(self.engine.tokenizer, params.stop)))
@@ -240,7 +243,7 @@ class ContinuousBatch:
             cache.advance([self.lockstep.width - n for n in cache.lengths])
         for i, row in enumerate(joiners):
             try:
-                tok = int(next_tokens(logits[i : i + 1], row.params, row.generator)[0])
+                tok = int(next_tokens(logits[i : i + 1], row.params, [len(row.prompt_ids)], row.generator)[0])
                 row.steps = 1
                 events.append(row.commit([tok], self.engine.eos_ids, self.method))
                 row.pending = tok
@@ -297,9 +300,12 @@ class ContinuousBatch:
         try:
             if row.params.greedy:
                 verdict = verify_greedy(prop.tokens, prop.parents, logits)
-            else:
+            elif row.params.rejection:
                 verdict = verify_sampled(prop.tokens, prop.parents, probabilities(logits, row.params),
                                          prop.draft_probs, row.generator)
+            else:  # the target's keyed draw at every node; the root's is the next position's
+                verdict = verify_keyed(prop.tokens, prop.parents, probabilities(logits, row.params), row.params,
+                                       len(row.context))
             tokens = self._record(row, prop, verdict)
             if row.drafter is not None and row.drafter.wants_features:  # pending token + accepted path
                 row.drafter.observe(features[[0, *(1 + j for j in verdict.path)]])

@@ -63,7 +63,7 @@ class Request:
         self.key = key  # what its events are labelled with (``StreamEvent.row``)
         self.prompt_ids = prompt_ids
         self.params = params
-        self.generator = generator  # its private sampling generator (None when greedy)
+        self.generator = generator  # rejection sampling's stateful draws (None unless params.rejection)
         self.max_new = max_new  # most new tokens: the request's max, or what the context leaves
         self.new_ids: list[int] = []
         self.detok = detok
@@ -123,6 +123,7 @@ class Request:
             finish_reason=reason,
             method=method,
             stats=self.stats(),
+            seed=self.params.seed,
         )
         return StreamEvent(self.key, text, kept, gen)
 

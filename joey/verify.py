@@ -10,9 +10,15 @@ row ``i + 1`` scores the token after draft node ``i``.
 Greedy: follow the root-to-node path whose every token equals the target's argmax at its parent;
 the *bonus* is the target's argmax after the last accepted node.
 
-Sampling: recursive rejection over the children of each node (multi-candidate speculative
-sampling: SpecInfer, Miao et al. 2024, arXiv 2305.09781, Alg. 2; for one child per node it is
-Leviathan et al. 2023, arXiv 2211.17192, Alg. 1). At a node with target distribution p, try its
+Sampling (the default, ``verify_keyed``): the target's choice at every node is its draw keyed by the
+request's seed and the node's position (``joey.sampling.keyed_uniform``), the very draw AR makes
+there; following the choices as in greedy decoding accepts exactly AR's tokens, for every method,
+tree and batch. A deterministic candidate x is accepted with probability p(x); a sampled drafter
+that draws with the same keyed uniform on its own q is coupled to the target.
+
+Sampling with ``SamplingParams.rejection``: recursive rejection over the children of each node
+(multi-candidate speculative sampling: SpecInfer, Miao et al. 2024, arXiv 2305.09781, Alg. 2; for
+one child per node it is Leviathan et al. 2023, arXiv 2211.17192, Alg. 1). At a node with target distribution p, try its
 children in order; child c carries token x_c drawn from q_c (a point mass for deterministic
 drafters: top-k candidates, prompt lookup). Accept x_c with probability min(1, p(x_c) / q_c(x_c));
 on rejection replace p by norm(max(0, p − q_c)) and try the next child — for a point mass that is
@@ -32,7 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from joey.sampling import sample
+from joey.batching import depths_of
+from joey.config import SamplingParams
+from joey.sampling import draw, sample
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,21 @@ def follow_choices(
             return Verdict(tuple(path), int(want))
         path.append(nxt)
         node = nxt
+
+
+def verify_keyed(
+    tokens: Sequence[int],  # [k] draft token ids
+    parents: Sequence[int],  # [k] parent index of each node (-1 = root)
+    p: torch.Tensor,  # [k + 1, vocab] target probabilities (after temperature / top-k / top-p)
+    params: SamplingParams,  # its seed keys the draws
+    position: int,  # the sequence position the root's row chooses (the pending token's + 1)
+) -> Verdict:
+    """The target's choice at every node is its keyed draw at that node's position (the root's at
+    ``position``, a node at depth d chooses position + d: ``joey.sampling.keyed_uniform``): exactly
+    what AR samples there, so following the choices accepts AR's tokens. A deterministic candidate
+    x is accepted with probability p(x), as under rejection sampling."""
+    choices = draw(p, params, [position + d for d in depths_of(parents)]).tolist()
+    return follow_choices(tokens, parents, choices)
 
 
 def verify_sampled(

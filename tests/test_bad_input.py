@@ -31,7 +31,7 @@ GENERATE = [
     ({"seed": 2**70}, InvalidArgumentError, f"seed must be a 64-bit integer or None, got {2**70}"),
     ({"ignore_eos": "yes"}, InvalidArgumentError, "ignore_eos must be true or false, got 'yes'"),
     ({"foo": 1}, InvalidArgumentError, "unknown keyword 'foo'; sampling keywords are ignore_eos, max_new_tokens, "
-     "seed, stop, temperature, top_k, top_p"),
+     "rejection, seed, stop, temperature, top_k, top_p"),
     ({"method": "medusa"}, InvalidArgumentError, "unknown method 'medusa'; choose from ar, pld, sps, ..."),
     ({"batch_mode": "diagonal"}, InvalidArgumentError, "unknown batch mode 'diagonal'; choose from packed, padded"),
     ({"max_draft": 0}, InvalidArgumentError, "max_draft must be an integer in [1, 64], got 0"),
@@ -55,7 +55,8 @@ PROMPTS = [
     ([{"role": "user", "content": ""}], PromptError, "the prompt is empty"),
 ]
 LOAD = [
-    ({"weights": "int3"}, InvalidArgumentError, "unknown weights 'int3'; choose from auto, fp32, bf16, int8, int4"),
+    ({"weights": "int3"}, InvalidArgumentError,
+     "unknown weight format 'int3'; choose from auto, fp32, bf16, int8, int4"),
     ({"adapter": 5}, InvalidArgumentError, "adapter must be a file path, None or True (the shipped one) or False "
      "(none), got 5"),
     ({"prepack": "yes"}, InvalidArgumentError, "prepack must be true or false, got 'yes'"),

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.parametrize("tiny_folder", ["qwen2"], indirect=True)
 def model(tiny_folder):
     """The tiny target with row-invariant (pre-packed) kernels, as the engine runs it."""
     m = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, adapter=False, head=False).model
-    m.prepack()
+    m.kernel_setup.prepack()
     return m
 
 

@@ -55,7 +55,7 @@ def test_prepacked_incremental_decode_matches_prefill(family_folder):
     ids = list(range(1000, 1030))
     with torch.inference_mode():
         full = _prefill(model, ids)
-        assert model.prepack()
+        assert model.kernel_setup.prepack()
         cache = model.new_cache(1, 64)
         model(torch.tensor([ids[:5]]), torch.arange(5)[None], cache, 0, 5, None)
         for i in range(5, 30):

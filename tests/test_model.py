@@ -33,7 +33,7 @@ def _prefill(model, ids):
 def test_tiny_logits_match_transformers(tiny_folder, prepack):
     model = load_model(tiny_folder, torch.device("cpu"), torch.float32)
     if prepack:
-        assert model.prepack()
+        assert model.kernel_setup.prepack()
     hf = _hf(tiny_folder)
     ids = torch.randint(0, 49152, (1, 37), generator=torch.Generator().manual_seed(0)).tolist()[0]
     with torch.inference_mode():

@@ -418,7 +418,7 @@ def test_default_model_native_weights_are_lossless():
     native = joey.load(None, device="cpu", progress=False, adapter=False, head=False, weights="fp32")
     file = GGUFFile(native.source.gguf)
     names = file.hf_names()
-    native.model.set_weights("native", quantized_weights(file, names, names["model.embed_tokens.weight"]))
+    native.model.kernel_setup.set_weights("native", quantized_weights(file, names, names["model.embed_tokens.weight"]))
     assert native.model.weight_format == "int4+int8"
     long = "Summarize: " + " ".join(f"Paragraph {i}: the committee met, argued and adjourned." for i in range(25))
     for prompt in ("List three uses of a paperclip.", long):  # long: ~300 tokens, more than any verification

@@ -3,6 +3,9 @@
 A question file is JSONL, one object per line with ``question_id``, ``category`` and ``turns``
 (a list of user messages; MT-bench questions have two) and an optional ``reference``. Spec-Bench
 reports the eight MT-bench categories as one category, ``mt_bench``; so does joey.
+
+joey ships Spec-Bench's own question file (``SPEC_BENCH_QUESTIONS``: 480 questions, Apache-2.0, see
+``data/spec_bench/SOURCE.md``), the default of ``joey bench``. It is evaluation data: never train on it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from joey.errors import InvalidArgumentError
 
+SPEC_BENCH_QUESTIONS = Path(__file__).resolve().parent / "data" / "spec_bench" / "question.jsonl"
 MT_BENCH = "mt_bench"
 MT_BENCH_CATEGORIES = frozenset(
     {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}

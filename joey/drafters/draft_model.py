@@ -15,7 +15,7 @@ from joey.batching import prefix_causal_mask
 from joey.config import SamplingParams
 from joey.drafters.base import BatchedDrafter, Proposal, common_prefix
 from joey.models.llama import LlamaModel, RowSpan
-from joey.sampling import probabilities, sample
+from joey.sampling import draw, probabilities
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class DraftModelDrafter(BatchedDrafter):
             return Proposal.chain([])
         if self.start is None:
             self.start = max(0, len(context) - PROMPT_WINDOW)
+        position = len(context)  # of the first draft token in the sequence: what keys its draw
         context = context[self.start:]
         common = min(common_prefix(self.cached, context), len(context) - 1)  # always feed the last token
         self.cache.truncate([common])
@@ -75,7 +76,8 @@ class DraftModelDrafter(BatchedDrafter):
                 tok = int(logits.argmax())
             else:
                 q = probabilities(logits[None], self.params)  # [1, vocab]
-                tok = int(sample(q, self.generator))
+                # the target's keyed uniform for this position: the draft is coupled to its choice
+                tok = int(draw(q, self.params, [position + i], self.generator)[0])
                 dists.append(q[0])
             tokens.append(tok)
             if i + 1 < max_tokens:

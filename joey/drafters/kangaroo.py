@@ -46,7 +46,7 @@ from joey.drafters.prompt_lookup import PromptLookupDrafter
 from joey.drafters.tree import DraftTree, Placement, candidate_log_probs, contiguous
 from joey.models.adapter import KangarooAdapter
 from joey.models.llama import LlamaModel
-from joey.sampling import probabilities, sample
+from joey.sampling import draw, probabilities
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,11 @@ class KangarooDraft:
 
     @classmethod
     def build(cls, model: LlamaModel, adapter: KangarooAdapter) -> KangarooDraft:
-        """When the target runs pre-packed kernels (``LlamaModel.prepack`` / ``set_weights``), so does
-        a copy of the adapter: like the target's, its GEMMs then cost nearly the same for the packed
-        rows of a batch as for one, and a row's result does not depend on the others, so a row
-        drafts exactly the same alone or batched (``propose_batch``)."""
-        if model.kernels():
+        """When the target runs pre-packed kernels (``model.kernel_setup``'s ``prepack`` /
+        ``set_weights``), so does a copy of the adapter: like the target's, its GEMMs then cost nearly
+        the same for the packed rows of a batch as for one, and a row's result does not depend on the
+        others, so a row drafts exactly the same alone or batched (``propose_batch``)."""
+        if model.kernel_setup.kernels():
             w = adapter.norm.weight
             copy = KangarooAdapter(model.cfg, adapter.exit_layer, adapter.vocab, mlp=adapter.mlp is not None)
             copy.load_state_dict(adapter.state_dict())
@@ -291,7 +291,9 @@ class KangarooDrafter(BatchedDrafter):
         parent = -1
         for depth in range(1, min(max_depth, max_nodes) + 1):
             q = probabilities(logits[None], self.params)[0]  # [draft_vocab]
-            local = int(sample(q[None], self.generator)[0])
+            # keyed like the target's draw at this position (the tree's base is the context's length):
+            # the draft vocabulary is sorted by id, so its CDF runs in the target's order
+            local = int(draw(q[None], self.params, [tree.base + depth - 1], self.generator)[0])
             full = torch.zeros(full_vocab, dtype=q.dtype, device=q.device)
             parent = tree.add(int(vocab[local]), parent, 0.0, depth, full.index_copy_(0, vocab, q))
             if depth == min(max_depth, max_nodes) or float(q.max()) < self.threshold:

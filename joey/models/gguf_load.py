@@ -77,7 +77,8 @@ def load_gguf(source: ModelSource, device: torch.device, dtype: torch.dtype, wei
     else:
         model.model.embed_tokens = nn.Embedding.from_pretrained(file.float_tensor(embed), freeze=False)
     if on_cpu and weights == "auto" and dtype == torch.float32 and low_bit_kernels() == "vnni":
-        model.use_kernels(cached_kernels(source.folder, file, names, cfg.num_layers, progress), BlockRows(file, head))
+        kernels = cached_kernels(source.folder, file, names, cfg.num_layers, progress)
+        model.kernel_setup.use_kernels(kernels, BlockRows(file, head))
         return model.to(device=device).eval()
     # float linears, dequantized exactly (the formats below are then made from them or the blocks)
     for hf in sorted(linears) + ["lm_head.weight"]:
@@ -120,7 +121,7 @@ def quantized_weights(file: GGUFFile, names: dict[str, str], head: str) -> dict[
 
 
 def _kernel_names(layers: int) -> list[tuple[str, list[str]]]:
-    """Each kernel ``LlamaModel.use_kernels`` takes, with the HF linears it fuses."""
+    """Each kernel ``KernelSetup.use_kernels`` takes, with the HF linears it fuses."""
     out = []
     for i in range(layers):
         p = f"model.layers.{i}"

@@ -27,7 +27,8 @@ alone. What the code does for it, at inference (autograd, i.e. training, keeps P
   (``cache_dtype``), and the differences vanish when the result is rounded back to fp32.
 - Linear layers: joey's low-bit kernel, PyTorch's int4/int8 kernels and bf16 oneDNN (in blocks of
   ``weight_formats.BF16_ROWS`` rows) give a row the same bits however many rows share the call. fp32
-  oneDNN (``prepack``) does not in general.
+  oneDNN (``prepack``) does not in general. Which kernels a model's linears run is set through
+  ``model.kernel_setup`` (``joey.models.kernel_setup``: ``set_weights``, ``prepack``, ``use_kernels``).
 
 So on a CPU a model whose linears all run those row-invariant kernels gives bitwise the same logits
 on every path (tests/test_weight_formats.py, tests/test_gguf_kernels.py); an fp32 model agrees across
@@ -57,7 +58,7 @@ Entry points, and who uses which:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,7 @@ from torch import nn
 from joey.batching import Packing, causal_mask, window_mask
 from joey.models import group_kernel
 from joey.models.config import ModelConfig
+from joey.models.kernel_setup import KernelSetup
 from joey.models.kv_cache import KVCache
 from joey.models.quantized import QuantizedWeight
 from joey.models.rope import RopeConfig, rope_table
@@ -107,13 +109,6 @@ def float_format(dtype: torch.dtype) -> str:
 
 
 WeightSource = torch.Tensor | QuantizedWeight  # a float weight or a GGUF's own codes
-_NARROWEST_FIRST = ("int4", "int5", "int6", "int8", "bf16", "fp32")
-
-
-def mixed_format(formats: Iterable[str]) -> str:
-    """The name of a model whose kernels run these formats: each once, narrowest first ("int4+int6")."""
-    parts = {p for f in formats for p in f.split("+")}
-    return "+".join(sorted(parts, key=lambda p: _NARROWEST_FIRST.index(p) if p in _NARROWEST_FIRST else -1))
 
 
 def fuse(fmt: str, linears: list[Linear], sources: list[WeightSource] | None = None) -> LinearKernel | None:
@@ -452,10 +447,7 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope: dict[RopeConfig, tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin tables
-        self._format: str | None = None  # set_weights' format; None = plain float weights
-        self._plans: list[group_kernel.LayerPlan | None] | None = None  # layer_plans(), built on first use
-        # rows of the LM head where its float weight is not kept (a GGUF's head stays in its blocks)
-        self._head_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.kernel_setup = KernelSetup(self)  # which kernels the linear layers run, and what follows from it
 
     @property
     def device(self) -> torch.device:
@@ -473,119 +465,21 @@ class LlamaModel(nn.Module):
         w = self.lm_head.weight
         if w is not None:
             return w.detach()[index.to(w.device)]
-        if self._head_rows is None:
+        if self.kernel_setup.head_rows is None:
             raise RuntimeError("this model keeps neither a float LM head nor its blocks")
-        return self._head_rows(index).to(self.device, self.dtype)
+        return self.kernel_setup.head_rows(index).to(self.device, self.dtype)
 
-    def use_kernels(self, kernels: dict[str, LinearKernel], head_rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Run the linear layers on ready-made kernels (a GGUF's blocks laid out for joey's kernel),
-        keeping no float weights: per layer i ``model.layers.{i}.self_attn.qkv`` (q, k, v fused),
-        ``...self_attn.o_proj``, ``...mlp.gate_up`` (fused), ``...mlp.down_proj``, and ``lm_head``.
-        ``head_rows``: what ``head_rows`` reads instead of a float head."""
-        self._plans = None
-        for i, layer in enumerate(self.model.layers):
-            a, m, p = layer.self_attn, layer.mlp, f"model.layers.{i}"
-            a._qkv, a.o_proj.kernel = kernels[f"{p}.self_attn.qkv"], kernels[f"{p}.self_attn.o_proj"]
-            m._gate_up, m.down_proj.kernel = kernels[f"{p}.mlp.gate_up"], kernels[f"{p}.mlp.down_proj"]
-            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
-                lin.kernel = None
-            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-                lin.weight = None  # type: ignore[assignment]
-        self.lm_head.kernel = kernels["lm_head"]
-        self.lm_head.weight = None  # type: ignore[assignment]
-        self._head_rows = head_rows
-        self._format = mixed_format(k.format for k in self.kernels())
-
-    def prepack(self) -> bool:
-        """Pre-pack every linear layer for oneDNN (fp32 CPU only); returns whether it did."""
-        if self.device.type != "cpu" or self.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-            return False
-        self.set_weights("fp32")
-        return True
-
-    def set_weights(self, fmt: str, native: dict[str, QuantizedWeight] | None = None, keep_float: bool = True) -> None:
-        """Run every linear layer in weight format ``fmt`` (joey.models.weight_formats.FORMATS), CPU
-        only, or with ``fmt="native"`` each layer in the format of its stored blocks (fp32 where none).
-
-        ``native``: quantized weights by Hugging Face name (a GGUF's own blocks). ``keep_float=False``
-        frees the decoder layers' float weights (a model can then not change format again); the LM
-        head keeps its float weight, which drafters slice for their draft vocabularies.
-        """
-        native = native or {}
-        bits = {"int4": 4, "int8": 8}.get(fmt)
-        self._plans = None  # they point into the kernels being replaced
-
-        def src(name: str, lin: Linear) -> WeightSource:
-            # "native": every stored block at its own bits; int4/int8: stored codes of exactly that
-            # width, the rest quantized from the float copy; float formats: the float copy, which
-            # is the exact dequantization of any stored blocks
-            q = native.get(name)
-            if q is not None and (fmt == "native" or q.bits == bits):
-                return q
-            return lin.weight
-
-        for i, layer in enumerate(self.model.layers):
-            a, m = layer.self_attn, layer.mlp
-            p = f"model.layers.{i}"
-            a.set_weights(fmt, [src(f"{p}.self_attn.{n}.weight", getattr(a, n)) for n in ("q_proj", "k_proj",
-                                                                                           "v_proj", "o_proj")])
-            m.set_weights(fmt, [src(f"{p}.mlp.{n}.weight", getattr(m, n)) for n in ("gate_proj", "up_proj",
-                                                                                     "down_proj")])
-        self.lm_head.kernel = make_kernel(fmt, src("lm_head.weight", self.lm_head))
-        self._format = mixed_format(k.format for k in self.kernels())
-        if not keep_float:
-            for layer in self.model.layers:
-                for lin in (*layer.self_attn.children(), *layer.mlp.children()):
-                    if isinstance(lin, Linear):
-                        lin.weight = None  # type: ignore[assignment]
-
+    # -- the linear layers' kernels: ``kernel_setup`` sets them; what callers ask of them ---------
     @property
     def weight_format(self) -> str:
-        """fp32, bf16, int8 or int4 (what set_weights chose; "int4+int8" for a mix, as a GGUF that
-        keeps its LM head in 8 bits runs natively), or the float dtype of plain weights."""
-        return self._format or str(self.dtype).replace("torch.", "").replace("float32", "fp32")
-
-    def kernels(self) -> list[LinearKernel]:
-        """Every kernel a decoding step runs (fused ones count once)."""
-        out: list[LinearKernel] = []
-        for layer in self.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            fused = [k for k in (a._qkv, m._gate_up) if k is not None]
-            out += fused + [lin.kernel for lin in (*a.children(), *m.children())
-                            if isinstance(lin, Linear) and lin.kernel is not None]
-        if self.lm_head.kernel is not None:
-            out.append(self.lm_head.kernel)
-        return out
+        return self.kernel_setup.weight_format
 
     def weight_bytes(self) -> int:
-        """Bytes of linear-layer weights one decoding step reads (the kernels', else the float weights')."""
-        kernels = self.kernels()
-        if kernels:
-            return sum(k.nbytes for k in kernels)
-        per = self.lm_head.weight.element_size()
-        return sum(lin.weight.numel() * per for lin in self.modules() if isinstance(lin, Linear))
+        return self.kernel_setup.weight_bytes()
 
     def layer_plans(self) -> list[group_kernel.LayerPlan | None]:
-        """Per layer, a plan that runs the whole layer in one C call (``group_kernel.decode_layer``),
-        or None where a layer must run module by module: anything but a plain Llama-style layer whose
-        four linear kernels are joey's low-bit ones (no sliding window, q/k norm, sandwich norms,
-        partial rotary, soft-cap or gated activation other than SwiGLU)."""
-        if self._plans is None:
-            cfg = self.cfg
-            plain = (not cfg.sandwich_norms and not cfg.qk_norm and cfg.activation == "silu" and not cfg.attn_softcap
-                     and self.ragged_attention)
-            scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
-            plans: list[group_kernel.LayerPlan | None] = []
-            for layer in self.model.layers:
-                a, m = layer.self_attn, layer.mlp
-                ok = (plain and a.window is None and layer.rope.rotary_fraction == 1.0 and a._qkv is not None
-                      and m._gate_up is not None)
-                plans.append(group_kernel.layer_plan(
-                    layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data, cfg.rms_norm_eps,
-                    scale, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                    [a._qkv, a.o_proj.kernel, m._gate_up, m.down_proj.kernel]) if ok else None)
-            self._plans = plans
-        return self._plans
+        # the forward paths ask here, so replacing this method switches the whole-layer C path off
+        return self.kernel_setup.layer_plans()
 
     # -- building blocks -------------------------------------------------------------------------
     @property
@@ -599,7 +493,7 @@ class LlamaModel(nn.Module):
         Where joey's C attention serves every call (``group_kernel.attention``: every query on its
         own over exactly the keys it sees, so neither the number of queries nor their slots change a
         result) the cache stays fp32."""
-        if self._format is not None and self._format != "fp32":
+        if self.kernel_setup.format not in (None, "fp32"):
             if (group_kernel.serves_attention(self.cfg.head_dim) and not self.cfg.attn_softcap
                     and self.device.type == "cpu"):
                 return self.dtype
@@ -690,7 +584,7 @@ class LlamaModel(nn.Module):
         projections and MLPs run once on all packed tokens, RoPE, the cache writes and attention
         per row. Returns the packed states after the layers [N, hidden] (no final norm). A row's
         result is what ``run_layers`` gives for it alone, bit for bit, when the linear layers run
-        row-invariant kernels (``set_weights``; which formats are, the module docstring says)."""
+        row-invariant kernels (``kernel_setup.set_weights``; which formats are, the module docstring says)."""
 
         def attend(i: int, attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
             return attn.forward_rows(x, cos, sin, rows, i)

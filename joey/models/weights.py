@@ -171,7 +171,7 @@ def apply_weights(
     if weights == "auto":
         weights = fastest_format(model, source_formats(native, source_dtype), native, cache_key, cache_root, progress)
     try:
-        model.set_weights(weights, native, keep_float=weights == "fp32")
+        model.kernel_setup.set_weights(weights, native, keep_float=weights == "fp32")
     except RuntimeError as exc:  # a kernel this CPU or torch build lacks, or a shape it refuses
         raise InvalidArgumentError(f"{weights} weights cannot run this model here ({str(exc).splitlines()[0][:160]})")
     return model.weight_format
@@ -197,7 +197,7 @@ def fastest_format(
         timed: dict[str, float] = {}
         for fmt in candidates:
             try:
-                model.set_weights(fmt, native, keep_float=True)
+                model.kernel_setup.set_weights(fmt, native, keep_float=True)
                 timed[fmt] = measure(model, tokens=(1,), repeats=5).ms[0]
             except RuntimeError:  # a kernel this CPU or build lacks
                 continue

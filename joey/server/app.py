@@ -287,7 +287,8 @@ class _Reply:
     @staticmethod
     def speculative(gen: Generation) -> dict[str, Any]:
         s = gen.stats
-        return {"method": gen.method, "steps": s.steps, "mean_accepted_tokens": round(s.mean_accepted_tokens, 4),
+        return {"method": gen.method, "seed": gen.seed, "steps": s.steps,
+                "mean_accepted_tokens": round(s.mean_accepted_tokens, 4),
                 "draft_tokens": s.draft_tokens, "accepted_tokens": sum(s.accepted_by_depth),
                 "acceptance_by_position": [round(a, 4) for a in s.acceptance_by_position]}
 
