@@ -20,7 +20,6 @@ row only.
 from __future__ import annotations
 
 import itertools
-import secrets
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
@@ -30,10 +29,9 @@ import torch
 from joey.batching import Lockstep, depths_of, path_moves
 from joey.budget import DepthPolicy
 from joey.config import METHODS, SamplingParams, SpecConfig, TreeShape
-from joey.detokenize import IncrementalText
 from joey.drafters import Proposal
 from joey.drafters.base import drafts_together, propose_all
-from joey.errors import InvalidArgumentError, PromptError
+from joey.errors import InvalidArgumentError
 from joey.methods import DrafterFactory
 from joey.models.kv_cache import KVCache
 from joey.request import FinishReason, Request, StreamEvent
@@ -127,32 +125,14 @@ class ContinuousBatch:
         """Queue a request; it joins at the next step that has room. Returns its key (the ``row`` of
         its events): ``key`` if given, else a new integer."""
         params = SamplingParams.with_overrides(params, {})
-        if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, int) for t in prompt_ids):
-            raise InvalidArgumentError("prompt_ids must be a list of token ids (ints); Engine.encode makes one")
-        if not prompt_ids:
-            raise PromptError("the prompt is empty")
-        vocab = self.model.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidArgumentError(f"prompt_ids holds a token id outside the vocabulary [0, {vocab})")
         if key is not None and not isinstance(key, Hashable):
             raise InvalidArgumentError(f"key must be hashable, got {type(key).__name__}")
-        context = self.engine.context_length
-        if len(prompt_ids) >= context:
-            raise PromptError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
         if self.padded and self._started:
             raise InvalidArgumentError("a padded batch takes all its rows before the first step")
-        if key is None:
-            key = next(self._keys)
-        if params.seed is None:  # drawn here and reported in the result, so any output can be reproduced
-            params = replace(params, seed=secrets.randbits(63))
-        generator = None
-        if params.rejection and not params.greedy:  # rejection sampling's stateful draws
-            generator = torch.Generator(device=self.engine.device)
-            generator.manual_seed(params.seed)
-        max_new = min(params.max_new_tokens, context - len(prompt_ids))
-        self.waiting.append(Request(key, list(prompt_ids), params, generator, max_new,
-                                    IncrementalText(self.engine.tokenizer, params.stop)))
-        return key
+        request = Request.new(key, prompt_ids, params, self.engine)  # checks the prompt; draws a seed
+        request.key = next(self._keys) if key is None else key
+        self.waiting.append(request)
+        return request.key
 
     def cancel(self, key: Hashable) -> None:
         """Stop a request (waiting or running) at the next step; its last event has finish reason

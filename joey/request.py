@@ -8,9 +8,10 @@ end conditions (``commit``): an end-of-sequence token, a stop string, its length
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import torch
@@ -19,6 +20,7 @@ from joey.budget import RowPolicy
 from joey.config import Generation, GenerationStats, SamplingParams
 from joey.detokenize import IncrementalText
 from joey.drafters import Drafter
+from joey.errors import InvalidArgumentError, PromptError
 
 
 class FinishReason(StrEnum):
@@ -76,6 +78,30 @@ class Request:
         self.draft_tokens = 0
         self.draft_time = 0.0
         self.verify_time = 0.0
+
+    @classmethod
+    def new(cls, key: Hashable, prompt_ids: list[int], params: SamplingParams, engine) -> Request:
+        """A request for ``engine`` (joey.engine.Engine), its prompt checked: token ids inside the
+        vocabulary, shorter than the context. A request without a seed gets a random one here,
+        reported in its result, so any output can be reproduced."""
+        if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, int) for t in prompt_ids):
+            raise InvalidArgumentError("prompt_ids must be a list of token ids (ints); Engine.encode makes one")
+        if not prompt_ids:
+            raise PromptError("the prompt is empty")
+        vocab = engine.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidArgumentError(f"prompt_ids holds a token id outside the vocabulary [0, {vocab})")
+        context = engine.context_length
+        if len(prompt_ids) >= context:
+            raise PromptError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
+        if params.seed is None:
+            params = replace(params, seed=secrets.randbits(63))
+        generator = None
+        if params.rejection and not params.greedy:  # rejection sampling's stateful draws
+            generator = torch.Generator(device=engine.device)
+            generator.manual_seed(params.seed)
+        max_new = min(params.max_new_tokens, context - len(prompt_ids))
+        return cls(key, list(prompt_ids), params, generator, max_new, IncrementalText(engine.tokenizer, params.stop))
 
     def set_drafter(self, drafter: Drafter) -> None:
         self.drafter = drafter

@@ -117,11 +117,11 @@ def total_variation(a: dict[int, int], b: dict[int, int], n: int) -> float:
     return 0.5 * sum(abs(a.get(t, 0) - b.get(t, 0)) for t in set(a) | set(b)) / n
 
 
-@pytest.fixture(scope="session")
-def engine(tiny_folder) -> Engine:
+def drafting_engine(tiny_folder, weights: str | None = None) -> Engine:
     """A tiny target whose deep layers are damped (so the shallow Kangaroo drafts are partly right),
     with an adapter at layer 1, a Jakiro head that passes its input token through, and the target
-    itself as sps's draft model (every draft accepted: rows of a step commit different counts)."""
+    itself as sps's draft model (every draft accepted: rows of a step commit different counts).
+    ``weights``: the linears' format (None: plain fp32)."""
     eng = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, adapter=False, head=False)
     model = eng.model
     h = model.cfg.hidden_size
@@ -136,4 +136,12 @@ def engine(tiny_folder) -> Engine:
         head.fc.weight.zero_()
         head.fc.weight[:, :h] = torch.eye(h)
         head.fc.bias.zero_()
+    if weights is not None:
+        model.kernel_setup.set_weights(weights)
     return Engine(model, eng.tokenizer, eng.source, draft_model=model, adapter=adapter, head=head.eval())
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_folder) -> Engine:
+    """``drafting_engine`` in plain fp32."""
+    return drafting_engine(tiny_folder)

@@ -119,7 +119,7 @@ def test_a_long_prompt_among_short_ones(engine, monkeypatch, ragged):
     """One long prompt among short ones. Where joey's C attention serves the model, every step's
     rows attend in one call, each scanning only its own slots; elsewhere the grid would mostly
     compute padding, so the steps attend row by row. Every row still gets exactly its tokens alone."""
-    import joey.continuous as continuous
+    import joey.target_runner as runner
     from joey.batching import rows_pay_off
     from joey.models import group_kernel
     from joey.models.llama import LlamaModel
@@ -130,7 +130,7 @@ def test_a_long_prompt_among_short_ones(engine, monkeypatch, ragged):
         monkeypatch.setattr(LlamaModel, "ragged_attention", property(lambda self: False))
     assert rows_pay_off([300, 20, 25], [1, 1, 1]) and not rows_pay_off([30, 28, 31], [3, 2, 3])
     row_calls, ragged_calls = [], []
-    monkeypatch.setattr(continuous, "rows_pay_off", lambda *a: row_calls.append(rows_pay_off(*a)) or row_calls[-1])
+    monkeypatch.setattr(runner, "rows_pay_off", lambda *a: row_calls.append(rows_pay_off(*a)) or row_calls[-1])
     real = group_kernel.attention
 
     def spy(q, *args, **kw):

@@ -19,7 +19,8 @@ from joey.models.jakiro_head import JakiroHead
 
 MAX_LEN = 256
 GREEDY = SamplingParams(temperature=0.0)
-SAMPLED = SamplingParams(temperature=1.0, top_k=4)
+# drafters drawing from their own generators (rejection sampling's mode; keyed draws: tests/test_seeded_sampling.py)
+SAMPLED = SamplingParams(temperature=1.0, top_k=4, rejection=True)
 
 # one architecture keeps this file fast: qwen2, whose q/k/v biases and untied head cover more
 pytestmark = pytest.mark.parametrize("tiny_folder", ["qwen2"], indirect=True)

@@ -7,12 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import joey
 from joey.config import SamplingParams, SpecConfig
 from joey.continuous import ContinuousBatch
 from joey.engine import Engine
-from joey.models.adapter import KangarooAdapter
-from joey.models.jakiro_head import JakiroHead
 from joey.sampling import keyed_uniform, next_tokens, probabilities
 
 
@@ -23,22 +20,9 @@ def engine(tiny_folder) -> Engine:
     any batch, as joey's decoding formats do. Sampled equality needs that: an inverse-CDF draw sums
     the whole distribution, so fp32 rounding that differs between batch shapes moves the boundaries
     between tokens (a 49 k-token vocabulary at T = 1 flipped ~1 token in 100)."""
-    eng = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, adapter=False, head=False)
-    model = eng.model
-    h = model.cfg.hidden_size
-    vocab = torch.arange(model.cfg.vocab_size)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in model.model.layers[1:]:
-            layer.self_attn.o_proj.weight.mul_(0.3)
-            layer.mlp.down_proj.weight.mul_(0.3)
-        adapter = KangarooAdapter.initialized_from(model, 1, vocab)
-        head = JakiroHead(model.cfg, vocab, experts=2)
-        head.fc.weight.zero_()
-        head.fc.weight[:, :h] = torch.eye(h)
-        head.fc.bias.zero_()
-    model.kernel_setup.set_weights("int8")
-    return Engine(model, eng.tokenizer, eng.source, draft_model=model, adapter=adapter, head=head.eval())
+    from conftest import drafting_engine
+
+    return drafting_engine(tiny_folder, "int8")
 
 
 PROMPTS = ["Tell me a story about a cat.", "Count to ten.", "What is a tree?", "Say hello in French."]
