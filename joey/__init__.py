@@ -50,7 +50,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 def _check_load_args(model, prepack, progress, draft_model, adapter, head, weights) -> None:
     """``load``'s arguments by type and value: a one-line error naming the argument."""
     from joey.errors import InvalidArgumentError
-    from joey.models.weights import WEIGHT_CHOICES
+    from joey.models.weights import check_weights
 
     for name, value in (("model", model), ("draft_model", draft_model)):
         if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -65,8 +65,7 @@ def _check_load_args(model, prepack, progress, draft_model, adapter, head, weigh
     for name, value in (("prepack", prepack), ("progress", progress)):
         if not isinstance(value, bool):
             raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
-    if weights not in WEIGHT_CHOICES:
-        raise InvalidArgumentError(f"unknown weight format '{weights}'; choose from {', '.join(WEIGHT_CHOICES)}")
+    check_weights(weights)
 
 
 def load(

@@ -118,6 +118,12 @@ def load_tokenizer(folder: Path):
 WEIGHT_CHOICES = ("auto", *FORMATS)
 
 
+def check_weights(weights: str) -> None:
+    """A one-line error for a weight format joey does not know."""
+    if weights not in WEIGHT_CHOICES:
+        raise InvalidArgumentError(f"unknown weight format '{weights}'; choose from {', '.join(WEIGHT_CHOICES)}")
+
+
 def set_format(model: LlamaModel, folder: Path, weights: str, progress: bool = True) -> str:
     """``apply_weights`` for a model loaded from ``folder``'s float weights: its config's dtype,
     and a cache key naming the model."""
@@ -153,8 +159,7 @@ def apply_weights(
     keep the source's precision, timed once per model and machine and then cached) and free the
     float copies it no longer needs. Returns the format in use. CPU only; float models elsewhere
     keep their dtype."""
-    if weights not in WEIGHT_CHOICES:
-        raise InvalidArgumentError(f"unknown weight format '{weights}'; choose from {', '.join(WEIGHT_CHOICES)}")
+    check_weights(weights)
     dev = model.device
     if dev.type != "cpu":
         if weights in ("int8", "int4"):

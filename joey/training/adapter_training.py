@@ -24,6 +24,7 @@ import torch
 from joey.models.adapter import KangarooAdapter
 from joey.models.llama import LlamaModel
 from joey.training import distributed
+from joey.training.distill import padded_batches, right_padded
 from joey.training.loop import fit
 
 
@@ -64,15 +65,20 @@ def load_sequences(paths: Sequence[Path], exit_layer: int | str, model: LlamaMod
     """The distilled sequences of ``paths`` with their states after ``exit_layer`` (or the final-norm
     features, ``FEATURE``). Shards distilled without that layer's states (e.g. a Jakiro head's data)
     get them computed from their tokens by ``model``'s first layers (``exit_states``), so one
-    distillation serves both drafters and every exit layer."""
-    rows = [row for path in paths for row in torch.load(path, weights_only=True)]
-    missing = [i for i, row in enumerate(rows) if exit_layer not in row["hidden"]]
-    if missing and (model is None or not isinstance(exit_layer, int)):
-        raise ValueError(f"the distilled data has no hidden states for exit layer {exit_layer}")
-    computed = dict(zip(missing, exit_states(model, [rows[i]["ids"] for i in missing], exit_layer))) if missing else {}
-    return [Sequence_(computed[i] if i in computed else row["hidden"][exit_layer], row["ids"].long(),
-                      int(row["prompt_len"]), row["top_ids"].long(), row["top_p"].float())
-            for i, row in enumerate(rows)]
+    distillation serves both drafters and every exit layer. Shard by shard: what a shard holds
+    beyond the chosen states (e.g. a 1.5B's features, 3 KB a token) is freed before the next loads."""
+    out = []
+    for path in paths:
+        rows = torch.load(path, weights_only=True)
+        missing = [i for i, row in enumerate(rows) if exit_layer not in row["hidden"]]
+        if missing and (model is None or not isinstance(exit_layer, int)):
+            raise ValueError(f"{path} has no hidden states for exit layer {exit_layer}")
+        computed = dict(zip(missing, exit_states(model, [rows[i]["ids"] for i in missing], exit_layer))) \
+            if missing else {}
+        out += [Sequence_(computed[i] if i in computed else row["hidden"][exit_layer], row["ids"].long(),
+                          int(row["prompt_len"]), row["top_ids"].long(), row["top_p"].float())
+                for i, row in enumerate(rows)]
+    return out
 
 
 @torch.inference_mode()
@@ -83,25 +89,13 @@ def exit_states(
     distillation would have kept them: the target's layers [0, layer) over right-padded batches of
     similar lengths."""
     out: list[torch.Tensor | None] = [None] * len(ids)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    dev = model.device
-    i = 0
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and (len(ids[order[j]]) - 1) * (j - i + 1) <= batch_tokens:
-            j += 1
-        batch = order[i:j]
-        t = max(len(ids[k]) - 1 for k in batch)
-        tokens = torch.zeros(len(batch), t, dtype=torch.long, device=dev)
-        for r, k in enumerate(batch):
-            tokens[r, : len(ids[k]) - 1] = ids[k][:-1].to(dev).long()
-        positions = torch.arange(t, device=dev).expand(len(batch), t)
-        # causal attention, no mask: a row's real positions never see its padding on the right
-        x = model.run_layers(model.embed(tokens), positions, model.new_cache(len(batch), t, layers=layer), 0, t,
-                             None, end=layer)
+    for batch in padded_batches([len(x) - 1 for x in ids], batch_tokens):
+        tokens, positions = right_padded([ids[k][:-1] for k in batch], model.device)
+        b, t = tokens.shape
+        x = model.run_layers(model.embed(tokens), positions, model.new_cache(b, t, layers=layer), 0, t, None,
+                             end=layer)
         for r, k in enumerate(batch):
             out[k] = x[r, : len(ids[k]) - 1].to(torch.float16).cpu()
-        i = j
     return out  # type: ignore[return-value]
 
 
@@ -129,17 +123,9 @@ def draft_vocabulary(
 
 
 def length_batches(seqs: Sequence[Sequence_], batch_tokens: int, rng: random.Random) -> list[list[int]]:
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
-    batches, cur, longest = [], [], 0
-    for i in order:
-        n = len(seqs[i].ids) - 1
-        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
-            batches.append(cur)
-            cur, longest = [], 0
-        cur.append(i)
-        longest = max(longest, n)
-    if cur:
-        batches.append(cur)
+    """Training batches of at most ``batch_tokens`` padded input positions (``padded_batches``), in
+    ``rng``'s shuffled order."""
+    batches = padded_batches([len(s.ids) - 1 for s in seqs], batch_tokens)
     rng.shuffle(batches)
     return batches
 

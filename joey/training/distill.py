@@ -90,10 +90,7 @@ def answer_batch(
     lengths = [len(p) for p in prompts]
     t = max(lengths)
     cache = model.new_cache(b, t + s.max_new_tokens + 1)
-    tokens = torch.zeros(b, t, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    positions = torch.arange(t, device=dev).expand(b, t)
+    tokens, positions = right_padded(prompts, dev)
     kept, feature = run_kept(model, model.embed(tokens), positions, cache, 0, t, None, s)
     keys = list(kept)
     cache.advance(lengths)
@@ -171,21 +168,40 @@ def generated(answer: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
     return on_items
 
 
-def batches_of(items: Sequence[Item], s: DistillSettings) -> list[list[int]]:
-    """Item indices in batches: similar lengths together (less padding), at most ``s.batch_size`` items
-    and, when ``s.batch_tokens``, at most that many padded positions; in a seeded shuffled order, so
-    that a run stopped by its time budget holds a mix of lengths."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+def padded_batches(lengths: Sequence[int], max_tokens: int = 0, max_count: int = 0) -> list[list[int]]:
+    """Indices of ``lengths`` grouped shortest first, so that each batch holds similar lengths (less
+    padding): a batch closes before its padded size (count × its longest) would pass ``max_tokens``
+    or its count ``max_count`` (0: no bound). A sequence longer than ``max_tokens`` is a batch alone."""
     batches: list[list[int]] = []
     cur: list[int] = []
-    for i in order:
-        padded = len(items[i].ids) * (len(cur) + 1)  # sorted: this item is the longest so far
-        if cur and (len(cur) >= s.batch_size or (s.batch_tokens and padded > s.batch_tokens)):
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        padded = lengths[i] * (len(cur) + 1)  # sorted: this one is the longest so far
+        if cur and ((max_count and len(cur) >= max_count) or (max_tokens and padded > max_tokens)):
             batches.append(cur)
             cur = []
         cur.append(i)
     if cur:
         batches.append(cur)
+    return batches
+
+
+def right_padded(
+    seqs: Sequence[Sequence[int] | torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences right-padded with 0 → (tokens [B, T], positions [B, T]). Causal attention
+    needs no mask then: a row's real positions never see the padding after them."""
+    t = max(len(x) for x in seqs)
+    tokens = torch.zeros(len(seqs), t, dtype=torch.long, device=device)
+    for i, x in enumerate(seqs):
+        tokens[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+    return tokens, torch.arange(t, device=device).expand(len(seqs), t)
+
+
+def batches_of(items: Sequence[Item], s: DistillSettings) -> list[list[int]]:
+    """Item indices in batches (``padded_batches``): at most ``s.batch_size`` items and, when
+    ``s.batch_tokens``, at most that many padded positions; in a seeded shuffled order, so that a
+    run stopped by its time budget holds a mix of lengths."""
+    batches = padded_batches([len(it.ids) for it in items], s.batch_tokens, s.batch_size)
     random.Random(len(batches)).shuffle(batches)
     return batches
 

@@ -175,7 +175,8 @@ def data_size(shards: list[Path]) -> dict:
     """Sequences and answer tokens (those with soft labels) held in ``shards``."""
     seqs = tokens = 0
     for path in shards:
-        for row in torch.load(path, weights_only=True):
+        # mapped, not read: only the token ids are looked at, not the features beside them
+        for row in torch.load(path, weights_only=True, mmap=True):
             seqs += 1
             tokens += len(row["ids"]) - int(row["prompt_len"])
     return {"sequences": seqs, "answer_tokens": tokens}

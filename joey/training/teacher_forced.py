@@ -18,7 +18,7 @@ import torch
 
 from joey.errors import InvalidArgumentError
 from joey.models.llama import LlamaModel
-from joey.training.distill import DistillSettings, Item, run_kept, top_k_labels
+from joey.training.distill import DistillSettings, Item, right_padded, run_kept, top_k_labels
 from joey.training.prompts import _record_prompt, _record_text, read_records
 
 
@@ -71,13 +71,8 @@ def forced_batch(model: LlamaModel, items: Sequence[Item], eos_ids: frozenset[in
     """One right-padded prefill over a batch of prompt + fixed answer sequences → shard rows (the
     format of ``joey.training.distill.shard_row``). ``eos_ids`` is unused: the answers are given."""
     dev = model.device
-    b = len(items)
-    t = max(len(it.ids) for it in items)
-    tokens = torch.zeros(b, t, dtype=torch.long, device=dev)
-    for i, it in enumerate(items):
-        tokens[i, : len(it.ids)] = torch.tensor(it.ids)
-    positions = torch.arange(t, device=dev).expand(b, t)
-    # causal attention without a mask: a row's real positions never see its padding on the right
+    tokens, positions = right_padded([it.ids for it in items], dev)
+    b, t = tokens.shape
     kept, feature = run_kept(model, model.embed(tokens), positions, model.new_cache(b, t), 0, t, None, s)
     # the distribution of answer token a is the target's output at position prompt_len - 1 + a
     rows = torch.cat([torch.full((len(it.ids) - it.prompt_len,), i) for i, it in enumerate(items)])
