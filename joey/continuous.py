@@ -102,10 +102,14 @@ class ContinuousBatch:
         # draft tokens of a tree of each depth (a chain: the depth)
         nodes_at = [min(self.shape.nodes, self.shape.topk * d) for d in range(spec.max_draft + 1)]
         self.policy = DepthPolicy(curve, spec.max_draft, nodes_at)
+        self.padded = batch_mode == "padded"
+        # the wall-clock gate: plain steps wherever drafting has not been paying (the padded
+        # baseline stays as the vanilla method runs it)
+        self.payoff = engine.payoff(method, spec) if self.factory is not None and spec.adaptive and not self.padded \
+            else None
         # room past a row's last committed slot for a step's draft: a tree's nodes, and in a drafter's
         # own caches also the expanded nodes that did not make it into the tree, and a lookup branch
         self.extra = 2 * spec.max_draft + self.shape.nodes + self.shape.topk * spec.max_draft + 2 if self.factory else 2
-        self.padded = batch_mode == "padded"
         self.max_batch = max_batch
         self.waiting: list[Request] = []
         self.active: list[Request] = []
@@ -240,7 +244,12 @@ class ContinuousBatch:
         t0 = time.perf_counter()
         try:
             together = drafts_together([row.drafter for row in active])
-            depths = self.policy.choose([r.policy for r in active], [r.room for r in active], together)
+            if self.payoff is None or self.payoff.allows(len(active)):
+                depths = self.policy.choose([r.policy for r in active], [r.room for r in active], together)
+            else:  # drafting has not been paying: AR's step (the depth search is not run either)
+                depths = [0] * len(active)
+            # a catching-up drafter's first draft reads the whole prompt: a one-time cost of the request
+            first = any(d and r.policy.catches_up and not r.policy.drafted for r, d in zip(active, depths))
             proposals = self._propose(active, depths, together)
             t1 = time.perf_counter()
             features = self.runner.verify(self.cache, [r.pending for r in active], proposals, self.lockstep)
@@ -256,6 +265,9 @@ class ContinuousBatch:
             row.draft_time += t1 - t0
             row.verify_time += t2 - t1
         self._advance(steps)
+        if self.payoff is not None:
+            self.payoff.observe(len(active), any(depths), 1000 * (time.perf_counter() - t0),
+                                sum(s.kept for s in steps), first)
 
     def _propose(self, rows: list[Request], depths: list[int], together: bool) -> list[Proposal]:
         """Every row's draft, drafted together where the drafter can (one forward per draft depth

@@ -33,6 +33,7 @@ from joey.models.jakiro_head import JakiroHead
 from joey.models.llama import LlamaModel
 from joey.models.registry import ModelSource
 from joey.models.weights import read_config
+from joey.payoff import Payoff
 from joey.request import StreamEvent
 
 __all__ = ["BATCH_MODES", "METHODS", "Engine", "StreamEvent"]
@@ -75,6 +76,7 @@ class Engine:
         self.name = source.name if source else "model"
         self.eos_ids = self._eos_ids()
         self._curve: CostCurve | None = None
+        self._payoffs: dict[tuple[str, SpecConfig], Payoff] = {}
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -231,6 +233,17 @@ class Engine:
 
             self._curve = cached_curve(self.model, model_cache_key(self.model), cache_dir())
         return self._curve
+
+    # whether drafted steps are gated by their measured payoff (``joey.payoff``); tests that count
+    # drafts switch it off, since a wall-clock decision is not deterministic
+    measured_payoff: bool = True
+
+    def payoff(self, method: str, spec: SpecConfig) -> Payoff | None:
+        """The wall-clock gate of ``method`` under ``spec`` on this engine, kept across batches and
+        requests (None when ``measured_payoff`` is off)."""
+        if not self.measured_payoff:
+            return None
+        return self._payoffs.setdefault((method, spec), Payoff())
 
     def tree_shape(self, method: str, spec: SpecConfig) -> TreeShape:
         """How a method drafts under ``spec``: chain or tree, its node budget and branching

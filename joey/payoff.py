@@ -1,0 +1,127 @@
+"""Whether drafting pays, by the wall clock: the gate that keeps speculation from costing speed.
+
+``joey.budget`` prices a draft from the measured verify curve and the rows' acceptance, but a
+drafted step also pays for what no curve holds: the drafters' calls, packing and masks, tree
+bookkeeping, per-row verification, the depth search itself. On the 135M default model those made
+every method 0.80-0.97x batched AR although the budget expected gains. So the step machine also
+times whole steps, as they run: per batch-size bucket it keeps the running milliseconds per
+committed token of *plain* steps (no row drafts) and of *drafted* steps (the depth policy was asked
+and some row drafted), everything included. A step may draft only while drafted steps have been
+cheaper per token than plain ones; otherwise the step is plain decoding (the depth policy is not
+even asked, no drafter runs: AR's step), and drafting is tried again in short probes whose spacing
+is priced: after a probe that lost ``extra`` ms against plain decoding, the next comes once that
+loss is at most ``PROBE_SHARE`` of the plain steps' time in between. While drafting pays, a plain
+step now and then (``REFRESH``) keeps the plain rate current (it moves with the context length).
+
+A request's first draft also catches its drafter up on the whole prompt (a head's features, a
+draft model's prefill): a one-time cost of the request, not of a step, so such a step is left out of
+both rates rather than making drafting look ~100x dearer than it is for the rest of the request.
+
+One ``Payoff`` per engine and method (``Engine.payoff``): what a server or a benchmark learned in
+one batch holds for the next, so a short request does not pay for learning again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+WARMUP = 4  # steps of each kind before the rates are compared
+BURST = 4  # drafted steps in one probe (one step would mostly measure a drafter catching up)
+REFRESH = 64  # drafted steps between plain steps that refresh the plain rate
+PROBE_SHARE = 0.02  # what probes may cost, as a share of plain decoding's time
+MIN_GAP, MAX_GAP = 16, 512  # steps between probes
+WEIGHT = 0.1  # of the newest step in a running rate (after the first 1/WEIGHT steps)
+
+
+def bucket(rows: int) -> int:
+    """Batch sizes whose steps are compared with each other: 1, 2, 3-4, 5-8, 9-16, ..."""
+    return 1 << (rows - 1).bit_length()
+
+
+@dataclass
+class Rate:
+    """Running milliseconds and committed tokens per step of one kind: their ratio is ms per token."""
+
+    ms: float = 0.0
+    tokens: float = 0.0
+    steps: int = 0
+
+    def add(self, ms: float, tokens: int) -> None:
+        self.steps += 1
+        w = max(WEIGHT, 1.0 / self.steps)  # a plain mean until there are 1/WEIGHT steps
+        self.ms += w * (ms - self.ms)
+        self.tokens += w * (tokens - self.tokens)
+
+    @property
+    def per_token(self) -> float:
+        return self.ms / self.tokens if self.tokens else float("inf")
+
+
+@dataclass
+class Bucket:
+    """The gate's state for one batch-size bucket."""
+
+    plain: Rate = field(default_factory=Rate)
+    drafted: Rate = field(default_factory=Rate)
+    since_plain: int = 0  # drafted steps since the last plain step
+    idle: int = 0  # plain steps since drafting was last tried
+    gap: int = MIN_GAP  # plain steps before the next probe
+    burst: int = 0  # probe steps left
+    probe: Rate = field(default_factory=Rate)  # the current probe's steps
+
+    @property
+    def pays(self) -> bool:
+        return self.drafted.per_token < self.plain.per_token
+
+
+class Payoff:
+    """The wall-clock gate for one engine and drafting method (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, Bucket] = {}
+
+    def allows(self, rows: int) -> bool:
+        """Whether the next step of a batch of ``rows`` rows may draft (else it is AR's step)."""
+        b = self.buckets.setdefault(bucket(rows), Bucket())
+        if b.burst or b.drafted.steps < WARMUP:
+            return True
+        if b.plain.steps < WARMUP:
+            return False
+        if b.pays:
+            return b.since_plain < REFRESH
+        if b.idle >= b.gap:  # a probe: drafting again for BURST steps
+            b.burst, b.idle, b.probe = BURST, 0, Rate()
+            return True
+        return False
+
+    def observe(self, rows: int, drafted: bool, ms: float, tokens: int, first_draft: bool = False) -> None:
+        """A decoding step of ``rows`` rows took ``ms`` and committed ``tokens``; ``drafted``: some row
+        drafted; ``first_draft``: some row's drafter caught up on its prompt in it (left out)."""
+        b = self.buckets.setdefault(bucket(rows), Bucket())
+        if drafted:
+            b.since_plain += 1
+            if not first_draft:
+                b.drafted.add(ms, tokens)
+                if b.burst:
+                    b.probe.add(ms, tokens)
+        else:
+            b.since_plain = 0
+            b.idle += 1
+            b.plain.add(ms, tokens)
+        if b.burst:
+            b.burst -= 1
+            if not b.burst:
+                self._priced(b)
+
+    @staticmethod
+    def _priced(b: Bucket) -> None:
+        """After a probe: its steps are what drafting costs now (older drafted steps are stale), and
+        the next probe waits until what this one lost is ``PROBE_SHARE`` of the plain time between."""
+        if not b.probe.steps:
+            return
+        b.drafted = Rate(b.probe.ms, b.probe.tokens, WARMUP)
+        lost = b.probe.steps * (b.probe.ms - b.probe.tokens * b.plain.per_token)
+        if lost <= 0:
+            b.gap = MIN_GAP
+        else:
+            b.gap = int(min(MAX_GAP, max(MIN_GAP, lost / (PROBE_SHARE * b.plain.ms))))

@@ -1,0 +1,163 @@
+"""The wall-clock gate (joey.payoff): drafting stops where drafted steps cost more per token than
+plain ones, comes back in priced probes, and a step the gate keeps plain is AR's step: no depth
+search, no drafter call, the same target pass. Tokens never depend on the gate's decisions."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from conftest import drafting_engine
+from test_batch_modes import DRAFTERS, PROMPTS
+
+import joey.continuous
+from joey.budget import DepthPolicy
+from joey.config import SamplingParams
+from joey.payoff import BURST, MAX_GAP, MIN_GAP, PROBE_SHARE, REFRESH, WARMUP, Payoff, bucket
+from joey.target_runner import TargetRunner
+
+pytestmark = pytest.mark.payoff
+
+
+def _steps(gate: Payoff, rows: int, n: int, drafted_ms: float, plain_ms: float, tokens: int = 2) -> list[bool]:
+    """Run ``n`` steps: a step the gate allows drafts (``drafted_ms``, ``tokens`` per row committed),
+    else it is plain (``plain_ms``, one token per row). Returns the gate's answers."""
+    answers = []
+    for _ in range(n):
+        ok = gate.allows(rows)
+        answers.append(ok)
+        gate.observe(rows, ok, drafted_ms if ok else plain_ms, rows * (tokens if ok else 1))
+    return answers
+
+
+def test_buckets_group_batch_sizes_by_powers_of_two():
+    assert [bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 2, 4, 4, 8, 8, 16, 16, 32]
+
+
+def test_drafting_that_does_not_pay_stops_after_the_warmup_and_probes_come_priced():
+    gate = Payoff()
+    # drafted steps: 2 tokens in 5 ms (2.5 ms a token); plain: 1 token in 2 ms
+    answers = _steps(gate, 1, 2 * WARMUP + 200, drafted_ms=5.0, plain_ms=2.0)
+    assert answers[: 2 * WARMUP] == [True] * WARMUP + [False] * WARMUP
+    rest = answers[2 * WARMUP :]
+    # after that only probes of BURST steps, spaced so that they cost PROBE_SHARE of plain decoding
+    lost = BURST * (5.0 - 2 * 2.0)  # each probe step: 2 tokens that plain decoding makes in 4 ms
+    gap = int(max(MIN_GAP, lost / (PROBE_SHARE * 2.0)))
+    first = rest.index(True)  # the warmup's plain steps count towards the first gap
+    assert first == MIN_GAP - WARMUP and rest[first : first + BURST] == [True] * BURST
+    second = rest.index(True, first + BURST)
+    assert second - (first + BURST) == gap
+    assert sum(rest) / len(rest) < 0.1
+
+
+def test_the_probe_gap_grows_with_what_a_probe_loses_up_to_a_bound():
+    gate = Payoff()
+    answers = _steps(gate, 1, WARMUP + MIN_GAP + BURST + 2 * MAX_GAP, drafted_ms=200.0, plain_ms=2.0)
+    tail = answers[WARMUP + MIN_GAP + BURST :]  # after the warmup and the first probe
+    assert tail[:MAX_GAP] == [False] * MAX_GAP and tail[MAX_GAP] is True
+
+
+def test_drafting_that_pays_goes_on_with_a_plain_step_to_refresh_the_plain_rate():
+    gate = Payoff()
+    answers = _steps(gate, 1, 2 * WARMUP + 3 * (REFRESH + 1), drafted_ms=3.0, plain_ms=2.0, tokens=3)
+    rest = answers[2 * WARMUP :]
+    assert rest[:REFRESH] == [True] * REFRESH and rest[REFRESH] is False
+    assert rest[REFRESH + 1 : 2 * REFRESH + 1] == [True] * REFRESH
+
+
+def test_a_probe_that_pays_turns_drafting_back_on():
+    gate = Payoff()
+    _steps(gate, 1, 2 * WARMUP + 5, drafted_ms=5.0, plain_ms=2.0)  # drafting off
+    answers = _steps(gate, 1, MIN_GAP + BURST + 20, drafted_ms=2.5, plain_ms=2.0, tokens=4)  # now it pays
+    assert answers[-20:] == [True] * 20
+
+
+def test_a_first_draft_is_left_out_of_the_rates():
+    gate = Payoff()
+    gate.observe(1, True, 500.0, 2, first_draft=True)  # catching up on a long prompt
+    _steps(gate, 1, 2 * WARMUP + 10, drafted_ms=3.0, plain_ms=2.0, tokens=3)
+    assert gate.buckets[1].drafted.per_token == pytest.approx(1.0)
+    assert gate.allows(1)
+
+
+def test_batch_sizes_are_judged_apart():
+    gate = Payoff()
+    _steps(gate, 1, 2 * WARMUP + 5, drafted_ms=3.0, plain_ms=2.0, tokens=3)  # pays alone
+    _steps(gate, 8, 2 * WARMUP + 5, drafted_ms=20.0, plain_ms=8.0, tokens=2)  # not at batch 8
+    assert gate.allows(1) and not gate.allows(8) and gate.allows(16)  # 16: still warming up
+
+
+class _Closed(Payoff):
+    """A gate that never lets a step draft."""
+
+    def allows(self, rows: int) -> bool:
+        return False
+
+
+class _Flipping(Payoff):
+    """A gate that opens and closes in a fixed pattern, so decisions change mid-request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pattern = itertools.cycle([True, True, False, True, False, False, False])
+
+    def allows(self, rows: int) -> bool:
+        return next(self.pattern)
+
+
+def _counting(monkeypatch, target, name: str) -> list:
+    calls = []
+    original = getattr(target, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["pld", "sps", "jakiro", "jakiro+pld"])
+def test_a_step_the_gate_keeps_plain_is_ars_step(engine, monkeypatch, method):
+    """With the gate closed: the depth search never runs, no drafter is asked, and the target
+    passes are AR's, call for call and token for token (Kangaroo, which runs the target's first
+    layers itself, is the exception the step machine documents)."""
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ids = [engine.encode(p) for p in PROMPTS[:3]]
+
+    def run(m: str) -> tuple[list, list, list]:
+        batch = joey.continuous.ContinuousBatch(engine, m)
+        batch.payoff = _Closed()
+        passes = _counting(monkeypatch, TargetRunner, "verify")
+        for i, x in enumerate(ids):
+            batch.add(x, params, key=i)
+        tokens: dict[int, list[int]] = {}
+        while batch.busy:
+            for ev in batch.step():
+                tokens.setdefault(ev.row, []).extend(ev.token_ids)
+        shapes = [[(len(p), p.tokens) for p in call[3]] for call in passes]
+        monkeypatch.undo()
+        return shapes, [tokens[i] for i in range(3)], passes
+
+    ar_shapes, ar_tokens, _ = run("ar")
+    choose = _counting(monkeypatch, DepthPolicy, "choose")
+    propose = _counting(monkeypatch, joey.continuous, "propose_all")
+    shapes, tokens, _ = run(method)
+    assert not choose and not propose
+    assert shapes == ar_shapes and tokens == ar_tokens
+
+
+@pytest.fixture(scope="module")
+def int8_engine(tiny_folder):
+    return drafting_engine(tiny_folder, "int8")  # row-invariant kernels: sampled equality holds
+
+
+@pytest.mark.parametrize("method,extra", DRAFTERS)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_tokens_do_not_depend_on_the_gates_decisions(int8_engine, monkeypatch, method, extra, temperature):
+    engine = int8_engine
+    params = dict(max_new_tokens=16, ignore_eos=True, temperature=temperature, seed=7)
+    reference = engine.generate(PROMPTS[:2], method="ar", **params)
+    monkeypatch.setattr(type(engine), "payoff", lambda self, m, spec: _Flipping())
+    gated = engine.generate(PROMPTS[:2], method=method, **extra, **params)
+    assert [g.token_ids for g in gated] == [g.token_ids for g in reference]
