@@ -8,6 +8,7 @@ the benchmark are built on ``stream()``. The engine also says how each method dr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Union
@@ -234,9 +235,10 @@ class Engine:
             self._curve = cached_curve(self.model, model_cache_key(self.model), cache_dir())
         return self._curve
 
-    # whether drafted steps are gated by their measured payoff (``joey.payoff``); tests that count
-    # drafts switch it off, since a wall-clock decision is not deterministic
-    measured_payoff: bool = True
+    # whether drafted steps are gated by their measured payoff (``joey.payoff``); JOEY_PAYOFF=0 turns
+    # the gate off (to measure what it is worth); tests that count drafts switch it off, since a
+    # wall-clock decision is not deterministic
+    measured_payoff: bool = os.environ.get("JOEY_PAYOFF", "1") != "0"
 
     def payoff(self, method: str, spec: SpecConfig) -> Payoff | None:
         """The wall-clock gate of ``method`` under ``spec`` on this engine, kept across batches and
