@@ -85,6 +85,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def exact(self) -> bool:
+        """Whether every method must give AR's very tokens: greedy decoding, or sampling whose draws
+        are keyed by seed and position (not ``rejection``)."""
+        return self.greedy or not self.rejection
+
 
 @dataclass(frozen=True)
 class SpecConfig:

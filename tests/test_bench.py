@@ -93,12 +93,12 @@ def test_summary_and_lossless_on_hand_made_records():
     assert summary["pld"]["overall"].mean_accepted_tokens == pytest.approx(2.0)
     assert summary["pld"]["rag"].acceptance_by_position == pytest.approx((1.0, 0.5))
     assert summary["pld"]["overall"].speedup_spread == metrics.Spread(2.0, 2.0, 2.0)
-    check = report.lossless(recs, ["ar", "pld"], repeats=1, greedy=True)["pld"]
+    check = report.lossless(recs, ["ar", "pld"], repeats=1, exact=True)["pld"]
     assert check.lossless is False and check.identical == 1 and check.compared == 2
     assert check.mismatches == ({"question_id": 2, "category": "rag", "repeat": 0, "turn": 1,
                                  "first_difference": 2},)
     assert check.token_agreement == pytest.approx(7 / 8)
-    assert report.lossless(recs, ["ar", "pld"], repeats=1, greedy=False)["pld"].lossless is None
+    assert report.lossless(recs, ["ar", "pld"], repeats=1, exact=False)["pld"].lossless is None
 
 
 def test_later_turns_see_the_runners_own_answers(tmp_path):
@@ -210,6 +210,17 @@ def test_llamacpp_missing_is_a_clear_error(qfile, tmp_path, monkeypatch):
 
 
 # -- end to end on the real default model ---------------------------------------------------------
+
+
+def test_a_seeded_sampled_run_is_checked_token_for_token(default_engine, qfile, tmp_path):
+    """Seeded sampling draws by position (joey.sampling), so every method must give AR's very tokens
+    at T > 0 too, and the report says so (the check can fail: a mismatch is listed)."""
+    settings = BenchSettings(questions=qfile, out=tmp_path / "bench", methods=("ar", "pld", "jakiro"), limit=1,
+                             max_new_tokens=12, temperature=0.8, seed=3, threads=1, progress=False)
+    saved = run_bench(settings, engine=default_engine)
+    for method in ("pld", "jakiro"):
+        check = saved["lossless"][method]
+        assert check["kind"] == "lossless" and check["lossless"] is True and check["mismatches"] == []
 
 
 def test_end_to_end_outputs_and_resume(default_engine, qfile, tmp_path):

@@ -58,7 +58,7 @@ class CellSummary:
 class LosslessCheck:
     """A method's token ids against AR's over all questions and repeats."""
 
-    kind: str  # "lossless" (joey, greedy), "agreement" (external baselines), "not checked (sampling)"
+    kind: str  # "lossless" (joey: greedy or seeded), "agreement" (external baselines), "not checked (sampling)"
     lossless: bool | None  # None unless kind == "lossless"
     identical: int  # (question, repeat) pairs with all turns identical
     compared: int
@@ -110,12 +110,13 @@ def _cell(recs: Sequence[QuestionRecord], method: str, repeats: int) -> CellSumm
 
 
 def lossless(records: Sequence[QuestionRecord], methods: Sequence[str], repeats: int,
-             greedy: bool) -> dict[str, LosslessCheck]:
+             exact: bool) -> dict[str, LosslessCheck]:
     """Every method's token ids against AR's, per question and repeat.
 
-    joey's methods must match exactly under greedy decoding (any mismatch is listed); the external
-    baselines only report agreement, since quantized weights or other kernels may change a token.
-    Under sampling, equal ids are not expected: the distribution is tested by the test suite instead.
+    ``exact``: joey's methods must match exactly (greedy decoding, or seeded sampling whose draws
+    are keyed by position: ``joey.sampling``); any mismatch is listed. The external baselines only
+    report agreement, since quantized weights or other kernels may change a token. With rejection
+    sampling (``exact`` False) equal ids are not expected: the test suite checks the distribution.
     """
     out: dict[str, LosslessCheck] = {}
     for method in methods:
@@ -137,7 +138,7 @@ def lossless(records: Sequence[QuestionRecord], methods: Sequence[str], repeats:
                     turn, pos = diffs[0]
                     mismatches.append({"question_id": rec.question_id, "category": rec.category, "repeat": k,
                                        "turn": turn + 1, "first_difference": pos})
-        kind = "agreement" if method in EXTERNAL else "lossless" if greedy else "not checked (sampling)"
+        kind = "agreement" if method in EXTERNAL else "lossless" if exact else "not checked (sampling)"
         out[method] = LosslessCheck(
             kind=kind,
             lossless=(not mismatches) if kind == "lossless" else None,
@@ -284,8 +285,9 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str], plot_note: st
             if acc:  # methods without drafts (AR, the baselines) have no row
                 cells = [f"{a:.2f}" for a in acc] + ["–"] * (depth - len(acc))
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "## Lossless: token ids vs joey AR", "joey's methods must give AR's exact tokens under greedy "
-              "decoding; the external baselines report agreement only (different kernels or quantized weights).",
+    lines += ["", "## Lossless: token ids vs joey AR", "joey's methods must give AR's exact tokens under "
+              "greedy decoding and seeded sampling alike; the external baselines report agreement only "
+              "(different kernels or quantized weights).",
               "", "| Method | check | identical (question × repeat) | token agreement | mismatches |",
               "|---|---|---|---:|---|"]
     for m, c in results["lossless"].items():
