@@ -4,6 +4,8 @@ is exact (χ²); and a wrong rule (draws keyed by anything but the position) fai
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -116,3 +118,26 @@ def test_draws_keyed_by_the_step_instead_of_the_position_break_equality(engine, 
     monkeypatch.setattr(verify, "draw", lambda p, prm, positions, gen=None: real(p, prm, [x + 1 for x in positions]))
     got = [_tokens(engine, [p], "sps", params)[0] for p in PROMPTS]
     assert got != want
+
+
+def test_16_concurrent_sampled_server_streams_give_ars_tokens_for_their_seeds(engine):
+    """Through the official client, 16 concurrent streams on a Jakiro tree server (continuous
+    batching: rows join and leave at different steps) each give what AR samples for their seed."""
+    from test_server import client, running, wait_ready
+
+    cases = [(PROMPTS[i % 4], 100 + i) for i in range(16)]
+    knobs = dict(temperature=0.8, top_p=0.9)
+    want = [engine.generate([{"role": "user", "content": p}], method="ar", max_new_tokens=10, ignore_eos=True,
+                            seed=seed, **knobs).text for p, seed in cases]
+
+    def stream(host: str, prompt: str, seed: int) -> str:
+        chunks = client(host).chat.completions.create(
+            model=engine.name, messages=[{"role": "user", "content": prompt}], max_tokens=10, seed=seed, stream=True,
+            extra_body={"ignore_eos": True}, **knobs)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with running(lambda: engine, method="jakiro", spec=SpecConfig(tree_nodes=6), max_batch=8) as (host, server):
+        wait_ready(server)
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda case: stream(host, *case), cases))
+    assert got == want and len(set(want)) > 4
