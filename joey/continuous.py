@@ -5,7 +5,7 @@
 each ``step()`` first drops cancelled rows, then prefills the requests waiting for room and commits
 their first token, then runs one decoding step for every running row, in phases: choose depths
 (``joey.budget.DepthPolicy``) → propose (the drafters) → one verification pass
-(``joey.target_runner.TargetRunner``) → judge each row (``joey.verify``) and commit its tokens →
+(``joey.target_runner.TargetRunner``) → judge each row (``judge``: ``joey.verify``) and commit its tokens →
 advance the cache. Without a drafter a step is plain autoregressive decoding. ``Engine.stream()``
 is a thin user (all rows join at the first step), and so is the server, whose requests arrive at
 any time.
@@ -37,7 +37,7 @@ from joey.models.kv_cache import KVCache
 from joey.request import FinishReason, Request, StreamEvent
 from joey.sampling import next_tokens, probabilities
 from joey.target_runner import TargetRunner
-from joey.verify import Verdict, verify_greedy, verify_keyed, verify_sampled
+from joey.verify import verify_greedy, verify_keyed, verify_sampled
 
 BATCH_MODES = ("packed", "padded")  # packed: EMS-SD, no padding; padded: the vanilla baseline (Lockstep)
 
@@ -62,6 +62,34 @@ class RowStep:
     kept: int
     path: tuple[int, ...]
     goes_on: bool
+
+
+def judge(row: Request, prop: Proposal, logits: torch.Tensor, features: torch.Tensor, policy: DepthPolicy,
+          eos_ids: frozenset[int], method: str) -> tuple[RowStep, StreamEvent]:
+    """One row's verdict on its draft under its own sampling settings: commit the accepted tokens and
+    the target's bonus token, count the step for the row and the depth ``policy``, and hand the row's
+    drafter what it reads. A failure here fails this row only (its event carries the error)."""
+    try:
+        if row.params.greedy:
+            verdict = verify_greedy(prop.tokens, prop.parents, logits)
+        elif row.params.rejection:
+            verdict = verify_sampled(prop.tokens, prop.parents, probabilities(logits, row.params),
+                                     prop.draft_probs, row.generator)
+        else:  # the target's keyed draw at every node; the root's is the next position's
+            verdict = verify_keyed(prop.tokens, prop.parents, probabilities(logits, row.params), row.params,
+                                   len(row.context))
+        tokens = [prop.tokens[j] for j in verdict.path] + [verdict.bonus]
+        row.steps += 1
+        row.draft_tokens += len(prop)
+        policy.record(row.policy, max(depths_of(prop.parents)), verdict.accepted, len(tokens))
+        if row.drafter is not None and row.drafter.wants_features:  # pending token + accepted path
+            row.drafter.observe(features[[0, *(1 + j for j in verdict.path)]])
+        event = replace(row.commit(tokens, eos_ids, method), draft_tokens=len(prop), accepted=verdict.accepted)
+    except Exception as exc:  # this row's own work failed: it leaves, the others go on
+        return RowStep(1, (), False), row.fail(exc)
+    if row.finish_reason is None:
+        row.pending = verdict.bonus
+    return RowStep(1 + verdict.accepted, verdict.path, row.finish_reason is None), event
 
 
 class ContinuousBatch:
@@ -258,7 +286,11 @@ class ContinuousBatch:
             events.extend(row.fail(exc) for row in active)
             self._keep([])
             return
-        steps = [self._judge(row, prop, lg, f, events) for row, prop, lg, f in zip(active, proposals, logits, features)]
+        steps = []
+        for row, prop, lg, f in zip(active, proposals, logits, features):
+            step, event = judge(row, prop, lg, f, self.policy, self.engine.eos_ids, self.method)
+            steps.append(step)
+            events.append(event)
         t2 = time.perf_counter()
         self.policy.timed_pass(len(active), sum(len(f) for f in features), 1000 * (t2 - t1))
         for row in active:
@@ -283,40 +315,6 @@ class ContinuousBatch:
         ms = 1000 * (time.perf_counter() - start)
         self.policy.timed_drafts([row.policy for row in rows], [max(depths_of(p.parents)) for p in props], ms, together)
         return props
-
-    def _judge(
-        self, row: Request, prop: Proposal, logits: torch.Tensor, features: torch.Tensor, events: list[StreamEvent]
-    ) -> RowStep:
-        """Verify one row's draft under its own sampling settings, commit the accepted tokens and the
-        target's bonus token, and hand its drafter what it reads. A failure here fails this row only."""
-        try:
-            if row.params.greedy:
-                verdict = verify_greedy(prop.tokens, prop.parents, logits)
-            elif row.params.rejection:
-                verdict = verify_sampled(prop.tokens, prop.parents, probabilities(logits, row.params),
-                                         prop.draft_probs, row.generator)
-            else:  # the target's keyed draw at every node; the root's is the next position's
-                verdict = verify_keyed(prop.tokens, prop.parents, probabilities(logits, row.params), row.params,
-                                       len(row.context))
-            tokens = self._record(row, prop, verdict)
-            if row.drafter is not None and row.drafter.wants_features:  # pending token + accepted path
-                row.drafter.observe(features[[0, *(1 + j for j in verdict.path)]])
-            event = row.commit(tokens, self.engine.eos_ids, self.method)
-            events.append(replace(event, draft_tokens=len(prop), accepted=verdict.accepted))
-        except Exception as exc:  # this row's own work failed: it leaves, the others go on
-            events.append(row.fail(exc))
-            return RowStep(1, (), False)
-        if row.finish_reason is None:
-            row.pending = verdict.bonus
-        return RowStep(1 + verdict.accepted, verdict.path, row.finish_reason is None)
-
-    def _record(self, row: Request, prop: Proposal, verdict: Verdict) -> list[int]:
-        """Count the step for the row and the depth policy; the tokens it commits."""
-        tokens = [prop.tokens[j] for j in verdict.path] + [verdict.bonus]
-        row.steps += 1
-        row.draft_tokens += len(prop)
-        self.policy.record(row.policy, max(depths_of(prop.parents)), verdict.accepted, len(tokens))
-        return tokens
 
     def _advance(self, steps: list[RowStep]) -> None:
         """Keep each row's accepted tokens in the cache (a tree's accepted path → contiguous slots)
