@@ -8,8 +8,9 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from torch import nn
 
@@ -20,6 +21,12 @@ from joey.models.gguf_file import BlockEmbedding
 from joey.models.llama import Linear, LlamaModel
 from joey.models.weight_formats import low_bit_kernels
 from joey.models.weights import WEIGHT_CHOICES
+
+if TYPE_CHECKING:  # the server (and Ray) are imported only by `joey serve`
+    from collections.abc import Callable
+
+    from joey.server import ServerSettings
+    from joey.server.ray_serve import RayOptions
 
 
 class _Parser(argparse.ArgumentParser):
@@ -318,10 +325,21 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="length limit of a chat request without max_tokens (default 1024)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ray = p.add_argument_group("replicas on Ray Serve", 'needs pip install "joey[ray]"; see docs/serving.md')
+    ray.add_argument("--replicas", type=int, default=None,
+                     help="serve N replicas behind Ray Serve's proxy, each with its own model, batch and queue "
+                          "(default: one process, no Ray)")
+    ray.add_argument("--address", default=None,
+                     help="join this Ray cluster: 'auto' (the one 'ray start' made here) or HOST:PORT (default: "
+                          "start a new local Ray, stopped on exit)")
+    ray.add_argument("--cpus-per-replica", type=float, default=None,
+                     help="CPUs Ray reserves for each replica, also its PyTorch threads (default 1)")
+    ray.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs for each replica (default 0)")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from joey.server import ServerSettings, serve
+def _serve_settings(args: argparse.Namespace) -> ServerSettings:
+    """The server's settings from ``joey serve``'s options, validated (one-line errors)."""
+    from joey.server import ServerSettings
 
     if args.method == "sps" and not args.draft_model:
         raise InvalidArgumentError("--method sps needs --draft-model (a smaller model sharing the tokenizer)")
@@ -332,10 +350,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--max-queue must be >= 0")
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
-    settings = ServerSettings(method=args.method, spec=SpecConfig(**_spec_kwargs(args)), max_batch=args.max_batch,
-                              max_queue=args.max_queue, api_key=args.api_key or None,
-                              model_name=args.served_model_name, default_max_tokens=args.default_max_tokens)
-    return serve(lambda: _load(args), settings, host=args.host, port=args.port, log_level=args.log_level)
+    return ServerSettings(method=args.method, spec=SpecConfig(**_spec_kwargs(args)), max_batch=args.max_batch,
+                          max_queue=args.max_queue, api_key=args.api_key or None,
+                          model_name=args.served_model_name, default_max_tokens=args.default_max_tokens)
+
+
+def _ray_options(args: argparse.Namespace) -> RayOptions:
+    """``--replicas`` and the rest, validated; 1 replica where ``--replicas`` is absent (Ray's app builder)."""
+    from joey.server.ray_serve import RayOptions
+
+    cpus, gpus = args.cpus_per_replica, args.gpus_per_replica
+    return RayOptions(replicas=1 if args.replicas is None else args.replicas, address=args.address,
+                      cpus_per_replica=1.0 if cpus is None else cpus, gpus_per_replica=0.0 if gpus is None else gpus)
+
+
+def serve_setup(argv: list[str]) -> tuple[Callable[[], Any], ServerSettings, RayOptions]:
+    """What Ray's app builder needs from ``joey serve`` options (``argv`` starts with "serve"): the
+    model's loader, the server's settings and the Ray options (1 replica unless ``--replicas``)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # argparse printed the reason
+        raise InvalidArgumentError(f"bad joey serve options: {' '.join(argv[1:])}")
+    return partial(_load, args), _serve_settings(args), _ray_options(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from joey.server import serve
+
+    settings = _serve_settings(args)
+    load = partial(_load, args)  # a module-level function: Ray pickles it for its replicas
+    if args.replicas is None:
+        for name in ("address", "cpus_per_replica", "gpus_per_replica"):
+            if getattr(args, name) is not None:
+                raise InvalidArgumentError(f"--{name.replace('_', '-')} needs --replicas")
+        return serve(load, settings, host=args.host, port=args.port, log_level=args.log_level)
+    from joey.server.ray_serve import serve_replicas
+
+    return serve_replicas(load, settings, _ray_options(args), host=args.host, port=args.port,
+                          log_level=args.log_level)
 
 
 def _bench_parser(sub: Any) -> None:

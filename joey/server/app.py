@@ -33,7 +33,7 @@ from joey.config import Generation, SpecConfig
 from joey.continuous import ContinuousBatch
 from joey.errors import JoeyError
 from joey.request import StreamEvent
-from joey.server.metrics import ServerMetrics
+from joey.server.metrics import CONTENT_TYPE, ServerMetrics
 from joey.server.schemas import APIError, ChatRequest, CompletionRequest, _Sampling, parse
 from joey.server.worker import BatchWorker, Handle, Overloaded
 
@@ -52,6 +52,7 @@ class ServerSettings:
     api_key: str | None = None
     model_name: str | None = None  # the id clients send; None: the engine's name
     default_max_tokens: int = 1024  # a chat request without max_tokens (completions: OpenAI's 16)
+    replica: str | None = None  # a replica's id (Ray Serve): a label on every metric, so replicas' series stay apart
 
 
 class ClientGone(Exception):
@@ -85,7 +86,7 @@ class JoeyServer:
             method = engine.resolve_method(self.settings.method)
             batch = ContinuousBatch(engine, method, self.settings.spec, max_batch=self.settings.max_batch)
             self.engine, self.method = engine, method
-            self.metrics = ServerMetrics(self.model_name)
+            self.metrics = ServerMetrics(self.model_name, self.settings.replica)
             self.worker = BatchWorker(batch, self.settings.max_queue, self.metrics)
             self.worker.start()
             self.ready.set()
@@ -95,6 +96,13 @@ class JoeyServer:
             self.load_error = str(exc) if isinstance(exc, JoeyError) else f"{type(exc).__name__}: {exc}"
             self.on_load_error()
 
+    def load_now(self) -> None:
+        """Load the model in this thread and start decoding; raises ``JoeyError`` with the reason when
+        it fails. For a Ray Serve replica, whose constructor must not return before it can serve."""
+        self._load()
+        if self.load_error:
+            raise JoeyError(self.load_error)
+
     @property
     def model_name(self) -> str:
         return self.settings.model_name or (self.engine.name if self.engine is not None else "joey")
@@ -103,7 +111,8 @@ class JoeyServer:
     def _build_app(self) -> FastAPI:
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-            threading.Thread(target=self._load, name="joey-load", daemon=True).start()
+            if not self.ready.is_set():  # not loaded already by load_now()
+                threading.Thread(target=self._load, name="joey-load", daemon=True).start()
             yield
             if self.worker is not None:
                 await asyncio.to_thread(self.worker.stop)
@@ -137,7 +146,7 @@ class JoeyServer:
         async def metrics() -> Response:
             if self.metrics is None:
                 return Response("# the model is loading\n", status_code=503, media_type="text/plain")
-            return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+            return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:

@@ -63,6 +63,11 @@ class BatchWorker:
         self._thread.join(timeout=30)
 
     @property
+    def alive(self) -> bool:
+        """Whether the decoding thread runs (a replica whose thread died must be replaced)."""
+        return self._thread.is_alive()
+
+    @property
     def in_flight(self) -> int:
         return len(self._handles)
 
