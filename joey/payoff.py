@@ -16,6 +16,8 @@ step now and then (``REFRESH``) keeps the plain rate current (it moves with the 
 A request's first draft also catches its drafter up on the whole prompt (a head's features, a
 draft model's prefill): a one-time cost of the request, not of a step, so such a step is left out of
 both rates rather than making drafting look ~100x dearer than it is for the rest of the request.
+Within a probe it still counts towards what the probe lost: a closed gate's probes are what makes
+each new request catch up, so their spacing pays for that too.
 
 One ``Payoff`` per engine and method (``Engine.payoff``): what a server or a benchmark learned in
 one batch holds for the next, so a short request does not pay for learning again.
@@ -68,6 +70,7 @@ class Bucket:
     gap: int = MIN_GAP  # plain steps before the next probe
     burst: int = 0  # probe steps left
     probe: Rate = field(default_factory=Rate)  # the current probe's steps
+    catch_up_lost: float = 0.0  # ms the current probe's first drafts cost beyond plain decoding
 
     @property
     def pays(self) -> bool:
@@ -90,7 +93,7 @@ class Payoff:
         if b.pays:
             return b.since_plain < REFRESH
         if b.idle >= b.gap:  # a probe: drafting again for BURST steps
-            b.burst, b.idle, b.probe = BURST, 0, Rate()
+            b.burst, b.idle, b.probe, b.catch_up_lost = BURST, 0, Rate(), 0.0
             return True
         return False
 
@@ -104,6 +107,8 @@ class Payoff:
                 b.drafted.add(ms, tokens)
                 if b.burst:
                     b.probe.add(ms, tokens)
+            elif b.burst and b.plain.steps:
+                b.catch_up_lost += max(0.0, ms - tokens * b.plain.per_token)
         else:
             b.since_plain = 0
             b.idle += 1
@@ -117,10 +122,10 @@ class Payoff:
     def _priced(b: Bucket) -> None:
         """After a probe: its steps are what drafting costs now (older drafted steps are stale), and
         the next probe waits until what this one lost is ``PROBE_SHARE`` of the plain time between."""
-        if not b.probe.steps:
-            return
-        b.drafted = Rate(b.probe.ms, b.probe.tokens, WARMUP)
-        lost = b.probe.steps * (b.probe.ms - b.probe.tokens * b.plain.per_token)
+        lost = b.catch_up_lost
+        if b.probe.steps:
+            b.drafted = Rate(b.probe.ms, b.probe.tokens, WARMUP)
+            lost += b.probe.steps * (b.probe.ms - b.probe.tokens * b.plain.per_token)
         if lost <= 0:
             b.gap = MIN_GAP
         else:

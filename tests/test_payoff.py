@@ -80,6 +80,18 @@ def test_a_first_draft_is_left_out_of_the_rates():
     assert gate.allows(1)
 
 
+def test_a_probes_catch_up_on_a_prompt_counts_towards_what_it_lost():
+    gate = Payoff()
+    _steps(gate, 1, WARMUP + MIN_GAP, drafted_ms=5.0, plain_ms=2.0)  # off; the next step starts a probe
+    assert gate.allows(1)
+    gate.observe(1, True, 100.0, 2, first_draft=True)  # a new request's first draft: 96 ms over plain
+    _steps(gate, 1, BURST - 1, drafted_ms=5.0, plain_ms=2.0)
+    b = gate.buckets[1]
+    assert b.drafted.per_token == pytest.approx(2.5)  # the catch-up is not a drafting rate
+    lost = 96.0 + (BURST - 1) * (5.0 - 2 * 2.0)
+    assert b.gap == min(MAX_GAP, int(lost / (PROBE_SHARE * 2.0)))
+
+
 def test_batch_sizes_are_judged_apart():
     gate = Payoff()
     _steps(gate, 1, 2 * WARMUP + 5, drafted_ms=3.0, plain_ms=2.0, tokens=3)  # pays alone
