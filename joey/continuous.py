@@ -272,13 +272,17 @@ class ContinuousBatch:
         t0 = time.perf_counter()
         try:
             together = drafts_together([row.drafter for row in active])
-            if self.payoff is None or self.payoff.allows(len(active)):
-                depths = self.policy.choose([r.policy for r in active], [r.room for r in active], together)
-            else:  # drafting has not been paying: AR's step (the depth search is not run either)
+            plain = self.payoff is not None and not self.payoff.allows(len(active))
+            if plain:  # drafting has not been paying: AR's step (no depth search, no drafter call)
                 depths = [0] * len(active)
+                for b, row in enumerate(active):
+                    if row.drafter is not None and row.drafter.self_speculative:
+                        row.drafter.hand_back(self.cache.row(b), row.context)
+            else:
+                depths = self.policy.choose([r.policy for r in active], [r.room for r in active], together)
             # a catching-up drafter's first draft reads the whole prompt: a one-time cost of the request
             first = any(d and r.policy.catches_up and not r.policy.drafted for r, d in zip(active, depths))
-            proposals = self._propose(active, depths, together)
+            proposals = self._propose(active, depths, together, plain)
             t1 = time.perf_counter()
             features = self.runner.verify(self.cache, [r.pending for r in active], proposals, self.lockstep)
             logits = self.runner.logits(features)
@@ -301,13 +305,14 @@ class ContinuousBatch:
             self.payoff.observe(len(active), any(depths), 1000 * (time.perf_counter() - t0),
                                 sum(s.kept for s in steps), first)
 
-    def _propose(self, rows: list[Request], depths: list[int], together: bool) -> list[Proposal]:
+    def _propose(self, rows: list[Request], depths: list[int], together: bool, plain: bool) -> list[Proposal]:
         """Every row's draft, drafted together where the drafter can (one forward per draft depth
         for all rows: ``propose_all``), timed for the depth policy. No row drafting is a plain
         decoding step, and drafters catch up on the skipped tokens later; except a self-speculative
-        drafter, which is asked every step: the target's own cache lacks the layers it runs, and one
-        verification pass starts from one layer for all rows."""
-        skip = not any(depths) and not any(row.drafter.self_speculative for row in rows if row.drafter)
+        drafter, which is asked every step (the target's own cache lacks the layers it runs, and one
+        verification pass starts from one layer for all rows) unless the step is ``plain``: the gate
+        closed drafting and the drafter handed its first layers' K/V back to the target's cache."""
+        skip = plain or (not any(depths) and not any(row.drafter.self_speculative for row in rows if row.drafter))
         if rows[0].drafter is None or skip:
             return [Proposal.chain([]) for _ in rows]
         start = time.perf_counter()

@@ -129,11 +129,11 @@ def _counting(monkeypatch, target, name: str) -> list:
     return calls
 
 
-@pytest.mark.parametrize("method", ["pld", "sps", "jakiro", "jakiro+pld"])
+@pytest.mark.parametrize("method", ["pld", "sps", "jakiro", "jakiro+pld", "kangaroo", "kangaroo+pld"])
 def test_a_step_the_gate_keeps_plain_is_ars_step(engine, monkeypatch, method):
     """With the gate closed: the depth search never runs, no drafter is asked, and the target
-    passes are AR's, call for call and token for token (Kangaroo, which runs the target's first
-    layers itself, is the exception the step machine documents)."""
+    passes are AR's, call for call and token for token, over all layers (Kangaroo too: it hands
+    its first layers' K/V back to the target's cache instead of running them)."""
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     ids = [engine.encode(p) for p in PROMPTS[:3]]
 
@@ -147,7 +147,7 @@ def test_a_step_the_gate_keeps_plain_is_ars_step(engine, monkeypatch, method):
         while batch.busy:
             for ev in batch.step():
                 tokens.setdefault(ev.row, []).extend(ev.token_ids)
-        shapes = [[(len(p), p.tokens) for p in call[3]] for call in passes]
+        shapes = [[(len(p), p.tokens, p.hidden) for p in call[3]] for call in passes]
         monkeypatch.undo()
         return shapes, [tokens[i] for i in range(3)], passes
 

@@ -74,6 +74,12 @@ class Drafter:
     def observe(self, features: torch.Tensor) -> None:
         """Features [n, hidden] of the next n committed tokens (called only if ``wants_features``)."""
 
+    def hand_back(self, cache: Any, context: list[int]) -> None:
+        """Before a step in which the target decodes this row alone, all its layers (the wall-clock
+        gate closed drafting): a self-speculative drafter writes into the row's target ``cache``
+        (a ``KVCache`` view) the first layers' K/V it holds for ``context``'s committed tokens, which
+        the target's cache lacks. Other drafters have nothing to hand back."""
+
     def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
         """Propose tokens to follow ``context`` (prompt + committed tokens): no path deeper than
         ``max_tokens``, at most ``max_nodes`` tokens in all (None: ``max_tokens``, a chain's worth).

@@ -126,6 +126,9 @@ class KangarooDrafter(BatchedDrafter):
         self.cached: list[int] = []  # tokens whose shallow K/V and layer-l state are stored, in order
         self.adapted: list[int] = []  # tokens whose adapter K/V are stored (a prefix of ``cached``)
         self._tree: DraftTree | None = None  # the last proposal, until the committed tokens say which path won
+        # how many leading context tokens have layers [0, l) in the *target's* cache: the prompt (its
+        # prefill ran every layer) and tokens of plain steps; set at the first call
+        self.synced: int | None = None
 
     # -- one draft forward for the rows of a batch ----------------------------------------------
     @staticmethod
@@ -190,6 +193,25 @@ class KangarooDrafter(BatchedDrafter):
             adapt = Placement(slots, slots, prefix_causal_mask(adapt_from, len(slots), dev))
         return _Pass(self, tuple(self.cached[start:end]), shallow, adapt, last_only=True)
 
+    def hand_back(self, cache, context: list[int]) -> None:
+        """Copy layers [0, l)'s K/V of the committed tokens the target's cache lacks (those verified
+        from layer l since the last plain step) from this drafter's cache into the target's, so the
+        target can run a plain step over all its layers. They are the target's own layers on the
+        same tokens, whose states verification already takes from this cache. A later draft
+        recomputes the shallow K/V of the plain steps' tokens here (its catch-up)."""
+        n = len(context)
+        if self.synced is None:  # never drafted: the prefill filled the target's cache
+            self.synced = n - 1
+        if self.synced < n - 1:
+            self._follow(context)
+            if common_prefix(self.cached, context) < n - 1:
+                raise RuntimeError("kangaroo: the drafter's cache does not hold the committed tokens")
+            lo, hi = self.synced, n - 1
+            for layer in range(self.draft.exit_layer):
+                cache.k[layer][0, :, lo:hi] = self.shallow.k[layer][0, :, lo:hi]
+                cache.v[layer][0, :, lo:hi] = self.shallow.v[layer][0, :, lo:hi]
+        self.synced = n  # the plain step computes the pending token's K/V in every layer
+
     # -- following the committed path through the last tree --------------------------------------
     def _follow(self, context: list[int]) -> None:
         """Keep the cache entries of the last tree's nodes that the target committed, moved to the
@@ -222,6 +244,8 @@ class KangarooDrafter(BatchedDrafter):
         """This row's drafting: yields the draft forwards it needs, receives their draft logits."""
         self._follow(context)
         n = len(context)
+        # from here on verification runs layers [l, L) only: the target's cache lacks [0, l) past n - 1
+        self.synced = n - 1 if self.synced is None else min(self.synced, n - 1)
         # Shallow K/V: keep the prefix shared with the committed context; the last context token
         # (the pending one) is always recomputed, since verification needs its layer-l state.
         s = min(common_prefix(self.cached, context), n - 1)
