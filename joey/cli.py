@@ -55,6 +55,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--rejection-sampling", action="store_true",
+                   help="verify sampled drafts by rejection sampling: exact in distribution and higher acceptance "
+                        "for --method sps, but NOT token-reproducible (the same seed may give other tokens than ar)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--method", default="auto", choices=["auto", *METHODS],
                    help="jakiro = a trained MoE head drafting token trees from the target's features; "
@@ -137,6 +140,7 @@ def _params(args: argparse.Namespace) -> SamplingParams:
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        rejection=args.rejection_sampling,
     )
 
 

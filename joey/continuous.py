@@ -76,7 +76,7 @@ def judge(row: Request, prop: Proposal, logits: torch.Tensor, features: torch.Te
             verdict = verify_sampled(prop.tokens, prop.parents, probabilities(logits, row.params),
                                      prop.draft_probs, row.generator)
         else:  # the target's keyed draw at every node; the root's is the next position's
-            verdict = verify_keyed(prop.tokens, prop.parents, probabilities(logits, row.params), row.params,
+            verdict = verify_keyed(prop.tokens, prop.parents, logits, row.params,
                                    len(row.context))
         tokens = [prop.tokens[j] for j in verdict.path] + [verdict.bonus]
         row.steps += 1

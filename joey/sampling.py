@@ -23,13 +23,37 @@ def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the mass strictly before it already reaches top_p (the top-1 always stays)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits.masked_fill(logits < nucleus_floor(logits, params.top_p), float("-inf"))
     return logits
+
+
+# the first nucleus search looks at this many candidates; LLM distributions usually reach top_p well within it
+_NUCLEUS_FIRST_K = 64
+
+
+def nucleus_floor(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest logit top-p keeps, per row of ``logits`` [..., vocab] → [..., 1]: a token stays
+    when the mass of the tokens above it is below ``top_p`` (the top-1 always stays; tokens tied
+    with the last one kept stay too, so ties never depend on a sort's order).
+
+    Why not a sort of the vocabulary: that costs ~2.7 ms for 49 k logits on a 2-core Xeon, more
+    than half an AR step of the 135M model. The nucleus lies inside the top k as soon as their mass
+    reaches ``top_p``, so the search looks at the top 64 and widens (x16) only for rows that need it;
+    the answer is the same as the full sort's."""
+    vocab = logits.shape[-1]
+    log_total = logits.logsumexp(-1, keepdim=True)
+    k = min(_NUCLEUS_FIRST_K, vocab)
+    while True:
+        top = logits.topk(k, dim=-1).values  # sorted, descending
+        probs = (top - log_total).exp()
+        before = probs.cumsum(-1) - probs
+        # mass of the k candidates = before[-1] + probs[-1]; once it reaches top_p for every row, every
+        # token below the candidates has at least top_p above it and is dropped
+        if k == vocab or bool(((before[..., -1] + probs[..., -1]) >= top_p).all()):
+            break
+        k = min(16 * k, vocab)
+    kept = (before < top_p).sum(-1, keepdim=True)  # >= 1: before[0] = 0 < top_p
+    return top.gather(-1, kept - 1)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

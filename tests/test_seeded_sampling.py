@@ -114,8 +114,9 @@ def test_draws_keyed_by_the_step_instead_of_the_position_break_equality(engine, 
 
     params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=5)
     want = [_tokens(engine, [p], "ar", params)[0] for p in PROMPTS]
-    real = verify.draw
-    monkeypatch.setattr(verify, "draw", lambda p, prm, positions, gen=None: real(p, prm, [x + 1 for x in positions]))
+    real = verify.next_tokens
+    monkeypatch.setattr(verify, "next_tokens",
+                        lambda logits, prm, positions, gen=None: real(logits, prm, [x + 1 for x in positions]))
     got = [_tokens(engine, [p], "sps", params)[0] for p in PROMPTS]
     assert got != want
 

@@ -96,6 +96,30 @@ def test_warping_top_k_top_p_temperature():
     assert torch.allclose(cold, torch.softmax(logits / 0.5, -1))
 
 
+def _nucleus_by_sort(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The textbook nucleus: sort the whole vocabulary, keep while the mass before is below top_p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    p = sorted_logits.softmax(-1)
+    drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (p.cumsum(-1) - p) >= top_p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 8.0])  # 0.01: flat rows, the search must widen to the whole vocab
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_nucleus_equals_the_full_sort(scale, top_p):
+    gen = torch.Generator().manual_seed(int(100 * scale) + int(1000 * top_p))
+    logits = torch.randn(7, 5000, generator=gen) * scale
+    logits[3] = logits[3] * 50  # one peaked row among flat ones
+    warped = warp_logits(logits, SamplingParams(temperature=1.0, top_p=top_p))
+    assert torch.equal(torch.isinf(warped), torch.isinf(_nucleus_by_sort(logits, top_p)))
+
+
+def test_nucleus_keeps_ties_whatever_their_order():
+    logits = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
+    # 0.4 + 0.2 reaches 0.5 at one of the tied tokens: all three tied tokens stay, none by a sort's whim
+    assert not torch.isinf(warp_logits(logits, SamplingParams(temperature=1.0, top_p=0.5))).any()
+
+
 def test_sample_follows_distribution():
     gen = torch.Generator().manual_seed(3)
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(20000, 4)
