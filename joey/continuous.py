@@ -83,7 +83,8 @@ def judge(row: Request, prop: Proposal, logits: torch.Tensor, features: torch.Te
         row.draft_tokens += len(prop)
         policy.record(row.policy, max(depths_of(prop.parents)), verdict.accepted, len(tokens))
         if row.drafter is not None and row.drafter.wants_features:  # pending token + accepted path
-            row.drafter.observe(features[[0, *(1 + j for j in verdict.path)]])
+            # a slice, not an index, on the common path (plain steps: the pending token only)
+            row.drafter.observe(features[[0, *(1 + j for j in verdict.path)]] if verdict.path else features[:1])
         event = replace(row.commit(tokens, eos_ids, method), draft_tokens=len(prop), accepted=verdict.accepted)
     except Exception as exc:  # this row's own work failed: it leaves, the others go on
         return RowStep(1, (), False), row.fail(exc)

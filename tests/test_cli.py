@@ -77,3 +77,12 @@ def test_chat_keeps_history_and_quits(default_source):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("> ") >= 3  # a prompt per turn, then the one answered by /exit
     assert proc.stderr.count("tokens/s]") == 2
+
+
+def test_rejection_sampling_is_an_explicit_option():
+    from joey.cli import _params, build_parser
+
+    args = build_parser().parse_args(["generate", "hi", "-t", "0.8", "--rejection-sampling"])
+    assert _params(args).rejection and not _params(args).exact
+    plain = build_parser().parse_args(["generate", "hi", "-t", "0.8"])
+    assert not _params(plain).rejection and _params(plain).exact

@@ -6,8 +6,7 @@ reads or runs refers to files outside the project."""
 from __future__ import annotations
 
 import importlib
-import re
-import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,23 +15,8 @@ from joey.bench.runners import all_methods
 from joey.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-
-
-def commands(page: Path) -> list[list[str]]:
-    """The command lines of a page's bash blocks (continuations joined, comments and env settings dropped)."""
-    found = []
-    for lang, body in re.findall(r"```(\w*)\n(.*?)```", page.read_text(), re.S):
-        if lang not in ("bash", "sh"):
-            continue
-        for line in body.replace("\\\n", " ").splitlines():
-            argv = shlex.split(line, comments=True)
-            while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):
-                argv = argv[1:]
-            if argv:
-                found.append(argv)
-    return found
-
+sys.path.insert(0, str(ROOT / "tools"))
+from doc_commands import PAGES, commands  # noqa: E402 (tools/ is not a package)
 
 ALL = [(page.relative_to(ROOT).as_posix(), argv) for page in PAGES for argv in commands(page)]
 

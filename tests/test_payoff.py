@@ -13,7 +13,7 @@ from test_batch_modes import DRAFTERS, PROMPTS
 import joey.continuous
 from joey.budget import DepthPolicy
 from joey.config import SamplingParams
-from joey.payoff import BURST, MAX_GAP, MIN_GAP, PROBE_SHARE, REFRESH, WARMUP, Payoff, bucket
+from joey.payoff import BURST, CLEAR_LOSS, EVIDENCE, MAX_GAP, MIN_GAP, PROBE_SHARE, REFRESH, WARMUP, Payoff, bucket
 from joey.target_runner import TargetRunner
 
 pytestmark = pytest.mark.payoff
@@ -34,55 +34,70 @@ def test_buckets_group_batch_sizes_by_powers_of_two():
     assert [bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 2, 4, 4, 8, 8, 16, 16, 32]
 
 
-def test_drafting_that_does_not_pay_stops_after_the_warmup_and_probes_come_priced():
+def test_drafting_that_does_not_pay_stops_after_the_first_probe_and_probes_come_priced():
     gate = Payoff()
     # drafted steps: 2 tokens in 5 ms (2.5 ms a token); plain: 1 token in 2 ms
-    answers = _steps(gate, 1, 2 * WARMUP + 200, drafted_ms=5.0, plain_ms=2.0)
-    assert answers[: 2 * WARMUP] == [True] * WARMUP + [False] * WARMUP
-    rest = answers[2 * WARMUP :]
+    answers = _steps(gate, 1, WARMUP + BURST + 1000, drafted_ms=5.0, plain_ms=2.0)
+    assert answers[: WARMUP + BURST] == [False] * WARMUP + [True] * BURST  # plain steps first, then a probe
+    rest = answers[WARMUP + BURST :]
     # after that only probes of BURST steps, spaced so that they cost PROBE_SHARE of plain decoding
     lost = BURST * (5.0 - 2 * 2.0)  # each probe step: 2 tokens that plain decoding makes in 4 ms
     gap = int(max(MIN_GAP, lost / (PROBE_SHARE * 2.0)))
-    first = rest.index(True)  # the warmup's plain steps count towards the first gap
-    assert first == MIN_GAP - WARMUP and rest[first : first + BURST] == [True] * BURST
+    first = rest.index(True)
+    assert first == gap and rest[first : first + BURST] == [True] * BURST
     second = rest.index(True, first + BURST)
     assert second - (first + BURST) == gap
-    assert sum(rest) / len(rest) < 0.1
+    assert sum(rest) / len(rest) < 0.05
+
+
+def test_a_probe_that_clearly_loses_ends_early():
+    gate = Payoff()
+    # drafted: 2 tokens in 10 ms (5 ms a token) against plain decoding's 2 ms: 2.5x, past CLEAR_LOSS
+    answers = _steps(gate, 1, WARMUP + BURST + MAX_GAP + BURST, drafted_ms=10.0, plain_ms=2.0)
+    assert answers[: WARMUP + BURST] == [False] * WARMUP + [True] * EVIDENCE + [False] * (BURST - EVIDENCE)
+    assert 5.0 > CLEAR_LOSS * 2.0
+    tail = answers[WARMUP + EVIDENCE :]
+    lost = EVIDENCE * (10.0 - 2 * 2.0)
+    gap = int(min(MAX_GAP, lost / (PROBE_SHARE * 2.0)))
+    assert tail[:gap] == [False] * gap and tail[gap : gap + EVIDENCE] == [True] * EVIDENCE
 
 
 def test_the_probe_gap_grows_with_what_a_probe_loses_up_to_a_bound():
     gate = Payoff()
-    answers = _steps(gate, 1, WARMUP + MIN_GAP + BURST + 2 * MAX_GAP, drafted_ms=200.0, plain_ms=2.0)
-    tail = answers[WARMUP + MIN_GAP + BURST :]  # after the warmup and the first probe
+    answers = _steps(gate, 1, WARMUP + EVIDENCE + 2 * MAX_GAP, drafted_ms=200.0, plain_ms=2.0)
+    tail = answers[WARMUP + EVIDENCE :]  # after the plain warmup and the first probe (ended early)
     assert tail[:MAX_GAP] == [False] * MAX_GAP and tail[MAX_GAP] is True
 
 
 def test_drafting_that_pays_goes_on_with_a_plain_step_to_refresh_the_plain_rate():
     gate = Payoff()
-    answers = _steps(gate, 1, 2 * WARMUP + 3 * (REFRESH + 1), drafted_ms=3.0, plain_ms=2.0, tokens=3)
-    rest = answers[2 * WARMUP :]
+    answers = _steps(gate, 1, WARMUP + 3 * (REFRESH + 1), drafted_ms=3.0, plain_ms=2.0, tokens=3)
+    rest = answers[WARMUP:]
     assert rest[:REFRESH] == [True] * REFRESH and rest[REFRESH] is False
     assert rest[REFRESH + 1 : 2 * REFRESH + 1] == [True] * REFRESH
 
 
 def test_a_probe_that_pays_turns_drafting_back_on():
     gate = Payoff()
-    _steps(gate, 1, 2 * WARMUP + 5, drafted_ms=5.0, plain_ms=2.0)  # drafting off
-    answers = _steps(gate, 1, MIN_GAP + BURST + 20, drafted_ms=2.5, plain_ms=2.0, tokens=4)  # now it pays
+    _steps(gate, 1, WARMUP + BURST + 5, drafted_ms=5.0, plain_ms=2.0)  # drafting off
+    b = gate.buckets[1]
+    answers = _steps(gate, 1, b.gap + BURST + 20, drafted_ms=2.5, plain_ms=2.0, tokens=4)  # now it pays
     assert answers[-20:] == [True] * 20
 
 
 def test_a_first_draft_is_left_out_of_the_rates():
     gate = Payoff()
+    _steps(gate, 1, WARMUP, drafted_ms=3.0, plain_ms=2.0, tokens=3)  # the plain warmup
+    assert gate.allows(1)
     gate.observe(1, True, 500.0, 2, first_draft=True)  # catching up on a long prompt
-    _steps(gate, 1, 2 * WARMUP + 10, drafted_ms=3.0, plain_ms=2.0, tokens=3)
+    _steps(gate, 1, BURST + 10, drafted_ms=3.0, plain_ms=2.0, tokens=3)
     assert gate.buckets[1].drafted.per_token == pytest.approx(1.0)
     assert gate.allows(1)
 
 
 def test_a_probes_catch_up_on_a_prompt_counts_towards_what_it_lost():
     gate = Payoff()
-    _steps(gate, 1, WARMUP + MIN_GAP, drafted_ms=5.0, plain_ms=2.0)  # off; the next step starts a probe
+    _steps(gate, 1, WARMUP, drafted_ms=5.0, plain_ms=2.0)  # the plain warmup; the next step starts a probe
     assert gate.allows(1)
     gate.observe(1, True, 100.0, 2, first_draft=True)  # a new request's first draft: 96 ms over plain
     _steps(gate, 1, BURST - 1, drafted_ms=5.0, plain_ms=2.0)
@@ -94,9 +109,10 @@ def test_a_probes_catch_up_on_a_prompt_counts_towards_what_it_lost():
 
 def test_batch_sizes_are_judged_apart():
     gate = Payoff()
-    _steps(gate, 1, 2 * WARMUP + 5, drafted_ms=3.0, plain_ms=2.0, tokens=3)  # pays alone
-    _steps(gate, 8, 2 * WARMUP + 5, drafted_ms=20.0, plain_ms=8.0, tokens=2)  # not at batch 8
-    assert gate.allows(1) and not gate.allows(8) and gate.allows(16)  # 16: still warming up
+    _steps(gate, 1, WARMUP + BURST + 5, drafted_ms=3.0, plain_ms=2.0, tokens=3)  # pays alone
+    _steps(gate, 8, WARMUP + BURST + 5, drafted_ms=20.0, plain_ms=8.0, tokens=2)  # not at batch 8
+    assert gate.allows(1) and not gate.allows(8)
+    assert [gate.allows(16) for _ in range(WARMUP)] == [False] * WARMUP  # 16: its own plain warmup
 
 
 class _Closed(Payoff):
