@@ -14,20 +14,28 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import statistics
+import sys
 
 import joey
 from joey.measurements import cpu_name
 from joey.training.prompts import read_prompts
 
-DATA = "../shared/data/"
+# the training prompt files (not shipped with joey: DEVELOPERS.md names them); held-out prompts are those
+# no shipped drafter was trained on
+DATA = os.environ.get("JOEY_TRAIN_DATA", "../shared/data")
 
 
-def heldout_prompts(n: int) -> list[str]:
-    files = [DATA + "alpaca_5000/alpaca_5000.json", DATA + "gsm8k/train.jsonl",
-             DATA + "gpteacher/codegen-instruct.json", DATA + "self_instruct_seed/seed_tasks.jsonl",
-             DATA + "gpteacher/roleplay-simple-deduped-roleplay-instruct.json",
-             *sorted(glob.glob(DATA + "instructionwild_v2/user_*.jsonl"))]
+def heldout_prompts(n: int, data: str) -> list[str]:
+    data = data.rstrip("/") + "/"
+    files = [data + "alpaca_5000/alpaca_5000.json", data + "gsm8k/train.jsonl",
+             data + "gpteacher/codegen-instruct.json", data + "self_instruct_seed/seed_tasks.jsonl",
+             data + "gpteacher/roleplay-simple-deduped-roleplay-instruct.json",
+             *sorted(glob.glob(data + "instructionwild_v2/user_*.jsonl"))]
+    if not os.path.isfile(files[0]):
+        sys.exit(f"tree_sweep.py: error: the training prompt files are not in {data} (--data DIR or "
+                 "JOEY_TRAIN_DATA; DEVELOPERS.md names them)")
     used = set(read_prompts(files, limit=960, derived=240, seed=0))  # the shipped adapter's training prompts
     used |= set(read_prompts(files, limit=14000, derived=3000, seed=0))  # ... and the shipped Jakiro head's
     used |= set(read_prompts(files, limit=14000, derived=3000, seed=1))  # ... and its fine-tuning's
@@ -44,9 +52,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--configs", default="1:0:0.6:6,2:auto:0.6:6,3:auto:0.6:6,3:auto:0.4:6,4:auto:0.4:6,3:12:0.4:6")
     ap.add_argument("--fixed", action="store_true", help="turn off the per-step adaptive depth")
+    ap.add_argument("--data", default=DATA, help="folder of the training prompt files (default $JOEY_TRAIN_DATA or "
+                                                  "../shared/data)")
     args = ap.parse_args()
     eng = joey.load(adapter=args.adapter, head=args.head, progress=False)
-    prompts = heldout_prompts(args.prompts)
+    prompts = heldout_prompts(args.prompts, args.data)
     configs: list[tuple] = [("ar", 1, 0, 0.0, 1, True)]
     for c in args.configs.split(","):
         k, n, th, g, *rest = c.split(":")
