@@ -5,8 +5,8 @@ own work on the model's own logits (the rows of a teacher-forced pass over the p
 answer: real distributions, whose nucleus is what top-p's cost depends on), each the median over the rows:
   * ``greedy``: argmax of one row (what T = 0 costs);
   * ``keyed``: joey's sampler at T = 0.7, top-p 0.9 (warp + softmax + one keyed uniform + inverse CDF), one row;
-  * ``tree-8``: verification of an 8-node tree at the same settings (random draft tokens, so mostly the root's
-    row is drawn: rows are warped and drawn only along the accepted path);
+  * ``tree-8``: verification of an 8-node tree at the same settings, its deepest chain holding the answer's next
+    tokens (rows are warped and drawn only along the accepted path), also per committed token;
   * ``gumbel``: the alternative issue 32 weighed, Gumbel-max with a keyed noise vector over the whole vocabulary
     (counter-based splitmix64 per token id, then argmax(log p + g)), one row.
 
@@ -76,7 +76,8 @@ def measure(name: str, repeats: int) -> dict[str, float]:
     prompt = engine.encode(question)
     g = engine.generate(question, method="ar", max_new_tokens=64, ignore_eos=True)
     step_ms = 1000 * g.wall_time_s / g.stats.steps
-    text = prompt + list(g.token_ids)
+    answer = list(g.token_ids)
+    text = prompt + answer
     cache = model.new_cache(1, len(text))
     with torch.inference_mode():
         features = TargetRunner(model).prefill(cache, [text], padded=False)[0][len(prompt) - 1:]
@@ -84,7 +85,6 @@ def measure(name: str, repeats: int) -> dict[str, float]:
     # 8-node trees whose deepest chain (nodes 0, 1, 3, 6) holds the answer's next tokens and whose
     # rows are the answer's logits at each node's depth: what a tree step verifies when its drafts are good
     depth = depths_of(TREE)
-    answer = list(g.token_ids)
     trees = []
     for i in range(0, len(rows) - 5, 4):
         tokens = [answer[i + depth[j + 1] - 1] if j in (0, 1, 3, 6) else (answer[i] + 1 + j) % vocab

@@ -101,7 +101,7 @@ class Payoff:
             return True
         if b.plain.steps < WARMUP:  # plain steps first: they cost nothing and price what follows
             return False
-        if b.drafted.steps and b.pays:
+        if b.pays:  # never before a probe: without drafted steps the drafted rate is infinite
             return b.since_plain < REFRESH
         if b.idle >= b.gap or not b.probes:  # a probe (the first one right after the plain warmup)
             b.burst, b.idle, b.probe, b.catch_up_lost = BURST, 0, Rate(), 0.0

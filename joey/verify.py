@@ -1,8 +1,8 @@
 """Verification of draft tokens against the target: the only place where drafts are accepted.
 
-Pure functions over the target's logits or probabilities, shared by every drafter. A draft is a *tree* given by parent
-indices (``parents[i] = -1``: child of the last committed token); a chain is the tree with one
-branch everywhere, so there is one code path for both.
+Pure functions over the target's logits or probabilities, shared by every drafter. A draft is a
+*tree* given by parent indices (``parents[i] = -1``: child of the last committed token); a chain is
+the tree with one branch everywhere, so there is one code path for both.
 
 Row 0 of the target's distributions scores the token after the last committed one (the root);
 row ``i + 1`` scores the token after draft node ``i``.

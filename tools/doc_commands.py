@@ -20,12 +20,15 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import serve_load  # noqa: E402 (benchmarks/ is not a package: its server start and stop)
+
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # words that stand for something the reader supplies
@@ -117,42 +120,23 @@ def run_one(argv: list[str], cap: float, stdin: str = "") -> tuple[str, float, s
     return "failed", took, f"exit {proc.returncode}: {last}"
 
 
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def run_server(argv: list[str], curls: list[list[str]], start_cap: float) -> list[tuple[str, float, str]]:
-    """Start a server, wait for /health, send it the page's curl lines, stop it (its whole process group)."""
+    """Start a server, wait for /health, send it the page's curl lines, stop it (its whole process
+    group), with the load benchmark's own helpers for the last two."""
     port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 8000
+    log = ROOT / "bench_out" / "doc_commands_server.log"
     start = time.perf_counter()
-    log = open(ROOT / "bench_out" / "doc_commands_server.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    results = []
+    with log.open("w") as fh:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        while time.perf_counter() - start < start_cap and proc.poll() is None and not _healthy(port):
-            time.sleep(1)
-        took = time.perf_counter() - start
-        if _healthy(port):
-            results.append(("ok", took, f"/health answered on port {port}"))
-            for curl in curls:
-                results.append(run_one(curl, 120))
-        else:
-            log.flush()
-            tail = _last_line((ROOT / "bench_out" / "doc_commands_server.log").read_text())
-            results.append(("failed", took, f"no /health within {start_cap:.0f} s: {tail}"))
+        serve_load.wait_ready(proc, f"http://127.0.0.1:{port}", "/health", start_cap, log)
+        results = [("ok", time.perf_counter() - start, f"/health answered on port {port}")]
+        results += [run_one(curl, 120) for curl in curls]
+    except serve_load.ServerFailed as exc:
+        results = [("failed", time.perf_counter() - start, str(exc))]
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        serve_load.stop(proc)
     return results
 
 
