@@ -449,77 +449,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_parser(sub: Any) -> None:
-    from joey.training.adapter_training import TrainSettings
+def _train_common(p: argparse.ArgumentParser, t: Any, what: str, prompts: int, derived: int) -> None:
+    """The options both training commands share: prompts, distillation and the optimiser."""
     from joey.training.distill import DistillSettings
 
-    t, d = TrainSettings(), DistillSettings()
-    p = sub.add_parser("train-adapter", help="train a Kangaroo adapter by self-distillation (resumable)")
+    d = DistillSettings()
     p.add_argument("--prompts", nargs="+", required=True, metavar="FILE",
                    help="prompt files (.json list or .jsonl; alpaca/gsm8k/gpteacher/self-instruct/plain 'prompt')")
-    p.add_argument("--out", "-o", required=True, help="run folder: data shards, checkpoint, adapter.safetensors")
+    p.add_argument("--out", "-o", required=True, help=f"run folder: data shards, checkpoint, {what}")
     _model_args(p, weights=False)
-    p.add_argument("--num-prompts", type=int, default=960, help="prompts to distill (default 960)")
-    p.add_argument("--derived", type=int, default=240,
-                   help="of which summarization / passage-QA / translation prompts derived from the files' answers")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of the target's answers")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts answered at once")
-    p.add_argument("--exit-layer", type=int, default=t.exit_layer, help="the draft uses layers [0, l)")
-    p.add_argument("--device-map", default=None, metavar="MAP",
-                   help="distill with the target loaded by transformers/accelerate with this device_map "
-                        "(auto, balanced, ...): its layers spread over the GPUs and CPU memory")
-    p.add_argument("--draft-vocab", type=int, default=t.draft_vocab, help="tokens in the draft's LM head")
-    p.add_argument("--batch-tokens", type=int, default=t.batch_tokens,
-                   help="padded positions per optimizer step: the global batch, shared out over torchrun's ranks")
-    p.add_argument("--attention-only", action="store_true",
-                   help="the paper's adapter (attention + norms, no MLP); default adds an MLP, measured better")
-    p.add_argument("--epochs", type=int, default=t.epochs)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> None:
-    for name in names:
-        if getattr(args, name) < 1:
-            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 <= args.derived <= args.num_prompts:
-        raise InvalidArgumentError("--derived must be between 0 and --num-prompts")
-    if args.lr <= 0:
-        raise InvalidArgumentError("--lr must be positive")
-
-
-def cmd_train_adapter(args: argparse.Namespace) -> int:
-    from joey.training.run import train_from_prompts
-
-    _check_counts(args, ("num_prompts", "max_new_tokens", "batch_size", "exit_layer", "draft_vocab", "epochs",
-                         "batch_tokens"))
-    from joey.training.adapter_training import TrainSettings
-    from joey.training.distill import DistillSettings
-
-    train_from_prompts(
-        args.model, args.prompts, args.out, num_prompts=args.num_prompts, derived=args.derived,
-        distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-        train=TrainSettings(exit_layer=args.exit_layer, mlp=not args.attention_only, draft_vocab=args.draft_vocab,
-                            epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed),
-        device=args.device, dtype=args.dtype, seed=args.seed, device_map=args.device_map,
-    )
-    return 0
-
-
-def _train_drafter_parser(sub: Any) -> None:
-    from joey.training.distill import DistillSettings
-    from joey.training.jakiro_training import HeadTrainSettings
-
-    t, d = HeadTrainSettings(), DistillSettings()
-    p = sub.add_parser("train-drafter", help="train a Jakiro draft head by self-distillation (resumable)")
-    p.add_argument("--kind", choices=["jakiro"], default="jakiro",
-                   help="the draft network (Kangaroo adapters: `joey train-adapter`)")
-    p.add_argument("--prompts", nargs="+", required=True, metavar="FILE",
-                   help="prompt files (.json list or .jsonl; alpaca/gsm8k/gpteacher/self-instruct/plain 'prompt')")
-    p.add_argument("--out", "-o", required=True, help="run folder: data shards, checkpoint, head.safetensors")
-    _model_args(p, weights=False)
-    p.add_argument("--num-prompts", type=int, default=14000, help="prompts to distill (default 14000)")
-    p.add_argument("--derived", type=int, default=3000,
+    p.add_argument("--num-prompts", type=int, default=prompts, help=f"prompts to distill (default {prompts})")
+    p.add_argument("--derived", type=int, default=derived,
                    help="of which summarization / passage-QA / translation prompts derived from the files' answers")
     p.add_argument("--distill-minutes", type=float, default=None,
                    help="stop answering after this long and train on what exists (run again to continue)")
@@ -529,20 +469,15 @@ def _train_drafter_parser(sub: Any) -> None:
     p.add_argument("--draft-vocab", type=int, default=t.draft_vocab, help="tokens in the draft's LM head")
     p.add_argument("--batch-tokens", type=int, default=t.batch_tokens,
                    help="padded positions per optimizer step: the global batch, shared out over torchrun's ranks")
-    p.add_argument("--experts", type=int, default=t.experts, help="SwiGLU experts in the head's mixture")
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="distill with the target loaded by transformers/accelerate with this device_map "
                         "(auto, balanced, ...): its layers spread over the GPUs and CPU memory")
-    p.add_argument("--intermediate", type=int, default=t.intermediate, help="each expert's width (0 = the target's)")
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast while training (fast on CPUs with AMX)")
-    p.add_argument("--init", default=None, metavar="HEAD",
-                   help="continue from this head file (e.g. the shipped one, joey/heads/...): fine-tune it on "
-                        "this run's data, keeping its draft vocabulary, experts and width")
     p.add_argument("--distill-weights", default="fp32", choices=list(WEIGHT_CHOICES),
                    help="weights the target distills with (default fp32; auto = those joey decodes with, so "
-                        "the head learns that target's features, fast where joey's low-bit kernel runs; bf16 = "
+                        "the drafter learns that target's features, fast where joey's low-bit kernel runs; bf16 = "
                         "the same weights in plain bf16 products, fastest on CPUs with AMX)")
     p.add_argument("--answers", choices=["target", "data"], default="target",
                    help="target: the target answers the prompts (self-distillation, token by token); data: "
@@ -554,33 +489,85 @@ def _train_drafter_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def cmd_train_drafter(args: argparse.Namespace) -> int:
-    from joey.training.distill import DistillSettings
-    from joey.training.jakiro_training import HeadTrainSettings
-    from joey.training.run import train_from_prompts
+def _train_parser(sub: Any) -> None:
+    from joey.training.adapter_training import TrainSettings
 
-    _check_counts(args, ("num_prompts", "max_new_tokens", "batch_size", "draft_vocab", "epochs", "batch_tokens"))
-    if args.experts < 2:
-        raise InvalidArgumentError("--experts must be at least 2 (the contrastive branch needs two)")
-    if args.intermediate < 0:
-        raise InvalidArgumentError("--intermediate must be 0 (the target's width) or positive")
+    t = TrainSettings()
+    p = sub.add_parser("train-adapter", help="train a Kangaroo adapter by self-distillation (resumable)")
+    _train_common(p, t, "adapter.safetensors", 960, 240)
+    p.add_argument("--exit-layer", type=int, default=t.exit_layer, help="the draft uses layers [0, l)")
+    p.add_argument("--attention-only", action="store_true",
+                   help="the paper's adapter (attention + norms, no MLP); default adds an MLP, measured better")
+
+
+def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.derived <= args.num_prompts:
+        raise InvalidArgumentError("--derived must be between 0 and --num-prompts")
+    if args.lr <= 0:
+        raise InvalidArgumentError("--lr must be positive")
     if args.distill_minutes is not None and args.distill_minutes <= 0:
         raise InvalidArgumentError("--distill-minutes must be positive")
     if args.distill_batch_tokens < 1:
         raise InvalidArgumentError("--distill-batch-tokens must be at least 1")
+
+
+def _train(args: argparse.Namespace, train: Any) -> int:
+    """Both training commands' run: distill as the options say, then train ``train``'s network."""
+    from joey.training.distill import DistillSettings
+    from joey.training.run import train_from_prompts
+
+    _check_counts(args, ("num_prompts", "max_new_tokens", "batch_size", "draft_vocab", "epochs", "batch_tokens"))
     train_from_prompts(
         args.model, args.prompts, args.out, num_prompts=args.num_prompts, derived=args.derived,
         answers=args.answers, distill_only=args.distill_only,
         distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                 weights=args.distill_weights,
                                 batch_tokens=args.distill_batch_tokens if args.answers == "data" else 0),
-        train=HeadTrainSettings(draft_vocab=args.draft_vocab, experts=args.experts, intermediate=args.intermediate,
-                                epochs=args.epochs, batch_tokens=args.batch_tokens, lr=args.lr, bf16=args.bf16,
-                                seed=args.seed, init=args.init),
-        device=args.device, dtype=args.dtype, seed=args.seed, distill_minutes=args.distill_minutes,
+        train=train, device=args.device, dtype=args.dtype, seed=args.seed, distill_minutes=args.distill_minutes,
         device_map=args.device_map,
     )
     return 0
+
+
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    from joey.training.adapter_training import TrainSettings
+
+    if args.exit_layer < 1:
+        raise InvalidArgumentError("--exit-layer must be at least 1")
+    return _train(args, TrainSettings(exit_layer=args.exit_layer, mlp=not args.attention_only,
+                                      draft_vocab=args.draft_vocab, epochs=args.epochs,
+                                      batch_tokens=args.batch_tokens, lr=args.lr, bf16=args.bf16, seed=args.seed))
+
+
+def _train_drafter_parser(sub: Any) -> None:
+    from joey.training.jakiro_training import HeadTrainSettings
+
+    t = HeadTrainSettings()
+    p = sub.add_parser("train-drafter", help="train a Jakiro draft head by self-distillation (resumable)")
+    p.add_argument("--kind", choices=["jakiro"], default="jakiro",
+                   help="the draft network (Kangaroo adapters: `joey train-adapter`)")
+    _train_common(p, t, "head.safetensors", 14000, 3000)
+    p.add_argument("--experts", type=int, default=t.experts, help="SwiGLU experts in the head's mixture")
+    p.add_argument("--intermediate", type=int, default=t.intermediate, help="each expert's width (0 = the target's)")
+    p.add_argument("--init", default=None, metavar="HEAD",
+                   help="continue from this head file (e.g. the shipped one, joey/heads/...): fine-tune it on "
+                        "this run's data, keeping its draft vocabulary, experts and width")
+
+
+def cmd_train_drafter(args: argparse.Namespace) -> int:
+    from joey.training.jakiro_training import HeadTrainSettings
+
+    if args.experts < 2:
+        raise InvalidArgumentError("--experts must be at least 2 (the contrastive branch needs two)")
+    if args.intermediate < 0:
+        raise InvalidArgumentError("--intermediate must be 0 (the target's width) or positive")
+    return _train(args, HeadTrainSettings(draft_vocab=args.draft_vocab, experts=args.experts,
+                                          intermediate=args.intermediate, epochs=args.epochs,
+                                          batch_tokens=args.batch_tokens, lr=args.lr, bf16=args.bf16,
+                                          seed=args.seed, init=args.init))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@ the all-accepted step, and refuses adapters that belong to another model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -179,8 +181,6 @@ def test_kangaroo_draft_head_is_the_target_head_rows(partial):
 
 def test_train_adapter_end_to_end_and_resume(tmp_path, tiny_folder):
     """Distil a few prompts, train one epoch, save a loadable adapter; a second run resumes."""
-    import json
-
     from joey.training.adapter_training import TrainSettings
     from joey.training.distill import DistillSettings
     from joey.training.run import train_from_prompts
@@ -205,6 +205,33 @@ def test_train_adapter_end_to_end_and_resume(tmp_path, tiny_folder):
     with pytest.raises(joey.errors.InvalidArgumentError, match="other prompts or settings"):
         train_from_prompts(str(tiny_folder), [str(prompts)], out, device="cpu",
                            **{**kw, "distill": DistillSettings(max_new_tokens=7, batch_size=4)})
+
+
+def test_train_adapter_cli_on_teacher_forced_answers_with_bf16(tmp_path, tiny_folder, capsys):
+    """``joey train-adapter --answers data --distill-weights bf16 --bf16``: the files' own answers are
+    distilled by the bf16 target (features only), the adapter's exit states are computed from the
+    tokens by that same bf16 copy, and the saved adapter drafts losslessly."""
+    from joey.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"instruction": f"Say something about number {i}.", "output":
+                                             f"Number {i} is a number. " * 6}) for i in range(10)))
+    out = tmp_path / "run"
+    args = ["train-adapter", "--model", str(tiny_folder), "--device", "cpu", "--prompts", str(prompts),
+            "--out", str(out), "--answers", "data", "--distill-weights", "bf16", "--bf16", "--num-prompts", "10",
+            "--derived", "0", "--max-new-tokens", "16", "--exit-layer", "1", "--epochs", "1",
+            "--draft-vocab", "256", "--batch-tokens", "256", "--attention-only"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["answers"] == "data" and report["train_settings"]["bf16"] is True
+    shard = torch.load(next((out / "data-fixed").glob("shard_*.pt")), weights_only=True)[0]
+    assert 1 not in shard["hidden"]  # no exit states distilled: they were computed from the tokens
+    eng = joey.load(str(tiny_folder), device="cpu", prepack=False, progress=False, adapter=out / "adapter.safetensors")
+    assert eng.kangaroo.adapter.mlp is None and eng.kangaroo.adapter.vocab.numel() == 256
+    ar = eng.generate("Hello", max_new_tokens=12, ignore_eos=True, method="ar")
+    assert eng.generate("Hello", max_new_tokens=12, ignore_eos=True, method="kangaroo").token_ids == ar.token_ids
+    assert main([*args[:-1], "--distill-minutes", "0"]) == 2
+    assert "--distill-minutes must be positive" in capsys.readouterr().err
 
 
 def test_default_model_ships_an_adapter_and_kangaroo_is_lossless(default_engine):

@@ -39,6 +39,7 @@ class TrainSettings:
     clip: float = 0.5  # gradient-value clip, as in the paper
     batch_tokens: int = 4096  # padded positions per optimizer step
     holdout: float = 0.05
+    bf16: bool = False  # bf16 autocast (fast on CPUs with AMX / AVX512-BF16)
     seed: int = 0
 
 
@@ -272,7 +273,8 @@ def train_adapter(
         count = sum(len(data.train[i].ids) - data.train[i].prompt_len for i in batch)
         mine, factor = distributed.share(batch)
         chunk = [data.train[i] for i in mine]
-        logq = _forward(model, adapter, data.head, chunk, call).log_softmax(-1)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.bf16):
+            logq = _forward(model, adapter, data.head, chunk, call).log_softmax(-1)
         loc, p = soft_labels(chunk, data.local, dev)
         loss = -(p * logq.gather(1, loc)).sum() * (factor / count)
         return loss, loss.item()

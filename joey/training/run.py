@@ -147,7 +147,11 @@ def train_from_prompts(
             print(f"distilled: {report['sequences']} sequences, {report['answer_tokens']} answer tokens "
                   f"in {len(shards)} shards under {out}")
         return report
-    if distill.weights != "fp32" or device_map is not None:
+    # a Kangaroo adapter starts from the target's float layers and trains on the states after its exit
+    # layer, computed from the tokens (load_sequences): the bf16 copy that distilled holds those
+    # layers and computes the states at AMX speed (fp32 took ~10x longer on the 1.5B), so it stays
+    keep = not jakiro and distill.weights == "bf16" and device_map is None
+    if (distill.weights != "fp32" or device_map is not None) and not keep:
         del engine
         if jakiro:
             # a head reads only the target's embeddings and LM-head rows (its features come from the
