@@ -31,7 +31,7 @@ import torch
 import joey
 from joey.drafters.kangaroo import KangarooDraft
 from joey.measurements import cpu_name
-from joey.models.adapter import KangarooAdapter
+from joey.models.adapter import KangarooAdapter, save_adapter
 from joey.training.adapter_training import TrainSettings, load_sequences, train_adapter
 from joey.training.run import DATA_FOLDERS
 
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--mlp", action="store_true", help="adapters with the target layer's MLP (default: attention only)")
     ap.add_argument("--out", default="kangaroo_exit_sweep.json")
+    ap.add_argument("--save", default=None, metavar="DIR", help="also save each adapter as DIR/exit<l>.safetensors")
     args = ap.parse_args()
     shards = [p for folder in DATA_FOLDERS.values() for p in sorted((Path(args.data) / folder).glob("shard_*.pt"))]
     if not shards:
@@ -104,6 +105,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             adapter, ev = train_adapter(trainer.model, seqs, Path(tmp), settings)
         del seqs
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            save_adapter(adapter, trainer.model, Path(args.save) / f"exit{layer}.safetensors", {
+                "base_model": trainer.name, "train_settings": asdict(settings), "shards": len(shards),
+                "heldout_agreement": round(ev.agreement, 4)})
         adapter = adapter.to(decoder.model.device, decoder.model.dtype)
         draft_ms, step_ms = draft_token_ms(decoder.model, adapter)
         rows.append({"exit_layer": layer, "top1": ev.agreement, "tau": {str(k): v for k, v in ev.mean_accepted.items()},

@@ -235,8 +235,9 @@ def test_joined_parts_are_checked(tmp_path, cache):
 
 @pytest.mark.slow
 def test_real_qwen_coder_pair_is_lossless():
-    """Qwen2.5-Coder-1.5B on its Q4_K/Q6_K blocks: PLD and SpS with the 0.5B (Q5_0/Q8_0/Q4_K/Q6_K)
-    give AR's greedy tokens. Skips unless both are installed (joey install ...)."""
+    """Qwen2.5-Coder-1.5B on its Q4_K/Q6_K blocks: PLD, SpS with the 0.5B (Q5_0/Q8_0/Q4_K/Q6_K) and
+    the Jakiro head shipped for it (found by itself) give AR's greedy tokens. Skips unless both
+    models are installed (joey install ...)."""
     for name in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"):
         if registry.installed_gguf(registry.known_model(name)) is None:  # type: ignore[arg-type]
             pytest.skip(f"{name} is not installed (joey install {name})")
@@ -247,3 +248,6 @@ def test_real_qwen_coder_pair_is_lossless():
     ar = engine.generate(prompt, max_new_tokens=24, method="ar").token_ids
     assert engine.generate(prompt, max_new_tokens=24, method="pld").token_ids == ar
     assert engine.generate(prompt, max_new_tokens=24, method="sps").token_ids == ar
+    assert engine.jakiro is not None  # joey/heads/qwen2.5-coder-1.5b-instruct.safetensors
+    assert engine.generate(prompt, max_new_tokens=24, method="jakiro").token_ids == ar
+    assert engine.generate(prompt, max_new_tokens=24, method="jakiro+pld").token_ids == ar

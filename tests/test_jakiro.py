@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,6 +304,23 @@ def test_distillation_time_budget_stops_between_shards(tmp_path, tiny_folder):
     assert len(first) == 1  # the first shard runs, then the spent budget stops the rest
     rest = collect(eng.model, texts, eng.eos_ids, tmp_path / "d", s, False)
     assert len(rest) == 4 and rest[0] == first[0]
+
+
+def test_each_shipped_head_is_found_for_its_own_model_only(default_engine):
+    """joey/heads holds one head per model (the default's and Qwen2.5-Coder-1.5B's): the default model
+    finds its own, and any other head given to it is refused with a one-line error."""
+    from joey.models.jakiro_head import find_head
+
+    folder = Path(joey.__file__).resolve().parent / "heads"
+    own = find_head(default_engine.model)
+    assert own is not None and own.name == "smollm2-135m-instruct.safetensors"
+    others = [p for p in sorted(folder.glob("*.safetensors")) if p != own]
+    assert [p.name for p in others] == ["qwen2.5-coder-1.5b-instruct.safetensors"]
+    for path in others:
+        assert path.stat().st_size <= 40_000_000  # the package's budget for a drafter
+        with pytest.raises(ModelFormatError) as info:
+            load_head(path, default_engine.model)
+        assert "\n" not in str(info.value) and "hidden_size" in str(info.value)
 
 
 def test_default_model_ships_a_head_and_jakiro_is_lossless(default_engine):

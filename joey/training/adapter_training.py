@@ -67,10 +67,12 @@ def load_sequences(paths: Sequence[Path], exit_layer: int | str, model: LlamaMod
     features, ``FEATURE``). Shards distilled without that layer's states (e.g. a Jakiro head's data)
     get them computed from their tokens by ``model``'s first layers (``exit_states``), so one
     distillation serves both drafters and every exit layer. Shard by shard: what a shard holds
-    beyond the chosen states (e.g. a 1.5B's features, 3 KB a token) is freed before the next loads."""
+    beyond the chosen states (e.g. a 1.5B's features, 3 KB a token) is freed before the next loads.
+    Shards are memory-mapped: the states stay file-backed pages the system may evict and read again,
+    not process memory (the 1.5B's 9 GB of features plus training's own grew past 24 GB otherwise)."""
     out = []
     for path in paths:
-        rows = torch.load(path, weights_only=True)
+        rows = torch.load(path, weights_only=True, mmap=True)
         missing = [i for i, row in enumerate(rows) if exit_layer not in row["hidden"]]
         if missing and (model is None or not isinstance(exit_layer, int)):
             raise ValueError(f"{path} has no hidden states for exit layer {exit_layer}")
