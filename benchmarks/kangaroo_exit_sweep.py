@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -29,23 +28,26 @@ from pathlib import Path
 import torch
 
 import joey
+from joey.budget import CONTEXT, measure
 from joey.drafters.kangaroo import KangarooDraft
 from joey.measurements import cpu_name
 from joey.models.adapter import KangarooAdapter, save_adapter
 from joey.training.adapter_training import TrainSettings, load_sequences, train_adapter
 from joey.training.run import DATA_FOLDERS
 
+sys.path.insert(0, str(Path(__file__).parent))
+from kangaroo_cost import median_ms  # noqa: E402  (benchmarks/ is not a package: the same timing loop)
 
-def draft_token_ms(model, adapter: KangarooAdapter, context: int = 128, repeats: int = 30) -> tuple[float, float]:
-    """(ms of one draft token: layers [0, l), the adapter and the draft-vocabulary head; ms of one
-    target step), both for one token after ``context`` cached ones, medians."""
+
+def draft_token_ms(model, adapter: KangarooAdapter, context: int = CONTEXT, repeats: int = 30) -> float:
+    """Median ms of one draft token: layers [0, l), the adapter and the draft-vocabulary head, for one
+    token after ``context`` cached ones (the budget's target step is measured at the same context)."""
     draft = KangarooDraft.build(model, adapter)
     layer = adapter.exit_layer
     dev = model.device
     ids = torch.randint(100, 1000, (1, context + 1), generator=torch.Generator().manual_seed(0)).to(dev)
     pos = torch.arange(context + 1, device=dev)[None]
     shallow = model.new_cache(1, context + 1, layers=layer)
-    full = model.new_cache(1, context + 1)
     acache = draft.adapter.new_cache(1, context + 1)
 
     def one_draft() -> None:
@@ -55,25 +57,12 @@ def draft_token_ms(model, adapter: KangarooAdapter, context: int = 128, repeats:
         h = draft.adapter(x.reshape(1, -1), (1, 1), cos, sin, acache, context, context + 1, None)
         draft.logits(h)
 
-    def one_step() -> None:
-        model(ids[:, context:], pos[:, context:], full, context, context + 1, None)
-
     with torch.inference_mode():
-        # the context first: every cache holds ``context`` positions before the timed token
-        model(ids[:, :context], pos[:, :context], full, 0, context, None)
+        # the context first: both caches hold ``context`` positions before the timed token
         x = model.run_layers(model.embed(ids[:, :context]), pos[:, :context], shallow, 0, context, None, end=layer)
         cos, sin = model.rope(pos[:, :context])
         draft.adapter(x.reshape(context, -1), (1, context), cos, sin, acache, 0, context, None)
-        times = {}
-        for name, fn in (("draft", one_draft), ("step", one_step)):
-            ms = []
-            for i in range(repeats + 3):
-                t = time.perf_counter()
-                fn()
-                if i >= 3:
-                    ms.append(1000 * (time.perf_counter() - t))
-            times[name] = statistics.median(ms)
-    return times["draft"], times["step"]
+        return median_ms(one_draft, repeats)
 
 
 def main() -> None:
@@ -96,6 +85,7 @@ def main() -> None:
     # engine (joey's low-bit weights) is what a draft token costs at inference
     trainer = joey.load(args.model, dtype="bf16", adapter=False, head=False, prepack=False)
     decoder = joey.load(args.model, adapter=False, head=False)
+    step_ms = measure(decoder.model, (1,), repeats=30).ms[0]  # one target step, after CONTEXT cached tokens
     rows = []
     for layer in args.layers:
         t0 = time.perf_counter()
@@ -111,7 +101,7 @@ def main() -> None:
                 "base_model": trainer.name, "train_settings": asdict(settings), "shards": len(shards),
                 "heldout_agreement": round(ev.agreement, 4)})
         adapter = adapter.to(decoder.model.device, decoder.model.dtype)
-        draft_ms, step_ms = draft_token_ms(decoder.model, adapter)
+        draft_ms = draft_token_ms(decoder.model, adapter)
         rows.append({"exit_layer": layer, "top1": ev.agreement, "tau": {str(k): v for k, v in ev.mean_accepted.items()},
                      "draft_ms": draft_ms, "step_ms": step_ms, "draft_share": draft_ms / step_ms,
                      "seconds": time.perf_counter() - t0})

@@ -514,12 +514,14 @@ def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> None:
         raise InvalidArgumentError("--distill-batch-tokens must be at least 1")
 
 
-def _train(args: argparse.Namespace, train: Any) -> int:
-    """Both training commands' run: distill as the options say, then train ``train``'s network."""
+def _train(args: argparse.Namespace, train: Any, counts: tuple[str, ...] = ()) -> int:
+    """Both training commands' run: distill as the options say, then train ``train``'s network
+    (``counts``: the command's own options that must be at least 1)."""
     from joey.training.distill import DistillSettings
     from joey.training.run import train_from_prompts
 
-    _check_counts(args, ("num_prompts", "max_new_tokens", "batch_size", "draft_vocab", "epochs", "batch_tokens"))
+    _check_counts(args, (*counts, "num_prompts", "max_new_tokens", "batch_size", "draft_vocab", "epochs",
+                         "batch_tokens"))
     train_from_prompts(
         args.model, args.prompts, args.out, num_prompts=args.num_prompts, derived=args.derived,
         answers=args.answers, distill_only=args.distill_only,
@@ -535,11 +537,10 @@ def _train(args: argparse.Namespace, train: Any) -> int:
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     from joey.training.adapter_training import TrainSettings
 
-    if args.exit_layer < 1:
-        raise InvalidArgumentError("--exit-layer must be at least 1")
     return _train(args, TrainSettings(exit_layer=args.exit_layer, mlp=not args.attention_only,
                                       draft_vocab=args.draft_vocab, epochs=args.epochs,
-                                      batch_tokens=args.batch_tokens, lr=args.lr, bf16=args.bf16, seed=args.seed))
+                                      batch_tokens=args.batch_tokens, lr=args.lr, bf16=args.bf16, seed=args.seed),
+                  counts=("exit_layer",))
 
 
 def _train_drafter_parser(sub: Any) -> None:
