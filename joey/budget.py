@@ -140,17 +140,20 @@ def best_depth(
     nodes_at: Sequence[int],
     draft_ms_per_depth: float,
     catch_up_ms: float = 0.0,
+    scale: Callable[[bool], float] | None = None,
 ) -> int:
     """The draft depth (0 = no draft) with the most expected tokens per millisecond.
 
     ``nodes_at[d]``: draft tokens in a tree of depth d (d for a chain); a step drafted d deep costs
     d draft forwards plus verifying ``1 + nodes_at[d]`` tokens, plus ``catch_up_ms`` whatever its
     depth (a drafter with its own cache first reads the tokens committed while it did not draft);
-    no draft costs one plain step.
+    no draft costs one plain step. ``scale`` (a ``StepScale``) corrects the curve by what plain and
+    drafted passes really took.
     """
-    best, best_rate = 0, 1.0 / curve.cost(1)
+    plain_scale, drafted_scale = (scale(False), scale(True)) if scale else (1.0, 1.0)
+    best, best_rate = 0, 1.0 / (curve.cost(1) * plain_scale)
     for d in range(1, max_depth + 1):
-        step_ms = catch_up_ms + d * draft_ms_per_depth + curve.cost(1 + nodes_at[d])
+        step_ms = catch_up_ms + d * draft_ms_per_depth + curve.cost(1 + nodes_at[d]) * drafted_scale
         rate = expected_tokens(drafted, accepted, d) / step_ms
         if rate > best_rate:
             best, best_rate = d, rate
@@ -158,12 +161,13 @@ def best_depth(
 
 
 class StepScale:
-    """How much longer a batch's steps really take than the batch-1 curve says for their token
-    count: per-row attention over longer contexts, masks, packing. An exponential average of
-    observed ÷ predicted milliseconds, kept apart for plain steps (every row feeds one token, no
-    mask) and drafted steps (packed rows, a mask): only the second pay for packing, and that
-    difference is part of what a draft costs a batch. Before a drafted step is seen it is priced
-    like a plain one."""
+    """How much longer steps really take than the curve says for their token count: per-row
+    attention over longer contexts, masks, packing, and a curve cached on a sibling host (a cloud
+    "Xeon" names several CPUs; the 1.5B's cached step was 39 ms where the host's took 45). An
+    exponential average of observed ÷ predicted milliseconds, kept apart for plain steps (every row
+    feeds one token, no mask) and drafted steps (packed rows, a mask): only the second pay for
+    packing and tree masks, and that difference is part of what a draft costs. Before a drafted step
+    is seen it is priced like a plain one."""
 
     WEIGHT = 0.2  # of the newest observation; ~10 steps of memory
 
@@ -335,7 +339,7 @@ class DepthPolicy:
             return min(self.max_draft, PROBE_DEPTH), True
         catch_up = row.catch_up_ms if row.catch_up_ms is not None else self.catch_up_ms
         depth = best_depth(self.curve, *row.evidence(), self.max_draft, self.nodes_at, draft_ms,
-                           row.behind * (catch_up or 0.0))
+                           row.behind * (catch_up or 0.0), self.scale)
         row.idle = row.idle + 1 if depth == 0 else 0
         if depth:
             row.probe_every = PROBE_EVERY
@@ -396,6 +400,6 @@ class DepthPolicy:
 
     def timed_pass(self, rows: int, fed: int, ms: float) -> None:
         """A target pass over ``fed`` tokens for ``rows`` rows took ``ms``: the step scale learns
-        from it (a batch's steps only: one row's are what the curve measured)."""
-        if rows > 1 and self.curve is not None:
+        from it (one row's steps too: its context and tree masks are not the curve's)."""
+        if self.curve is not None:
             self.scale.observe(fed > rows, self.curve.cost(fed), ms)

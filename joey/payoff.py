@@ -31,6 +31,10 @@ from dataclasses import dataclass, field
 
 WARMUP = 4  # plain steps before the first probe
 BURST = 4  # drafted steps in one probe (one step would mostly measure a drafter catching up)
+# steps a probe may last: within a probe the depth policy may still keep a step plain, and a probe
+# that ended on the steps' count saw one drafted step (the 1.5B: one missed draft closed Jakiro's
+# gate for 116 steps although it paid 1.2x with the gate off)
+WINDOW = 4 * BURST
 # a probe ends after EVIDENCE drafted steps when they cost more than CLEAR_LOSS x plain
 # decoding's time per token: a loss that large needs no more steps to be seen (measured: 2.6x at
 # batch 16 for Jakiro on the 135M model, where each further drafted step lost 1.6 plain steps)
@@ -74,7 +78,8 @@ class Bucket:
     since_plain: int = 0  # drafted steps since the last plain step
     idle: int = 0  # plain steps since drafting was last tried
     gap: int = MIN_GAP  # plain steps before the next probe
-    burst: int = 0  # probe steps left
+    burst: int = 0  # drafted steps the current probe still needs
+    window: int = 0  # steps the current probe may still last
     probe: Rate = field(default_factory=Rate)  # the current probe's steps
     catch_up_lost: float = 0.0  # ms the current probe's first drafts cost beyond plain decoding
     probes: int = 0  # probes started
@@ -104,7 +109,7 @@ class Payoff:
         if b.pays:  # never before a probe: without drafted steps the drafted rate is infinite
             return b.since_plain < REFRESH
         if b.idle >= b.gap or not b.probes:  # a probe (the first one right after the plain warmup)
-            b.burst, b.idle, b.probe, b.catch_up_lost = BURST, 0, Rate(), 0.0
+            b.burst, b.window, b.idle, b.probe, b.catch_up_lost = BURST, WINDOW, 0, Rate(), 0.0
             b.probes += 1
             return True
         return False
@@ -126,8 +131,9 @@ class Payoff:
             b.idle += 1
             b.plain.add(ms, tokens)
         if b.burst:
-            b.burst -= 1
-            if b.clearly_loses(b.probe):
+            b.burst -= drafted
+            b.window -= 1
+            if not b.window or b.clearly_loses(b.probe):
                 b.burst = 0
             if not b.burst:
                 self._priced(b)
@@ -136,7 +142,7 @@ class Payoff:
     def _priced(b: Bucket) -> None:
         """After a probe: its steps are what drafting costs now (older drafted steps are stale), and
         the next probe waits until what this one lost is ``PROBE_SHARE`` of the plain time between."""
-        lost = b.catch_up_lost
+        lost, b.idle = b.catch_up_lost, 0  # the gap counts from the probe's end
         if b.probe.steps:
             b.drafted = Rate(b.probe.ms, b.probe.tokens, WARMUP)
             lost += b.probe.steps * (b.probe.ms - b.probe.tokens * b.plain.per_token)

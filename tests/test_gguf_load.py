@@ -15,7 +15,7 @@ import torch
 import joey
 from joey.errors import ModelFormatError, ModelNotFoundError
 from joey.models import gguf_load, registry
-from joey.models.gguf_file import BlockEmbedding, GGUFFile
+from joey.models.gguf_file import BlockEmbedding, BlockRows, GGUFFile
 from joey.models.weight_formats import low_bit_kernels
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 256, 512, 2, 4, 2
@@ -170,6 +170,27 @@ def test_native_load_keeps_no_float_copy_and_is_lossless(tmp_path, cache, tokeni
     monkeypatch.setattr(gguf_load, "build_kernels", lambda *a, **k: pytest.fail("layout rebuilt"))
     again = joey.load(str(path), device="cpu", progress=False)
     assert [g.token_ids for g in again.generate(prompts, max_new_tokens=16, method="ar")] == ar
+
+
+@needs_kernel
+def test_block_embedding_keeps_the_rows_it_dequantized(tmp_path, cache, tokenizer_fields, monkeypatch):
+    """The same lookup again reads no blocks; a full memo starts over instead of growing."""
+    path = write_gguf(tmp_path / "m.gguf", tokenizer_fields)
+    embed = joey.load(str(path), device="cpu", progress=False).model.model.embed_tokens
+    reference = joey.load(str(path), device="cpu", progress=False, weights="fp32").model.model.embed_tokens
+    assert isinstance(embed, BlockEmbedding)
+    tokens = torch.tensor([[3, 7, 3], [9, 7, 11]])
+    first = embed(tokens)
+    assert torch.equal(first, reference(tokens))
+    with monkeypatch.context() as m:
+        m.setattr(BlockRows, "__call__", lambda *a: pytest.fail("dequantized again"))
+        assert torch.equal(embed(tokens), first)
+    monkeypatch.setattr(BlockEmbedding, "MEMO", 5)
+    embed._memo = {}
+    embed(torch.tensor([20, 21, 22, 23]))
+    later = torch.tensor([30, 21, 31])
+    assert torch.equal(embed(later), reference(later))
+    assert sorted(embed._memo) == [21, 30, 31]  # 4 + 2 new rows > 5: started over with this lookup's
 
 
 @needs_kernel

@@ -13,7 +13,19 @@ from test_batch_modes import DRAFTERS, PROMPTS
 import joey.continuous
 from joey.budget import DepthPolicy
 from joey.config import SamplingParams
-from joey.payoff import BURST, CLEAR_LOSS, EVIDENCE, MAX_GAP, MIN_GAP, PROBE_SHARE, REFRESH, WARMUP, Payoff, bucket
+from joey.payoff import (
+    BURST,
+    CLEAR_LOSS,
+    EVIDENCE,
+    MAX_GAP,
+    MIN_GAP,
+    PROBE_SHARE,
+    REFRESH,
+    WARMUP,
+    WINDOW,
+    Payoff,
+    bucket,
+)
 from joey.target_runner import TargetRunner
 
 pytestmark = pytest.mark.payoff
@@ -83,6 +95,34 @@ def test_a_probe_that_pays_turns_drafting_back_on():
     b = gate.buckets[1]
     answers = _steps(gate, 1, b.gap + BURST + 20, drafted_ms=2.5, plain_ms=2.0, tokens=4)  # now it pays
     assert answers[-20:] == [True] * 20
+
+
+def test_a_probe_waits_for_its_drafted_steps_when_the_depth_policy_keeps_some_plain():
+    """Within a probe the depth policy may still choose no draft; those plain steps are no evidence
+    about drafting, so the probe goes on until it has BURST drafted steps (here every other step) and
+    drafting that pays is kept on. Before, the probe ended on its step count with one drafted step."""
+    gate = Payoff()
+    _steps(gate, 1, WARMUP, drafted_ms=3.0, plain_ms=2.0)
+    policy_drafts = itertools.cycle([True, False])
+    answers = []
+    for _ in range(2 * BURST + 8):
+        ok = gate.allows(1)
+        answers.append(ok)
+        drafts = ok and next(policy_drafts)
+        gate.observe(1, drafts, 3.0 if drafts else 2.0, 3 if drafts else 1)
+    assert answers[: 2 * BURST] == [True] * (2 * BURST)  # BURST drafted steps took 2 x BURST steps
+    b = gate.buckets[1]
+    assert b.probe.steps == BURST and b.pays and all(answers)
+
+
+def test_a_probe_in_which_nothing_drafts_ends_after_its_window():
+    gate = Payoff()
+    _steps(gate, 1, WARMUP, drafted_ms=3.0, plain_ms=2.0)
+    answers = []
+    for _ in range(WINDOW + 5):
+        answers.append(gate.allows(1))
+        gate.observe(1, False, 2.0, 1)  # the depth policy never drafts
+    assert answers[:WINDOW] == [True] * WINDOW and answers[WINDOW:] == [False] * 5
 
 
 def test_a_first_draft_is_left_out_of_the_rates():

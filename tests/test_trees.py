@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from joey.batching import depths_of, grid_positions, pack, path_moves, step_mask
-from joey.budget import CostCurve, StepScale, batch_depths, best_depth, cached_curve, expected_tokens
+from joey.budget import CostCurve, DepthPolicy, StepScale, batch_depths, best_depth, cached_curve, expected_tokens
 from joey.drafters import PromptLookupDrafter
 
 TREE = (-1, -1, 0, 0, 1, 2, 4)  # parents: two root children, branching below both, depth 4
@@ -182,6 +182,20 @@ def test_best_depth_drafts_when_it_pays_and_falls_back_when_it_cannot():
     assert expected_tokens([100], [60], 3) == pytest.approx(1 + r + r**2 + r**3)
     # measured deeper levels replace the guess as their steps accumulate
     assert expected_tokens([100, 100], [60, 50], 2) == pytest.approx(1 + r + (50 + 2 * r * r) / 102)
+
+
+def test_best_depth_prices_steps_by_what_they_really_took():
+    """A curve measured on a faster sibling host (or a shorter context) makes a plain step look
+    cheaper than it is and a draft dearer; the step scale observed at batch 1 corrects both sides."""
+    nodes_at = list(range(7))
+    curve = CostCurve((1, 2, 4, 8), (39.0, 41.0, 46.0, 55.0), "cpu", "int4", 2)
+    evidence = ([1, 1], [0, 0])  # one missed draft so far: depth 1 is now worth 1/3 of a token
+    assert best_depth(curve, *evidence, 6, nodes_at, 12.0) == 0  # on the stale curve: no draft
+    policy = DepthPolicy(curve, 6, nodes_at)
+    for _ in range(20):
+        policy.timed_pass(1, 1, 46.0)  # the host's plain steps: 46 ms, not the curve's 39
+    assert policy.scale(False) == pytest.approx(46.0 / 39.0, rel=0.01)
+    assert best_depth(curve, *evidence, 6, nodes_at, 12.0, scale=policy.scale) == 1
 
 
 def test_batch_depths_price_a_draft_at_the_whole_packed_step():
