@@ -115,6 +115,21 @@ def test_a_probe_waits_for_its_drafted_steps_when_the_depth_policy_keeps_some_pl
     assert b.probe.steps == BURST and b.pays and all(answers)
 
 
+def test_bursty_drafting_that_pays_on_average_keeps_the_gate_open_through_its_misses():
+    """Prompt lookup's pattern: a copied passage (6 tokens in a step), then 14 steps finding nothing
+    at a little more than a plain step's cost. On average it pays (1.33 tokens a step for 1.15x the
+    time); a 10-step memory of drafted steps closed the gate in every stretch of misses."""
+    gate = Payoff()
+    _steps(gate, 1, WARMUP, drafted_ms=2.3, plain_ms=2.0)
+    pattern = itertools.cycle([6] + [1] * 14)
+    answers = []
+    for _ in range(300):
+        ok = gate.allows(1)
+        answers.append(ok)
+        gate.observe(1, ok, 2.3 if ok else 2.0, next(pattern) if ok else 1)
+    assert sum(answers[100:]) / 200 > 0.95  # plain only to refresh the plain rate
+
+
 def test_a_probe_in_which_nothing_drafts_ends_after_its_window():
     gate = Payoff()
     _steps(gate, 1, WARMUP, drafted_ms=3.0, plain_ms=2.0)
@@ -212,6 +227,34 @@ def test_a_step_the_gate_keeps_plain_is_ars_step(engine, monkeypatch, method):
     propose = _counting(monkeypatch, joey.continuous, "propose_all")
     shapes, tokens, _ = run(method)
     assert not choose and not propose
+    assert shapes == ar_shapes and tokens == ar_tokens
+
+
+@pytest.mark.parametrize("method", ["jakiro", "kangaroo", "kangaroo+pld"])
+def test_a_step_in_which_no_row_drafts_is_ars_step(engine, monkeypatch, method):
+    """The gate open but the depth policy drafting no row: no drafter is asked (a self-speculative
+    one hands its first layers' K/V back instead of running them apart) and the passes are AR's."""
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ids = [engine.encode(p) for p in PROMPTS[:3]]
+
+    def run(m: str) -> tuple[list, list]:
+        batch = joey.continuous.ContinuousBatch(engine, m)
+        passes = _counting(monkeypatch, TargetRunner, "verify")
+        for i, x in enumerate(ids):
+            batch.add(x, params, key=i)
+        tokens: dict[int, list[int]] = {}
+        while batch.busy:
+            for ev in batch.step():
+                tokens.setdefault(ev.row, []).extend(ev.token_ids)
+        shapes = [[(len(p), p.tokens, p.hidden) for p in call[3]] for call in passes]
+        return shapes, [tokens[i] for i in range(3)]
+
+    ar_shapes, ar_tokens = run("ar")
+    monkeypatch.undo()
+    monkeypatch.setattr(DepthPolicy, "choose", lambda self, rows, rooms, together: [0] * len(rows))
+    propose = _counting(monkeypatch, joey.continuous, "propose_all")
+    shapes, tokens = run(method)
+    assert not propose
     assert shapes == ar_shapes and tokens == ar_tokens
 
 
