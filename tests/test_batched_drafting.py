@@ -242,3 +242,24 @@ def test_one_forward_per_draft_depth(model, kangaroo, monkeypatch, kind):
         # shallow pass of its last tokens (verification needs their layer-l states), in the same
         # forward as the other rows' expansions
         assert calls == [4, 3, 2, 2, 1]
+
+
+def test_kangaroo_drafts_in_the_precision_one_forward_measures_fastest(model, monkeypatch):
+    """Where joey's low-bit kernel runs, the adapter and its vocabulary head carry int8 weights when
+    that measures faster, float ones otherwise; either drafts a usable proposal."""
+    from joey.models.group_kernel import GroupKernel
+    from joey.models.weight_formats import low_bit_kernels
+
+    if low_bit_kernels() != "vnni":
+        pytest.skip("needs joey's low-bit kernel")
+    vocab = torch.arange(0, model.cfg.vocab_size, 3)
+    adapter = KangarooAdapter.initialized_from(model, 1, vocab).eval()
+    assert KangarooDraft.build(model, adapter).forward_ms() > 0  # the real measurement runs
+    for int8_faster in (True, False):
+        monkeypatch.setattr(KangarooDraft, "forward_ms", lambda self, int8_faster=int8_faster:
+                            1.0 if isinstance(self.head.kernel, GroupKernel) == int8_faster else 2.0)
+        draft = KangarooDraft.build(model, adapter)
+        assert isinstance(draft.head.kernel, GroupKernel) == int8_faster
+        drafter = KangarooDrafter(draft, SamplingParams(), None, 64, threshold=0.0)
+        with torch.inference_mode():
+            assert len(drafter.propose(contexts(1)[0], 3).tokens) == 3
