@@ -200,62 +200,46 @@ def _counting(monkeypatch, target, name: str) -> list:
     return calls
 
 
+def _passes_and_tokens(engine, monkeypatch, method: str, gate: Payoff | None = None) -> tuple[list, list]:
+    """Three prompts decoded together by one ``ContinuousBatch`` (``gate``: its payoff, if given):
+    the rows' shapes of every target pass, and each row's tokens."""
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    batch = joey.continuous.ContinuousBatch(engine, method)
+    if gate is not None:
+        batch.payoff = gate
+    with monkeypatch.context() as m:
+        passes = _counting(m, TargetRunner, "verify")
+        for i, prompt in enumerate(PROMPTS[:3]):
+            batch.add(engine.encode(prompt), params, key=i)
+        tokens: dict[int, list[int]] = {}
+        while batch.busy:
+            for ev in batch.step():
+                tokens.setdefault(ev.row, []).extend(ev.token_ids)
+    shapes = [[(len(p), p.tokens, p.hidden) for p in call[3]] for call in passes]
+    return shapes, [tokens[i] for i in range(3)]
+
+
 @pytest.mark.parametrize("method", ["pld", "sps", "jakiro", "jakiro+pld", "kangaroo", "kangaroo+pld"])
 def test_a_step_the_gate_keeps_plain_is_ars_step(engine, monkeypatch, method):
     """With the gate closed: the depth search never runs, no drafter is asked, and the target
     passes are AR's, call for call and token for token, over all layers (Kangaroo too: it hands
     its first layers' K/V back to the target's cache instead of running them)."""
-    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    ids = [engine.encode(p) for p in PROMPTS[:3]]
-
-    def run(m: str) -> tuple[list, list, list]:
-        batch = joey.continuous.ContinuousBatch(engine, m)
-        batch.payoff = _Closed()
-        passes = _counting(monkeypatch, TargetRunner, "verify")
-        for i, x in enumerate(ids):
-            batch.add(x, params, key=i)
-        tokens: dict[int, list[int]] = {}
-        while batch.busy:
-            for ev in batch.step():
-                tokens.setdefault(ev.row, []).extend(ev.token_ids)
-        shapes = [[(len(p), p.tokens, p.hidden) for p in call[3]] for call in passes]
-        monkeypatch.undo()
-        return shapes, [tokens[i] for i in range(3)], passes
-
-    ar_shapes, ar_tokens, _ = run("ar")
+    ar = _passes_and_tokens(engine, monkeypatch, "ar", _Closed())
     choose = _counting(monkeypatch, DepthPolicy, "choose")
     propose = _counting(monkeypatch, joey.continuous, "propose_all")
-    shapes, tokens, _ = run(method)
+    assert _passes_and_tokens(engine, monkeypatch, method, _Closed()) == ar
     assert not choose and not propose
-    assert shapes == ar_shapes and tokens == ar_tokens
 
 
 @pytest.mark.parametrize("method", ["jakiro", "kangaroo", "kangaroo+pld"])
 def test_a_step_in_which_no_row_drafts_is_ars_step(engine, monkeypatch, method):
     """The gate open but the depth policy drafting no row: no drafter is asked (a self-speculative
     one hands its first layers' K/V back instead of running them apart) and the passes are AR's."""
-    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    ids = [engine.encode(p) for p in PROMPTS[:3]]
-
-    def run(m: str) -> tuple[list, list]:
-        batch = joey.continuous.ContinuousBatch(engine, m)
-        passes = _counting(monkeypatch, TargetRunner, "verify")
-        for i, x in enumerate(ids):
-            batch.add(x, params, key=i)
-        tokens: dict[int, list[int]] = {}
-        while batch.busy:
-            for ev in batch.step():
-                tokens.setdefault(ev.row, []).extend(ev.token_ids)
-        shapes = [[(len(p), p.tokens, p.hidden) for p in call[3]] for call in passes]
-        return shapes, [tokens[i] for i in range(3)]
-
-    ar_shapes, ar_tokens = run("ar")
-    monkeypatch.undo()
+    ar = _passes_and_tokens(engine, monkeypatch, "ar")
     monkeypatch.setattr(DepthPolicy, "choose", lambda self, rows, rooms, together: [0] * len(rows))
     propose = _counting(monkeypatch, joey.continuous, "propose_all")
-    shapes, tokens = run(method)
+    assert _passes_and_tokens(engine, monkeypatch, method) == ar
     assert not propose
-    assert shapes == ar_shapes and tokens == ar_tokens
 
 
 @pytest.fixture(scope="module")
