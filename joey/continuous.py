@@ -279,8 +279,11 @@ class ContinuousBatch:
                 depths = self.policy.choose([r.policy for r in active], [r.room for r in active], together)
                 # no row drafts: AR's step too (a self-speculative drafter would otherwise run its
                 # layers apart from the target's, ~12 % dearer a step for Kangaroo on the 135M
-                # model); not in the padded baseline, whose cache slots are not the context's
-                plain = not any(depths) and self.lockstep is None
+                # model); except such a drafter in the padded baseline, which cannot hand back (its
+                # cache slots are not the context's), so it is asked every step there
+                hands_back = self.lockstep is None or not any(
+                    row.drafter.self_speculative for row in active if row.drafter)
+                plain = not any(depths) and hands_back
             if plain:  # drafting has not been paying: AR's step (no drafter call)
                 for b, row in enumerate(active):
                     if row.drafter is not None and row.drafter.self_speculative:
@@ -318,8 +321,7 @@ class ContinuousBatch:
         any row drafts, a self-speculative drafter is asked for every row: one verification pass
         starts from its exit layer for all rows; so it is in the padded baseline, which never hands
         back."""
-        skip = plain or (not any(depths) and not any(row.drafter.self_speculative for row in rows if row.drafter))
-        if rows[0].drafter is None or skip:
+        if rows[0].drafter is None or plain:
             return [Proposal.chain([]) for _ in rows]
         start = time.perf_counter()
         props = propose_all([row.drafter for row in rows], [row.context for row in rows], depths, self.shape.nodes)
