@@ -80,7 +80,7 @@ def measure(name: str, repeats: int) -> dict[str, float]:
     text = prompt + answer
     cache = model.new_cache(1, len(text))
     with torch.inference_mode():
-        features = TargetRunner(model).prefill(cache, [text], padded=False)[0][len(prompt) - 1:]
+        features = TargetRunner(model).prefill(cache, [text], padded=False)[0][0][len(prompt) - 1:]
         rows = model.head(features)  # [answer positions, vocab]: the logits AR sampled from
     # 8-node trees whose deepest chain (nodes 0, 1, 3, 6) holds the answer's next tokens and whose
     # rows are the answer's logits at each node's depth: what a tree step verifies when its drafts are good

@@ -238,10 +238,15 @@ class ContinuousBatch:
                     row.set_drafter(self.factory(len(row.prompt_ids) + row.max_new + self.extra, row.generator,
                                                  row.params))
                     self.policy.join(row.policy)
-            features = self.runner.prefill(rows, [r.prompt_ids for r in joiners], self.padded)
-            for row, f in zip(joiners, features):
+            # a self-speculative drafter takes the prompt's first layers from the prefill: its first
+            # draft then need not run them again over the whole prompt
+            split = joiners[0].drafter.prompt_layer if joiners[0].drafter is not None else 0
+            features, shallow = self.runner.prefill(rows, [r.prompt_ids for r in joiners], self.padded, split)
+            for i, (row, f) in enumerate(zip(joiners, features)):
                 if row.drafter is not None and row.drafter.wants_features:
                     row.drafter.observe(f[: len(row.prompt_ids)])
+                if split:
+                    row.drafter.take_prompt(row.prompt_ids, shallow[i], rows.row(i))
             # the LM head only where a token is chosen
             logits = self.model.head(torch.stack([f[len(r.prompt_ids) - 1] for r, f in zip(joiners, features)]))
         except Exception as exc:  # a prompt that breaks the prefill fails the rows that brought it

@@ -32,9 +32,14 @@ class TargetRunner:
         small model): [n_i, hidden] each → [n_i, vocab] each (fp32)."""
         return list(self.model.head(torch.cat(list(features))).split([len(f) for f in features]))
 
-    def prefill(self, cache: KVCache, prompts: Sequence[list[int]], padded: bool) -> list[torch.Tensor]:
+    def prefill(
+        self, cache: KVCache, prompts: Sequence[list[int]], padded: bool, split: int = 0
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Run the prompts in one forward, writing their K/V; each row's final-norm features
-        [len(prompt), hidden] (at least: a right-padded row may carry its padding's after them).
+        [len(prompt), hidden] (at least: a right-padded row may carry its padding's after them),
+        and, where ``split`` > 0, each row's hidden states after layer ``split`` (else none): a
+        self-speculative drafter takes those and the first layers' K/V from this pass instead of
+        recomputing them (the layers run in two stretches; the result is the same).
 
         Prompts of different lengths are packed like a ragged step (joey.batching): the dense
         layers see only real tokens and attention runs per row, so a batch of one long and many
@@ -50,15 +55,23 @@ class TargetRunner:
         if padded or all(n == t for n in lengths):  # one shape: a plain causal forward
             tokens = torch.tensor([p + [0] * (t - len(p)) for p in prompts], device=device)
             positions = torch.arange(t, device=device).expand(len(prompts), t)
-            features = list(model.forward_from(model.embed(tokens), positions, cache, 0, t, None, 0, head=False))
+            x = model.embed(tokens)
+            if split:
+                x = model.run_layers(x, positions, cache, 0, t, None, 0, split)
+                shallow = list(x)
+            features = list(model.forward_from(x, positions, cache, 0, t, None, split, head=False))
         else:  # attention row by row, each prompt against itself only: Σ n², not rows × longest²
             inputs = torch.tensor([tok for p in prompts for tok in p], device=device)
             positions = torch.cat([torch.arange(n, device=device) for n in lengths])
             spans = [RowSpan(n, cache.row(b), 0, n, None) for b, n in enumerate(lengths)]
-            x = model.run_layers_rows(model.embed(inputs), positions, spans)
+            x = model.embed(inputs)
+            if split:
+                x = model.run_layers_rows(x, positions, spans, 0, split)
+                shallow = list(x.split(lengths))
+            x = model.run_layers_rows(x, positions, spans, split)
             features = list(model.model.norm(x).split(lengths))
         cache.advance(lengths)
-        return features
+        return features, shallow if split else []
 
     def verify(
         self, cache: KVCache, pending: Sequence[int], proposals: Sequence[Proposal], lockstep: Lockstep | None

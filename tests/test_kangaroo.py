@@ -130,6 +130,44 @@ def test_drafter_rollback_matches_fresh_drafter(partial):
     torch.set_grad_enabled(True)
 
 
+def test_first_draft_takes_the_prompt_from_the_prefill(partial, monkeypatch):
+    """The prefill hands Kangaroo the prompt's layer-l states and first layers' K/V: its first draft
+    runs the shallow layers on the pending token only, and proposes what a drafter that ran them over
+    the whole prompt proposes. Splitting the prefill at layer l leaves the target's features as they were."""
+    from joey.target_runner import TargetRunner
+
+    kd, model = partial.kangaroo, partial.model
+    ids = partial.encode(PROMPTS[1])
+    runner = TargetRunner(model)
+    params = SamplingParams(temperature=0.0)
+    with torch.inference_mode():
+        whole, none = runner.prefill(model.new_cache(1, 256), [ids], False)
+        cache = model.new_cache(1, 256)
+        split, shallow = runner.prefill(cache, [ids], False, split=kd.exit_layer)
+        assert none == [] and len(shallow) == 1 and shallow[0].shape == (len(ids), model.cfg.hidden_size)
+        assert torch.equal(whole[0], split[0])
+        shallow_tokens = []
+        run = model.run_layers_rows
+
+        def counting(hidden, positions, rows, start=0, end=None):
+            if start == 0 and end == kd.exit_layer:
+                shallow_tokens.append(len(hidden))
+            return run(hidden, positions, rows, start, end)
+
+        monkeypatch.setattr(model, "run_layers_rows", counting)
+        context = ids + [int(model.head(split[0][-1]).argmax())]
+        taken = KangarooDrafter(kd, params, None, 256, threshold=0.0)
+        assert taken.prompt_layer == kd.exit_layer
+        taken.take_prompt(ids, shallow[0], cache.row(0))
+        got = taken.propose(context, 4)
+        assert shallow_tokens[0] == 1  # the pending token only
+        shallow_tokens.clear()
+        fresh = KangarooDrafter(kd, params, None, 256, threshold=0.0).propose(context, 4)
+        assert shallow_tokens[0] == len(context)
+    assert len(got.tokens) == 4 and got.tokens == fresh.tokens
+    torch.testing.assert_close(got.hidden, fresh.hidden, rtol=1e-4, atol=1e-4)
+
+
 def test_sampling_first_drafted_position_matches_ar(partial):
     from conftest import first_token_histogram, total_variation
 

@@ -70,9 +70,18 @@ class Drafter:
     # first brings up to date: that call's time is no measure of a draft depth's cost. A stateless
     # drafter (prompt lookup) is False: every call it makes measures what it costs
     catches_up: bool = True
+    # > 0 for a self-speculative drafter that takes the prompt's first ``prompt_layer`` layers from
+    # the target's prefill (``take_prompt``) rather than running them again at its first draft
+    prompt_layer: int = 0
 
     def observe(self, features: torch.Tensor) -> None:
         """Features [n, hidden] of the next n committed tokens (called only if ``wants_features``)."""
+
+    def take_prompt(self, prompt: list[int], states: torch.Tensor, cache: Any) -> None:
+        """After the prefill (called only if ``prompt_layer`` > 0): the prompt's hidden states after
+        layer ``prompt_layer`` ([len(prompt), hidden] at least) and the row's target ``cache`` (a
+        ``KVCache`` view) that now holds every layer's K/V of the prompt; a drafter reads them, it
+        never writes there."""
 
     def hand_back(self, cache: Any, context: list[int]) -> None:
         """Before a step in which the target decodes this row alone, all its layers (the wall-clock

@@ -226,6 +226,22 @@ class KangarooDrafter(BatchedDrafter):
             adapt = Placement(slots, slots, prefix_causal_mask(adapt_from, len(slots), dev))
         return _Pass(self, tuple(self.cached[start:end]), shallow, adapt, last_only=True)
 
+    @property
+    def prompt_layer(self) -> int:  # type: ignore[override]  # the adapter's exit layer
+        return self.draft.exit_layer
+
+    def take_prompt(self, prompt: list[int], states: torch.Tensor, cache) -> None:
+        """Keep the prompt's layers [0, l) K/V and layer-l states from the target's prefill: they are
+        what this drafter's own shallow pass would compute over the prompt, which its first draft
+        then skips (only the adapter still runs over the prompt). On the 135M model that pass cost
+        ~2/3 of the ~26 ms first draft of a ~280-token prompt."""
+        n = len(prompt)
+        for layer in range(self.draft.exit_layer):
+            self.shallow.k[layer][0, :, :n] = cache.k[layer][0, :, :n]
+            self.shallow.v[layer][0, :, :n] = cache.v[layer][0, :, :n]
+        self.hidden[:n] = states[:n]
+        self.cached = list(prompt)
+
     def hand_back(self, cache, context: list[int]) -> None:
         """Copy layers [0, l)'s K/V of the committed tokens the target's cache lacks (those verified
         from layer l since the last plain step) from this drafter's cache into the target's, so the
