@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -46,3 +47,15 @@ def measured_once(cache_root: Path, kind: str, key: str, measure: Callable[[], d
     except OSError:
         pass  # a read-only cache only costs a re-measurement next time
     return read(data)
+
+
+def median_ms(run: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls, in ms, after one untimed warm-up call
+    (its first call pays for allocations and cold caches that later ones do not)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[repeats // 2]

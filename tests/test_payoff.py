@@ -256,3 +256,20 @@ def test_tokens_do_not_depend_on_the_gates_decisions(int8_engine, monkeypatch, m
     monkeypatch.setattr(type(engine), "payoff", lambda self, m, spec: _Flipping())
     gated = engine.generate(PROMPTS[:2], method=method, **extra, **params)
     assert [g.token_ids for g in gated] == [g.token_ids for g in reference]
+
+
+def test_a_larger_batch_waits_out_a_smaller_ones_loss_before_its_first_probe():
+    gate = Payoff()
+    _steps(gate, 4, WARMUP + BURST, drafted_ms=20.0, plain_ms=8.0)  # drafting loses at batch 4
+    lost = gate.buckets[4]
+    assert lost.probes == 1 and not lost.pays and lost.gap > MIN_GAP
+    answers = _steps(gate, 8, lost.gap + WARMUP, drafted_ms=20.0, plain_ms=8.0)
+    assert answers.index(True) == lost.gap  # no probe before the smaller batch's gap has passed
+    # a smaller batch size that pays, or one still probing, leaves a larger one to probe at once
+    for pays in (True, False):
+        gate = Payoff()
+        if pays:
+            _steps(gate, 1, WARMUP + BURST, drafted_ms=3.0, plain_ms=2.0, tokens=3)
+        else:
+            _steps(gate, 1, WARMUP + 1, drafted_ms=20.0, plain_ms=2.0)  # mid-probe
+        assert _steps(gate, 2, WARMUP + 1, drafted_ms=3.0, plain_ms=2.0)[WARMUP] is True

@@ -281,3 +281,14 @@ def test_tree_of_one_node_and_chain_match_ar(partial_kangaroo):
                                       tree_nodes=nodes, threshold=0.0, adaptive=False)
         assert g.token_ids == ar
         assert g.stats.draft_tokens <= (g.stats.steps - 1) * (6 if nodes == 0 else 1)
+
+
+def test_median_ms_warms_up_then_takes_the_median(monkeypatch):
+    """Drafters time their forwards with ``median_ms``: one untimed call, then the median of the rest."""
+    from joey import measurements
+
+    clock = iter([0.0, 0.005, 1.0, 1.001, 2.0, 2.003])  # timed calls of 5, 1 and 3 ms
+    monkeypatch.setattr(measurements.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert measurements.median_ms(lambda: calls.append(1), repeats=3) == pytest.approx(3.0)
+    assert len(calls) == 4  # the warm-up call is not timed

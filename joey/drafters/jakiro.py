@@ -40,6 +40,7 @@ from joey.drafters.base import BatchedDrafter, Proposal, common_prefix
 from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.prompt_lookup import PromptLookupDrafter
 from joey.drafters.tree import DraftTree, Placement, candidate_log_probs
+from joey.measurements import median_ms
 from joey.models.jakiro_head import JakiroHead
 from joey.models.llama import LlamaModel
 from joey.models.weight_formats import low_bit_kernels
@@ -80,20 +81,17 @@ class JakiroDraft:
     @torch.inference_mode()
     def forward_ms(self, rows: int = 3, context: int = 64, repeats: int = 5) -> float:
         """Median time of one tree-depth forward (head + draft-vocabulary logits) for ``rows`` nodes."""
-        import time
-
         p = self.head.fc.weight
         cache = self.head.new_cache(1, context + rows)
         x = torch.zeros(rows, self.model.cfg.hidden_size, dtype=p.dtype, device=p.device)
         positions = torch.arange(context, context + rows, device=p.device)[None]
         cos, sin = self.model.rope(positions)
-        times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
+
+        def forward() -> None:
             out = self.head(x, x, (1, rows), cos, sin, cache, context, context + rows, None)
             self.vocab_head.logits(out.next)
-            times.append(time.perf_counter() - start)
-        return 1000 * sorted(times[1:])[repeats // 2]
+
+        return median_ms(forward, repeats)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from joey.drafters.base import BatchedDrafter, Proposal, common_prefix
 from joey.drafters.draft_head import DraftVocabHead
 from joey.drafters.prompt_lookup import PromptLookupDrafter
 from joey.drafters.tree import DraftTree, Placement, candidate_log_probs, contiguous
+from joey.measurements import median_ms
 from joey.models.adapter import KangarooAdapter
 from joey.models.llama import LlamaModel
 from joey.models.weight_formats import low_bit_kernels
@@ -92,19 +93,12 @@ class KangarooDraft:
     def forward_ms(self, context: int = 64, repeats: int = 5) -> float:
         """Median time of the adapter and the draft-vocabulary head on one token after ``context``
         cached ones (the target's shallow layers, the same in every precision, are left out)."""
-        import time
-
         dev = self.adapter.norm.weight.device
         cache = self.adapter.new_cache(1, context + 1)
         x = torch.zeros(1, self.model.cfg.hidden_size, dtype=self.adapter.norm.weight.dtype, device=dev)
         cos, sin = self.model.rope(torch.tensor([context], device=dev))
-        times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            states = self.adapter(x, (1, 1), cos, sin, cache, context, context + 1, None)
-            self.logits(states)
-            times.append(time.perf_counter() - start)
-        return 1000 * sorted(times[1:])[repeats // 2]
+        return median_ms(lambda: self.logits(self.adapter(x, (1, 1), cos, sin, cache, context, context + 1, None)),
+                         repeats)
 
     @property
     def exit_layer(self) -> int:
