@@ -292,7 +292,7 @@ class ContinuousBatch:
             if plain:  # drafting has not been paying: AR's step (no drafter call)
                 for b, row in enumerate(active):
                     if row.drafter is not None and row.drafter.self_speculative:
-                        row.drafter.hand_back(self.cache.row(b), row.context)
+                        row.drafter.hand_back(self.cache, b, row.context)
             # a catching-up drafter's first draft reads the whole prompt: a one-time cost of the request
             first = any(d and r.policy.catches_up and not r.policy.drafted for r, d in zip(active, depths))
             proposals = self._propose(active, depths, together, plain)

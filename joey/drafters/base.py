@@ -83,11 +83,11 @@ class Drafter:
         ``KVCache`` view) that now holds every layer's K/V of the prompt; a drafter reads them, it
         never writes there."""
 
-    def hand_back(self, cache: Any, context: list[int]) -> None:
+    def hand_back(self, cache: Any, row: int, context: list[int]) -> None:
         """Before a step in which the target decodes this row alone, all its layers (the wall-clock
-        gate closed drafting): a self-speculative drafter writes into the row's target ``cache``
-        (a ``KVCache`` view) the first layers' K/V it holds for ``context``'s committed tokens, which
-        the target's cache lacks. Other drafters have nothing to hand back."""
+        gate closed drafting): a self-speculative drafter writes into row ``row`` of the batch's
+        target ``cache`` (a ``KVCache``) the first layers' K/V it holds for ``context``'s committed
+        tokens, which the target's cache lacks. Other drafters have nothing to hand back."""
 
     def propose(self, context: list[int], max_tokens: int, max_nodes: int | None = None) -> Proposal:
         """Propose tokens to follow ``context`` (prompt + committed tokens): no path deeper than

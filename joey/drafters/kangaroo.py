@@ -236,7 +236,7 @@ class KangarooDrafter(BatchedDrafter):
         self.hidden[:n] = states[:n]
         self.cached = list(prompt)
 
-    def hand_back(self, cache, context: list[int]) -> None:
+    def hand_back(self, cache, row: int, context: list[int]) -> None:
         """Copy layers [0, l)'s K/V of the committed tokens the target's cache lacks (those verified
         from layer l since the last plain step) from this drafter's cache into the target's, so the
         target can run a plain step over all its layers. They are the target's own layers on the
@@ -250,9 +250,9 @@ class KangarooDrafter(BatchedDrafter):
             if common_prefix(self.cached, context) < n - 1:
                 raise RuntimeError("kangaroo: the drafter's cache does not hold the committed tokens")
             lo, hi = self.synced, n - 1
-            for layer in range(self.draft.exit_layer):
-                cache.k[layer][0, :, lo:hi] = self.shallow.k[layer][0, :, lo:hi]
-                cache.v[layer][0, :, lo:hi] = self.shallow.v[layer][0, :, lo:hi]
+            for layer in range(self.draft.exit_layer):  # the batch's tensors: a row view costs ~30 µs a step
+                cache.k[layer][row, :, lo:hi] = self.shallow.k[layer][0, :, lo:hi]
+                cache.v[layer][row, :, lo:hi] = self.shallow.v[layer][0, :, lo:hi]
         self.synced = n  # the plain step computes the pending token's K/V in every layer
 
     # -- following the committed path through the last tree --------------------------------------
