@@ -246,7 +246,7 @@ class ContinuousBatch:
                 if row.drafter is not None and row.drafter.wants_features:
                     row.drafter.observe(f[: len(row.prompt_ids)])
                 if split:
-                    row.drafter.take_prompt(row.prompt_ids, shallow[i], rows.row(i))
+                    row.drafter.take_prompt(row.prompt_ids, shallow[i], rows, i)
             # the LM head only where a token is chosen
             logits = self.model.head(torch.stack([f[len(r.prompt_ids) - 1] for r, f in zip(joiners, features)]))
         except Exception as exc:  # a prompt that breaks the prefill fails the rows that brought it

@@ -52,6 +52,7 @@ class TargetRunner:
         model, device = self.model, self.model.device
         lengths = [len(p) for p in prompts]
         t = max(lengths)
+        shallow: list[torch.Tensor] = []
         if padded or all(n == t for n in lengths):  # one shape: a plain causal forward
             tokens = torch.tensor([p + [0] * (t - len(p)) for p in prompts], device=device)
             positions = torch.arange(t, device=device).expand(len(prompts), t)
@@ -71,7 +72,7 @@ class TargetRunner:
             x = model.run_layers_rows(x, positions, spans, split)
             features = list(model.model.norm(x).split(lengths))
         cache.advance(lengths)
-        return features, shallow if split else []
+        return features, shallow
 
     def verify(
         self, cache: KVCache, pending: Sequence[int], proposals: Sequence[Proposal], lockstep: Lockstep | None

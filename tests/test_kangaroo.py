@@ -158,7 +158,7 @@ def test_first_draft_takes_the_prompt_from_the_prefill(partial, monkeypatch):
         context = ids + [int(model.head(split[0][-1]).argmax())]
         taken = KangarooDrafter(kd, params, None, 256, threshold=0.0)
         assert taken.prompt_layer == kd.exit_layer
-        taken.take_prompt(ids, shallow[0], cache.row(0))
+        taken.take_prompt(ids, shallow[0], cache, 0)
         got = taken.propose(context, 4)
         assert shallow_tokens[0] == 1  # the pending token only
         shallow_tokens.clear()

@@ -77,11 +77,11 @@ class Drafter:
     def observe(self, features: torch.Tensor) -> None:
         """Features [n, hidden] of the next n committed tokens (called only if ``wants_features``)."""
 
-    def take_prompt(self, prompt: list[int], states: torch.Tensor, cache: Any) -> None:
+    def take_prompt(self, prompt: list[int], states: torch.Tensor, cache: Any, row: int) -> None:
         """After the prefill (called only if ``prompt_layer`` > 0): the prompt's hidden states after
-        layer ``prompt_layer`` ([len(prompt), hidden] at least) and the row's target ``cache`` (a
-        ``KVCache`` view) that now holds every layer's K/V of the prompt; a drafter reads them, it
-        never writes there."""
+        layer ``prompt_layer`` ([len(prompt), hidden] at least) and the target ``cache`` (a
+        ``KVCache``) whose row ``row`` now holds every layer's K/V of the prompt; a drafter reads
+        them, it never writes there."""
 
     def hand_back(self, cache: Any, row: int, context: list[int]) -> None:
         """Before a step in which the target decodes this row alone, all its layers (the wall-clock
