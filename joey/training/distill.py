@@ -242,10 +242,10 @@ def collect(
     rank, world = distributed.rank(), distributed.world_size()
     start = time.monotonic()
     spent = False  # checked after each new shard, so every run makes progress
-    # rank 0's bar counts its own batches' tokens times the world: about the whole distillation's progress
-    total = sum(len(it.ids) for it in items)
-    bar = tqdm(total=total, desc="distilling", unit="tok", unit_scale=True,
-               disable=not (progress and rank == 0))
+    # rank 0's bar counts its own batches' sequences times the world: about the whole distillation's
+    # progress (sequences, not tokens: an answer's length is not known before it is written)
+    total = len(items)
+    bar = tqdm(total=total, desc="distilling", unit="seq", disable=not (progress and rank == 0))
     for n in range(rank, len(batches), world):  # shard names are global batch numbers: ranks never collide
         batch = batches[n]
         path = out_dir / f"shard_{n:05d}.pt"
@@ -257,7 +257,7 @@ def collect(
             torch.save(rows, tmp)
             tmp.replace(path)  # a shard appears whole or not at all
             spent = time_budget is not None and time.monotonic() - start > time_budget
-        bar.update(min(total - bar.n, sum(len(items[i].ids) for i in batch) * world))
+        bar.update(min(total - bar.n, len(batch) * world))
     bar.close()
     distributed.barrier()  # every rank's shards are written before anyone lists them
     # in batch order; with a time budget the ranks may have stopped at different points

@@ -27,10 +27,13 @@ from joey.training.adapter_training import TrainSettings, load_sequences, train_
 from joey.training.distill import FEATURE, DistillSettings, collect, generated, prompt_items
 from joey.training.jakiro_training import HeadTrainSettings, train_head
 from joey.training.prompts import read_prompts
+from joey.training.stored_answers import export_answers, read_answers, stored_items
 from joey.training.teacher_forced import forced_batch, forced_items, read_examples
 
-ANSWERS = ("target", "data")  # who writes the answers distilled: the target itself, or the prompt files
-DATA_FOLDERS = {"target": "data", "data": "data-fixed"}  # in the run folder; training reads every one
+# who writes the answers distilled: the target itself, the prompt files, or the target earlier (a file
+# of its answers, joey.training.stored_answers)
+ANSWERS = ("target", "data", "stored")
+DATA_FOLDERS = {"target": "data", "data": "data-fixed", "stored": "data-stored"}  # training reads every one
 
 
 def train_from_prompts(
@@ -50,14 +53,19 @@ def train_from_prompts(
     device_map: str | None = None,
     answers: str = "target",
     distill_only: bool = False,
+    stored: str | Path | None = None,
+    export: str | Path | None = None,
 ) -> dict:
     """Distill, train and save; ``train`` says which kind (default: a Kangaroo adapter). Returns the
     report (also written to ``out/report.json``; under a launcher only rank 0's is complete).
 
     ``answers="target"``: the target answers the prompts itself (greedy), into ``out/data``;
     ``"data"``: it reads the files' own answers (teacher forcing, ``joey.training.teacher_forced``;
-    one prefill per batch), into ``out/data-fixed``. Training uses every data folder in ``out``, so
-    runs of both kinds into one folder train on the union. ``distill_only`` stops after distilling.
+    one prefill per batch), into ``out/data-fixed``; ``"stored"``: it reads its own earlier answers from
+    the file ``stored`` (``joey.training.stored_answers``: the prompts are re-read from the same files
+    and matched) the same way, into ``out/data-stored``. Training uses every data folder in ``out``, so
+    runs of several kinds into one folder train on the union. ``distill_only`` stops after distilling;
+    ``export`` names a file to write the target's own answers in ``out/data`` to, after distilling.
 
     With ``device_map`` (``auto``, ``balanced``, ...) the distillation runs the target as a transformers
     model whose layers accelerate places over the available devices and CPU memory; joey's own copy,
@@ -76,15 +84,19 @@ def train_from_prompts(
     jakiro = isinstance(train, HeadTrainSettings)
     out = Path(out)
     # the inputs are read before any model loads: a bad file fails at once
+    if (answers == "stored") != (stored is not None):
+        raise InvalidArgumentError("a file of stored answers goes with --answers stored, and only with it")
     if answers == "data":
         examples = read_examples(prompt_files, limit=num_prompts, seed=seed)
     else:
         prompts = read_prompts(prompt_files, limit=num_prompts, derived=derived, seed=seed)
+    if stored is not None:
+        answered_by, kept_answers = read_answers(stored)
     device = distributed.init(device)  # a no-op without a launcher
     if device_map is not None and distributed.world_size() > 1:
         raise InvalidArgumentError("--device-map places one target over all devices: run it in a single process")
-    if device_map is not None and answers == "data":
-        raise InvalidArgumentError("--device-map distills the target's own answers only (not --answers data)")
+    if device_map is not None and answers != "target":
+        raise InvalidArgumentError(f"--device-map distills the target's own answers only (not --answers {answers})")
     main = distributed.is_main()
     progress = progress and main
 
@@ -103,7 +115,7 @@ def train_from_prompts(
     else:
         engine = float_engine()
     layers = engine.model.cfg.num_layers
-    if jakiro or answers == "data":
+    if jakiro or answers != "target":
         # features only: a Kangaroo adapter's states after its exit layer are computed from the
         # tokens when it trains (load_sequences), so one teacher-forced distillation serves both
         # drafters and every exit layer
@@ -128,12 +140,25 @@ def train_from_prompts(
         answer = forced_batch
     else:
         items = prompt_items(engine.encode, prompts, distill.max_prompt_tokens)
+    if stored is not None:
+        if answered_by != engine.name:
+            raise InvalidArgumentError(f"{stored} holds answers of {answered_by}, not of {engine.name}")
+        items, answer = stored_items(items, kept_answers), forced_batch
+        if not items:
+            raise InvalidArgumentError(f"none of these prompts has an answer in {stored}: give the --prompts, "
+                                       "--num-prompts, --derived and --seed of the run that answered them")
     if device_map is not None:
         from joey.training.hf_target import answer_batch_hf, load_hf_target
 
         target, answer = load_hf_target(engine.source, device_map), generated(answer_batch_hf)
     collect(target, items, engine.eos_ids, out / DATA_FOLDERS[answers], distill, progress, budget, answer)
     del target  # the answering copy is only for distilling
+    if export is not None and main:
+        own = sorted((out / DATA_FOLDERS["target"]).glob("shard_*.pt"))
+        if not own:
+            raise InvalidArgumentError(f"no answers of the target's own in {out / DATA_FOLDERS['target']} to export")
+        head = export_answers(own, Path(export), engine.name)
+        print(f"exported {head['answers']} answers ({head['answer_tokens']} tokens) to {export}")
     shards = [p for folder in DATA_FOLDERS.values() for p in sorted((out / folder).glob("shard_*.pt"))]
     if not shards:
         raise InvalidArgumentError("no distilled data yet: give the distillation more time (--distill-minutes)")
