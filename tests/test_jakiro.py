@@ -256,7 +256,7 @@ def test_train_drafter_end_to_end_and_resume(tmp_path, tiny_folder):
     assert again["agreement"] == report["agreement"]
 
 
-def test_train_drafter_continues_from_a_head_with_the_chosen_answering_weights(tmp_path, tiny_folder):
+def test_train_drafter_continues_from_a_head_with_the_chosen_answering_weights(tmp_path, tiny_folder, capsys):
     """``init`` fine-tunes a given head (its vocabulary, experts and width are kept, its weights are the
     start); ``distill.weights`` answers with the target in that format and is part of the shards'
     identity; a file that is not a head for this model is refused before anything is distilled."""
@@ -283,6 +283,9 @@ def test_train_drafter_continues_from_a_head_with_the_chosen_answering_weights(t
     assert (tuned.num_experts, tuned.cfg.intermediate_size) == (3, 48)
     moved = [not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), start.state_dict().values())]
     assert any(moved)  # it trained from the given weights
+    # the starting head was evaluated on the same held-out split before training, then every epoch
+    logged = capsys.readouterr().out
+    assert logged.index("before fine-tuning (the --init head): held-out top-1") < logged.index("epoch 1: held-out")
     save_adapter(KangarooAdapter.initialized_from(base.model, 1, torch.arange(64), False), base.model,
                  tmp_path / "adapter.safetensors")
     bad = replace(train, init=str(tmp_path / "adapter.safetensors"))

@@ -184,11 +184,20 @@ def train_head(
 
     evaluations: list[HeadEvaluation] = []
 
-    def end_of_epoch(epoch: int) -> None:
+    def report(when: str) -> HeadEvaluation:
+        head.eval()
         ev = evaluate_head(model, head, data.held, s)
-        evaluations.append(ev)
-        log(f"epoch {epoch}: held-out top-1 {ev.agreement:.1%} (t+2 branch {ev.agreement_after:.1%}); "
+        head.train()
+        log(f"{when}: held-out top-1 {ev.agreement:.1%} (t+2 branch {ev.agreement_after:.1%}); "
             f"simulated τ chain {ev.chain_tau:.2f}, tree {ev.tree_tau:.2f}")
+        return ev
+
+    def end_of_epoch(epoch: int) -> None:
+        evaluations.append(report(f"epoch {epoch}"))
+
+    if start is not None and distributed.is_main() and not (out_dir / "checkpoint.pt").exists():
+        # the starting head on the same held-out split: what fine-tuning gained is the difference
+        report("before fine-tuning (the --init head)")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(len(p) for p in plan)
