@@ -100,10 +100,11 @@ def test_stored_answers_round_trip_and_refusals(tmp_path):
             {"ids": torch.tensor([4, 5, 9], dtype=torch.int32), "prompt_len": 2}]
     torch.save(rows, tmp_path / "shard_00000.pt")
     out = tmp_path / "a.jsonl.gz"
-    head = export_answers([tmp_path / "shard_00000.pt"], out, "m")
+    head = export_answers([tmp_path / "shard_00000.pt"], out, "m", "llama-2x8:abc")
     assert head["answers"] == 2 and head["answer_tokens"] == 3
-    model, answers = read_answers(out)
-    assert model == "m" and answers == {prompt_key([1, 2, 3]): (7, 8), prompt_key([4, 5]): (9,)}
+    header, answers = read_answers(out)
+    assert header["model"] == "m" and header["target"] == "llama-2x8:abc"
+    assert answers == {prompt_key([1, 2, 3]): (7, 8), prompt_key([4, 5]): (9,)}
     prompts = [Item((4, 5), 2), Item((6,), 1), Item((1, 2, 3), 3)]  # another order, one prompt not answered
     assert stored_items(prompts, answers) == [Item((4, 5, 9), 2), Item((1, 2, 3, 7, 8), 3)]
     bad = tmp_path / "bad.jsonl.gz"
@@ -112,7 +113,7 @@ def test_stored_answers_round_trip_and_refusals(tmp_path):
         read_answers(bad)
     with pytest.raises(InvalidArgumentError, match="no distilled sequences"):
         torch.save([], tmp_path / "empty.pt")
-        export_answers([tmp_path / "empty.pt"], out, "m")
+        export_answers([tmp_path / "empty.pt"], out, "m", "llama-2x8:abc")
 
 
 def test_stored_answers_rebuild_the_target_run_rows(tmp_path, tiny_folder):
@@ -147,7 +148,7 @@ def test_stored_answers_rebuild_the_target_run_rows(tmp_path, tiny_folder):
     from joey.training.stored_answers import export_answers
 
     foreign = tmp_path / "foreign.jsonl.gz"
-    export_answers(sorted((tmp_path / "a" / "data").glob("shard_*.pt")), foreign, "another-model")
+    export_answers(sorted((tmp_path / "a" / "data").glob("shard_*.pt")), foreign, "another-model", "llama-2x8:abc")
     with pytest.raises(InvalidArgumentError, match="holds answers of another-model"):
         train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "e", answers="stored", stored=foreign, **kw)
     with pytest.raises(InvalidArgumentError, match="goes with --answers stored"):

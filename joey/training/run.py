@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from joey.errors import InvalidArgumentError
+from joey.models.draft_files import model_cache_key
 from joey.models.jakiro_head import load_head
 from joey.training import distributed
 from joey.training.adapter_training import TrainSettings, load_sequences, train_adapter
@@ -91,7 +92,7 @@ def train_from_prompts(
     else:
         prompts = read_prompts(prompt_files, limit=num_prompts, derived=derived, seed=seed)
     if stored is not None:
-        answered_by, kept_answers = read_answers(stored)
+        answered, kept_answers = read_answers(stored)
     device = distributed.init(device)  # a no-op without a launcher
     if device_map is not None and distributed.world_size() > 1:
         raise InvalidArgumentError("--device-map places one target over all devices: run it in a single process")
@@ -141,8 +142,8 @@ def train_from_prompts(
     else:
         items = prompt_items(engine.encode, prompts, distill.max_prompt_tokens)
     if stored is not None:
-        if answered_by != engine.name:
-            raise InvalidArgumentError(f"{stored} holds answers of {answered_by}, not of {engine.name}")
+        if answered.get("target") != model_cache_key(engine.model):
+            raise InvalidArgumentError(f"{stored} holds answers of {answered.get('model')}, not of {engine.name}")
         items, answer = stored_items(items, kept_answers), forced_batch
         if not items:
             raise InvalidArgumentError(f"none of these prompts has an answer in {stored}: give the --prompts, "
@@ -157,7 +158,7 @@ def train_from_prompts(
         own = sorted((out / DATA_FOLDERS["target"]).glob("shard_*.pt"))
         if not own:
             raise InvalidArgumentError(f"no answers of the target's own in {out / DATA_FOLDERS['target']} to export")
-        head = export_answers(own, Path(export), engine.name)
+        head = export_answers(own, Path(export), engine.name, model_cache_key(engine.model))
         print(f"exported {head['answers']} answers ({head['answer_tokens']} tokens) to {export}")
     shards = [p for folder in DATA_FOLDERS.values() for p in sorted((out / folder).glob("shard_*.pt"))]
     if not shards:

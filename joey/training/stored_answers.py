@@ -32,9 +32,11 @@ def prompt_key(ids: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps(list(map(int, ids))).encode()).hexdigest()[:20]
 
 
-def export_answers(shards: Iterable[Path], out: Path, model: str) -> dict:
+def export_answers(shards: Iterable[Path], out: Path, model: str, target: str) -> dict:
     """Write the answers held in self-distillation ``shards`` to ``out`` (gzipped JSON lines: a header,
-    then ``{"key": prompt_key, "answer": [ids]}`` per sequence). Returns the header."""
+    then ``{"key": prompt_key, "answer": [ids]}`` per sequence). ``model`` names the target for people,
+    ``target`` identifies it for the check on reading (``joey.models.draft_files.model_cache_key``).
+    Returns the header."""
     answers: dict[str, list[int]] = {}
     for path in shards:
         # mapped, not read: only the token ids are looked at, not the features beside them
@@ -43,7 +45,7 @@ def export_answers(shards: Iterable[Path], out: Path, model: str) -> dict:
             answers.setdefault(prompt_key(ids[:n]), ids[n:])
     if not answers:
         raise InvalidArgumentError("no distilled sequences in the shards given")
-    head = {"format": FORMAT, "model": model, "answers": len(answers),
+    head = {"format": FORMAT, "model": model, "target": target, "answers": len(answers),
             "answer_tokens": sum(map(len, answers.values()))}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -55,9 +57,9 @@ def export_answers(shards: Iterable[Path], out: Path, model: str) -> dict:
     return head
 
 
-def read_answers(path: str | Path) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """(the model that answered, its answers by prompt key) stored in ``path``; a one-line error if it
-    is not such a file."""
+def read_answers(path: str | Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(the file's header, which names the target that answered, and the answers by prompt key) stored
+    in ``path``; a one-line error if it is not such a file."""
     try:
         with gzip.open(path, "rt") as f:
             head = json.loads(f.readline())
@@ -69,7 +71,7 @@ def read_answers(path: str | Path) -> tuple[str, dict[str, tuple[int, ...]]]:
                 answers[rec["key"]] = tuple(rec["answer"])
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InvalidArgumentError(f"{path} is not a file of stored answers ({e})") from None
-    return str(head.get("model")), answers
+    return head, answers
 
 
 def stored_items(prompts: Sequence[Item], answers: dict[str, tuple[int, ...]]) -> list[Item]:
