@@ -479,18 +479,18 @@ def _train_common(p: argparse.ArgumentParser, t: Any, what: str, prompts: int, d
                    help="weights the target distills with (default fp32; auto = those joey decodes with, so "
                         "the drafter learns that target's features, fast where joey's low-bit kernel runs; bf16 = "
                         "the same weights in plain bf16 products, fastest on CPUs with AMX)")
-    p.add_argument("--answers", choices=["target", "data", "stored"], default="target",
+    p.add_argument("--answers", choices=["target", "data"], default="target",
                    help="target: the target answers the prompts (self-distillation, token by token); data: "
-                        "it reads the files' own answers (teacher forcing, one prefill per batch, much faster); "
-                        "stored: it reads its own earlier answers from --stored-answers the same way")
+                        "it reads the files' own answers (teacher forcing, one prefill per batch, much faster)")
     p.add_argument("--stored-answers", default=None, metavar="FILE",
-                   help="with --answers stored: a file written by --export-answers (give the same --prompts, "
-                        "--num-prompts, --derived and --seed as the run that answered)")
+                   help="with --answers target: the target's earlier answers (a file --export-answers wrote) are "
+                        "read from FILE at prefill speed instead of generated; give the same --prompts, "
+                        "--num-prompts, --derived and --seed as the run that answered")
     p.add_argument("--export-answers", default=None, metavar="FILE",
-                   help="after distilling, write the target's own answers in --out (token ids, ~3 bytes a token) "
-                        "to FILE, so that another machine rebuilds the data at prefill speed (--answers stored)")
+                   help="after distilling, write (or extend) FILE with the target's own answers in --out (token "
+                        "ids, ~1.6 bytes a token), so that another machine continues with --stored-answers FILE")
     p.add_argument("--distill-batch-tokens", type=int, default=4096,
-                   help="with --answers data or stored: padded positions per distillation forward (default 4096)")
+                   help="with --answers data: padded positions per distillation forward (default 4096)")
     p.add_argument("--distill-only", action="store_true",
                    help="stop after distilling (run again without it to train on every data folder in --out)")
     p.add_argument("--seed", type=int, default=0)
@@ -535,7 +535,7 @@ def _train(args: argparse.Namespace, train: Any, counts: tuple[str, ...] = ()) -
         export=args.export_answers,
         distill=DistillSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                 weights=args.distill_weights,
-                                batch_tokens=args.distill_batch_tokens if args.answers != "target" else 0),
+                                batch_tokens=args.distill_batch_tokens if args.answers == "data" else 0),
         train=train, device=args.device, dtype=args.dtype, seed=args.seed, distill_minutes=args.distill_minutes,
         device_map=args.device_map,
     )

@@ -94,62 +94,72 @@ def test_answers_data_run_resumes_and_trains_on_both_folders(tmp_path, tiny_fold
 
 
 def test_stored_answers_round_trip_and_refusals(tmp_path):
-    from joey.training.stored_answers import export_answers, prompt_key, read_answers, stored_items
+    from joey.training.stored_answers import export_answers, prompt_key, read_answers
 
     rows = [{"ids": torch.tensor([1, 2, 3, 7, 8], dtype=torch.int32), "prompt_len": 3},
             {"ids": torch.tensor([4, 5, 9], dtype=torch.int32), "prompt_len": 2}]
-    torch.save(rows, tmp_path / "shard_00000.pt")
+    torch.save(rows[:1], tmp_path / "shard_00000.pt")
+    torch.save(rows[1:], tmp_path / "shard_00001.pt")
     out = tmp_path / "a.jsonl.gz"
     head = export_answers([tmp_path / "shard_00000.pt"], out, "m", "llama-2x8:abc")
+    assert head["answers"] == 1 and head["answer_tokens"] == 2
+    head = export_answers([tmp_path / "shard_00001.pt"], out, "m", "llama-2x8:abc")  # extends the file
     assert head["answers"] == 2 and head["answer_tokens"] == 3
     header, answers = read_answers(out)
     assert header["model"] == "m" and header["target"] == "llama-2x8:abc"
     assert answers == {prompt_key([1, 2, 3]): (7, 8), prompt_key([4, 5]): (9,)}
-    prompts = [Item((4, 5), 2), Item((6,), 1), Item((1, 2, 3), 3)]  # another order, one prompt not answered
-    assert stored_items(prompts, answers) == [Item((4, 5, 9), 2), Item((1, 2, 3, 7, 8), 3)]
+    with pytest.raises(InvalidArgumentError, match="holds answers of m, not of other"):
+        export_answers([tmp_path / "shard_00001.pt"], out, "other", "llama-2x8:def")
     bad = tmp_path / "bad.jsonl.gz"
     bad.write_text("not gzip")
     with pytest.raises(InvalidArgumentError, match="not a file of stored answers"):
         read_answers(bad)
     with pytest.raises(InvalidArgumentError, match="no distilled sequences"):
         torch.save([], tmp_path / "empty.pt")
-        export_answers([tmp_path / "empty.pt"], out, "m", "llama-2x8:abc")
+        export_answers([tmp_path / "empty.pt"], tmp_path / "new.jsonl.gz", "m", "llama-2x8:abc")
 
 
-def test_stored_answers_rebuild_the_target_run_rows(tmp_path, tiny_folder):
-    """A target-answers run exported and rebuilt elsewhere from the file (teacher forcing) gives the
-    same sequences with the same features and labels; a file of another model or other prompts is
-    refused in one line."""
+def test_stored_answers_are_read_and_the_rest_answered(tmp_path, tiny_folder, monkeypatch):
+    """A run over more prompts than a file of stored answers holds reads those (teacher forcing) and
+    answers the rest: its rows equal a plain run's, and exporting extends the file. A file of another
+    target, or one that answers none of the prompts, is refused in one line."""
     from joey.training.jakiro_training import HeadTrainSettings
     from joey.training.run import train_from_prompts
+    from joey.training.stored_answers import export_answers, read_answers
 
     data = tmp_path / "p.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": f"Count to {i}."}) for i in range(1, 9)))
     train = HeadTrainSettings(draft_vocab=64, experts=2, intermediate=32, epochs=1, batch_tokens=256)
-    kw = dict(device="cpu", train=train, progress=False, num_prompts=8, derived=0, distill_only=True,
-              distill=DistillSettings(max_new_tokens=5, batch_size=4, batch_tokens=64))
+    kw = dict(device="cpu", train=train, progress=False, derived=0, distill_only=True,
+              distill=DistillSettings(max_new_tokens=5, batch_size=4))
     file = tmp_path / "answers.jsonl.gz"
-    train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "a", export=file, **kw)
-    rebuilt = train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "b", answers="stored", stored=file, **kw)
-    assert rebuilt["sequences"] == 8
+    train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "a", num_prompts=4, export=file, **kw)
+    assert read_answers(file)[0]["answers"] == 4
+    from joey.training import stored_answers
+
+    read = []  # the sequences read from the file rather than answered
+    real = stored_answers.forced_batch
+    monkeypatch.setattr(stored_answers, "forced_batch", lambda m, items, *a: read.extend(items) or real(m, items, *a))
+    train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "b", num_prompts=8, stored=file, export=file, **kw)
+    assert read_answers(file)[0]["answers"] == 8 and len(read) == 4
+    train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "c", num_prompts=8, **kw)
 
     def rows(folder):
         return sorted((r for p in sorted(folder.glob("shard_*.pt")) for r in torch.load(p, weights_only=True)),
                       key=lambda r: r["ids"].tolist())
 
-    for a, b in zip(rows(tmp_path / "a" / "data"), rows(tmp_path / "b" / "data-stored"), strict=True):
+    for a, b in zip(rows(tmp_path / "c" / "data"), rows(tmp_path / "b" / "data"), strict=True):
         assert a["ids"].tolist() == b["ids"].tolist() and a["prompt_len"] == b["prompt_len"]
         torch.testing.assert_close(a["hidden"][FEATURE].float(), b["hidden"][FEATURE].float(), atol=2e-3, rtol=2e-3)
         assert torch.equal(a["top_ids"][:, 0], b["top_ids"][:, 0])
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"instruction": "Something else entirely."}))
     with pytest.raises(InvalidArgumentError, match="none of these prompts has an answer"):
-        train_from_prompts(str(tiny_folder), [str(other)], tmp_path / "c", answers="stored", stored=file, **kw)
-    from joey.training.stored_answers import export_answers
-
+        train_from_prompts(str(tiny_folder), [str(other)], tmp_path / "d", num_prompts=8, stored=file, **kw)
     foreign = tmp_path / "foreign.jsonl.gz"
     export_answers(sorted((tmp_path / "a" / "data").glob("shard_*.pt")), foreign, "another-model", "llama-2x8:abc")
     with pytest.raises(InvalidArgumentError, match="holds answers of another-model"):
-        train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "e", answers="stored", stored=foreign, **kw)
-    with pytest.raises(InvalidArgumentError, match="goes with --answers stored"):
-        train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "d", stored=file, **kw)
+        train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "e", num_prompts=8, stored=foreign, **kw)
+    with pytest.raises(InvalidArgumentError, match="go with --answers target"):
+        train_from_prompts(str(tiny_folder), [str(data)], tmp_path / "f", num_prompts=8, stored=file,
+                           answers="data", **kw)

@@ -28,13 +28,11 @@ from joey.training.adapter_training import TrainSettings, load_sequences, train_
 from joey.training.distill import FEATURE, DistillSettings, collect, generated, prompt_items
 from joey.training.jakiro_training import HeadTrainSettings, train_head
 from joey.training.prompts import read_prompts
-from joey.training.stored_answers import export_answers, read_answers, stored_items
+from joey.training.stored_answers import answer_or_read, export_answers, prompt_key, read_answers
 from joey.training.teacher_forced import forced_batch, forced_items, read_examples
 
-# who writes the answers distilled: the target itself, the prompt files, or the target earlier (a file
-# of its answers, joey.training.stored_answers)
-ANSWERS = ("target", "data", "stored")
-DATA_FOLDERS = {"target": "data", "data": "data-fixed", "stored": "data-stored"}  # training reads every one
+ANSWERS = ("target", "data")  # who writes the answers distilled: the target itself, or the prompt files
+DATA_FOLDERS = {"target": "data", "data": "data-fixed"}  # in the run folder; training reads every one
 
 
 def train_from_prompts(
@@ -62,11 +60,12 @@ def train_from_prompts(
 
     ``answers="target"``: the target answers the prompts itself (greedy), into ``out/data``;
     ``"data"``: it reads the files' own answers (teacher forcing, ``joey.training.teacher_forced``;
-    one prefill per batch), into ``out/data-fixed``; ``"stored"``: it reads its own earlier answers from
-    the file ``stored`` (``joey.training.stored_answers``: the prompts are re-read from the same files
-    and matched) the same way, into ``out/data-stored``. Training uses every data folder in ``out``, so
-    runs of several kinds into one folder train on the union. ``distill_only`` stops after distilling;
-    ``export`` names a file to write the target's own answers in ``out/data`` to, after distilling.
+    one prefill per batch), into ``out/data-fixed``. Training uses every data folder in ``out``, so
+    runs of both kinds into one folder train on the union. ``distill_only`` stops after distilling.
+    ``stored``: a file of the target's earlier answers (``joey.training.stored_answers``): with
+    ``answers="target"`` the prompts it answers are read from it at prefill speed, the rest answered,
+    so a new machine continues a distillation where the file ends; ``export``: a file to write (or
+    extend) with the target's answers in ``out/data`` after distilling.
 
     With ``device_map`` (``auto``, ``balanced``, ...) the distillation runs the target as a transformers
     model whose layers accelerate places over the available devices and CPU memory; joey's own copy,
@@ -85,8 +84,9 @@ def train_from_prompts(
     jakiro = isinstance(train, HeadTrainSettings)
     out = Path(out)
     # the inputs are read before any model loads: a bad file fails at once
-    if (answers == "stored") != (stored is not None):
-        raise InvalidArgumentError("a file of stored answers goes with --answers stored, and only with it")
+    if stored is not None and (answers != "target" or device_map is not None):
+        raise InvalidArgumentError("stored answers are the target's own, read by joey's target: they go with "
+                                   "--answers target, without --device-map")
     if answers == "data":
         examples = read_examples(prompt_files, limit=num_prompts, seed=seed)
     else:
@@ -96,8 +96,8 @@ def train_from_prompts(
     device = distributed.init(device)  # a no-op without a launcher
     if device_map is not None and distributed.world_size() > 1:
         raise InvalidArgumentError("--device-map places one target over all devices: run it in a single process")
-    if device_map is not None and answers != "target":
-        raise InvalidArgumentError(f"--device-map distills the target's own answers only (not --answers {answers})")
+    if device_map is not None and answers == "data":
+        raise InvalidArgumentError("--device-map distills the target's own answers only (not --answers data)")
     main = distributed.is_main()
     progress = progress and main
 
@@ -116,7 +116,7 @@ def train_from_prompts(
     else:
         engine = float_engine()
     layers = engine.model.cfg.num_layers
-    if jakiro or answers != "target":
+    if jakiro or answers == "data":
         # features only: a Kangaroo adapter's states after its exit layer are computed from the
         # tokens when it trains (load_sequences), so one teacher-forced distillation serves both
         # drafters and every exit layer
@@ -144,10 +144,10 @@ def train_from_prompts(
     if stored is not None:
         if answered.get("target") != model_cache_key(engine.model):
             raise InvalidArgumentError(f"{stored} holds answers of {answered.get('model')}, not of {engine.name}")
-        items, answer = stored_items(items, kept_answers), forced_batch
-        if not items:
+        if not any(prompt_key(it.ids) in kept_answers for it in items):
             raise InvalidArgumentError(f"none of these prompts has an answer in {stored}: give the --prompts, "
                                        "--num-prompts, --derived and --seed of the run that answered them")
+        answer = answer_or_read(kept_answers)
     if device_map is not None:
         from joey.training.hf_target import answer_batch_hf, load_hf_target
 

@@ -1,14 +1,14 @@
 """The target's own greedy answers, stored compactly so that the slow part of distillation survives.
 
 Answering token by token (``--answers target``) is the slowest part of self-distillation: ~3x the
-time per token of reading fixed answers in one prefill. Its shards hold hundreds of bytes of
-features per token and live in a cache that a new machine does not have. What cannot be recomputed
-cheaply is only which tokens the target chose, so :func:`export_answers` keeps those: one JSON line
-per answer, keyed by a digest of its prompt's token ids, gzipped (~2-3 bytes a token). A later run
-re-reads the same prompt files, matches each prompt by its digest and teacher-forces the stored
-answer (``joey.training.teacher_forced.forced_batch``): on greedy answers that gives the rows answering
-gave, at prefill speed. The prompts themselves are not stored: they stay in the instruction sets,
-under those sets' own licences.
+time per token of reading fixed answers in one prefill. Its shards hold kilobytes of features per
+token and live in a cache that a new machine does not have. What cannot be recomputed cheaply is
+only which tokens the target chose, so :func:`export_answers` keeps those: one JSON line per answer,
+keyed by a digest of its prompt's token ids, gzipped (~1.6 bytes a token). A later run over the same
+prompt files reads every stored answer instead of generating it (:func:`answer_or_read`: one
+teacher-forced prefill, ``joey.training.teacher_forced.forced_batch``, which on a greedy answer gives
+the rows answering gave) and answers the rest. The prompts themselves are not stored: they stay in
+the instruction sets, under those sets' own licences.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from joey.errors import InvalidArgumentError
-from joey.training.distill import Item
+from joey.training.distill import Item, answer_batch
+from joey.training.teacher_forced import forced_batch
 
 FORMAT = "joey-answers/1"
 
@@ -34,10 +35,15 @@ def prompt_key(ids: Sequence[int]) -> str:
 
 def export_answers(shards: Iterable[Path], out: Path, model: str, target: str) -> dict:
     """Write the answers held in self-distillation ``shards`` to ``out`` (gzipped JSON lines: a header,
-    then ``{"key": prompt_key, "answer": [ids]}`` per sequence). ``model`` names the target for people,
-    ``target`` identifies it for the check on reading (``joey.models.draft_files.model_cache_key``).
-    Returns the header."""
+    then ``{"key": prompt_key, "answer": [ids]}`` per sequence), keeping those already in ``out``.
+    ``model`` names the target for people, ``target`` identifies it for the check on reading
+    (``joey.models.draft_files.model_cache_key``). Returns the header."""
     answers: dict[str, list[int]] = {}
+    if out.exists():  # a file being extended: its answers stay (they may come from another machine)
+        head, old = read_answers(out)
+        if head.get("target") != target:
+            raise InvalidArgumentError(f"{out} holds answers of {head.get('model')}, not of {model}")
+        answers.update((k, list(v)) for k, v in old.items())
     for path in shards:
         # mapped, not read: only the token ids are looked at, not the features beside them
         for row in torch.load(path, weights_only=True, mmap=True):
@@ -74,12 +80,22 @@ def read_answers(path: str | Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
     return head, answers
 
 
-def stored_items(prompts: Sequence[Item], answers: dict[str, tuple[int, ...]]) -> list[Item]:
-    """The prompts whose answer is stored, each followed by it (teacher forcing's items); prompts
-    without one are left out."""
-    out = []
-    for it in prompts:
-        answer = answers.get(prompt_key(it.ids[: it.prompt_len]))
-        if answer:
-            out.append(Item(tuple(it.ids[: it.prompt_len]) + answer, it.prompt_len))
-    return out
+def answer_or_read(answers: dict[str, tuple[int, ...]]) -> Callable[..., list[dict]]:
+    """An answering function for ``joey.training.distill.collect`` over prompt items: a prompt whose
+    answer is in ``answers`` is read (teacher forcing), the others are answered by the target."""
+
+    def on_items(model, items: Sequence[Item], eos_ids: frozenset[int], s) -> list[dict]:
+        known = [answers.get(prompt_key(it.ids)) for it in items]
+        rows: list[dict | None] = [None] * len(items)
+        read = [i for i, a in enumerate(known) if a]
+        new = [i for i, a in enumerate(known) if not a]
+        if read:
+            forced = [Item(items[i].ids + known[i], len(items[i].ids)) for i in read]  # type: ignore[operator]
+            for i, row in zip(read, forced_batch(model, forced, eos_ids, s), strict=True):
+                rows[i] = row
+        if new:
+            for i, row in zip(new, answer_batch(model, [list(items[i].ids) for i in new], eos_ids, s), strict=True):
+                rows[i] = row
+        return rows  # type: ignore[return-value]
+
+    return on_items
