@@ -105,6 +105,9 @@ def test_stored_answers_round_trip_and_refusals(tmp_path):
     assert head["answers"] == 1 and head["answer_tokens"] == 2
     head = export_answers([tmp_path / "shard_00001.pt"], out, "m", "llama-2x8:abc")  # extends the file
     assert head["answers"] == 2 and head["answer_tokens"] == 3
+    written = out.read_bytes()
+    export_answers([tmp_path / "shard_00000.pt"], out, "m", "llama-2x8:abc")
+    assert out.read_bytes() == written  # nothing new: the same bytes (no timestamp in the file)
     header, answers = read_answers(out)
     assert header["model"] == "m" and header["target"] == "llama-2x8:abc"
     assert answers == {prompt_key([1, 2, 3]): (7, 8), prompt_key([4, 5]): (9,)}

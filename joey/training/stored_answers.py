@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -55,9 +56,10 @@ def export_answers(shards: Iterable[Path], out: Path, model: str, target: str) -
             "answer_tokens": sum(map(len, answers.values()))}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    with gzip.open(tmp, "wt") as f:
+    # mtime 0: the same answers give the same bytes, so a rewritten file shows no change in git
+    with io.TextIOWrapper(gzip.GzipFile(tmp, "wb", mtime=0), encoding="utf-8") as f:
         f.write(json.dumps(head) + "\n")
-        for key, answer in sorted(answers.items()):  # sorted: the same answers give the same bytes
+        for key, answer in sorted(answers.items()):
             f.write(json.dumps({"key": key, "answer": answer}, separators=(",", ":")) + "\n")
     tmp.replace(out)
     return head
