@@ -16,7 +16,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -143,6 +143,14 @@ def shard_row(row: dict) -> dict:
         "top_ids": torch.stack(row["top_ids"]),  # [answer_len, k]: distribution of answer token i
         "top_p": torch.stack(row["top_p"]),
     }
+
+
+def shard_sequences(paths: Iterable[Path]) -> Iterator[tuple[list[int], int]]:
+    """(token ids, prompt length) of every sequence stored in the shards ``paths``. Mapped, not read:
+    only the ids are looked at, not the features beside them."""
+    for path in paths:
+        for row in torch.load(path, weights_only=True, mmap=True):
+            yield row["ids"].tolist(), int(row["prompt_len"])
 
 
 @dataclass(frozen=True)

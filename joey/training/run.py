@@ -18,14 +18,12 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 from joey.errors import InvalidArgumentError
 from joey.models.draft_files import model_cache_key
 from joey.models.jakiro_head import load_head
 from joey.training import distributed
 from joey.training.adapter_training import TrainSettings, load_sequences, train_adapter
-from joey.training.distill import FEATURE, DistillSettings, collect, generated, prompt_items
+from joey.training.distill import FEATURE, DistillSettings, collect, generated, prompt_items, shard_sequences
 from joey.training.jakiro_training import HeadTrainSettings, train_head
 from joey.training.prompts import read_prompts
 from joey.training.stored_answers import answer_or_read, export_answers, prompt_key, read_answers
@@ -204,11 +202,9 @@ def train_from_prompts(
 def data_size(shards: list[Path]) -> dict:
     """Sequences and answer tokens (those with soft labels) held in ``shards``."""
     seqs = tokens = 0
-    for path in shards:
-        # mapped, not read: only the token ids are looked at, not the features beside them
-        for row in torch.load(path, weights_only=True, mmap=True):
-            seqs += 1
-            tokens += len(row["ids"]) - int(row["prompt_len"])
+    for ids, prompt_len in shard_sequences(shards):
+        seqs += 1
+        tokens += len(ids) - prompt_len
     return {"sequences": seqs, "answer_tokens": tokens}
 
 

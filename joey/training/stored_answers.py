@@ -20,10 +20,8 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import torch
-
 from joey.errors import InvalidArgumentError
-from joey.training.distill import Item, answer_batch
+from joey.training.distill import Item, answer_batch, shard_sequences
 from joey.training.teacher_forced import forced_batch
 
 FORMAT = "joey-answers/1"
@@ -45,11 +43,8 @@ def export_answers(shards: Iterable[Path], out: Path, model: str, target: str) -
         if head.get("target") != target:
             raise InvalidArgumentError(f"{out} holds answers of {head.get('model')}, not of {model}")
         answers.update((k, list(v)) for k, v in old.items())
-    for path in shards:
-        # mapped, not read: only the token ids are looked at, not the features beside them
-        for row in torch.load(path, weights_only=True, mmap=True):
-            ids, n = row["ids"].tolist(), int(row["prompt_len"])
-            answers.setdefault(prompt_key(ids[:n]), ids[n:])
+    for ids, n in shard_sequences(shards):
+        answers.setdefault(prompt_key(ids[:n]), ids[n:])
     if not answers:
         raise InvalidArgumentError("no distilled sequences in the shards given")
     head = {"format": FORMAT, "model": model, "target": target, "answers": len(answers),
