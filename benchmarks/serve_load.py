@@ -1,24 +1,27 @@
 """Load-test OpenAI-compatible servers on loopback: N concurrent streaming clients, several servers side by side.
 
-For each server and each concurrency level it sends ``--requests`` greedy chat requests (first turns of Spec-Bench
-questions, in file order), at most ``concurrency`` in flight, streamed with ``stream_options.include_usage``, and
-reports total completion tokens/s, time to first token (TTFT) p50/p95 and inter-token latency (ITL) p50/p95.
-A request's ITL is (last content chunk - first content chunk) / (completion tokens - 1), vLLM's TPOT, which stays
-right when one chunk carries several tokens (speculative decoding). "lost" counts requests that errored or ended
-without a finish_reason (including those cut by the level's deadline); "mixed" counts greedy texts that differ
-from the same prompt's text at concurrency 1 on the same server (batching must not change greedy output).
+For each concurrency level it sends ``--requests`` greedy chat requests (first turns of Spec-Bench questions, by
+category in turn), at most ``concurrency`` in flight, streamed with ``stream_options.include_usage``, to every
+server in turn, ``--repeats`` times with the order reversed every other repeat (ABBA), and reports total completion
+tokens/s, the speed-up over joey:ar as the median and [min-max] of the repeats' ratios (each ratio of two runs back
+to back), time to first token (TTFT) p50/p95 and inter-token latency (ITL) p50/p95. A request's ITL is (last content
+chunk - first content chunk) / (completion tokens - 1), vLLM's TPOT, which stays right when one chunk carries several
+tokens (speculative decoding). "lost" counts requests that errored or ended without a finish_reason (including those
+cut by the level's deadline); "mixed" counts greedy texts that differ from the same prompt's text in the first run
+at concurrency 1 on the same server (batching must not change greedy output).
 
-Servers it starts itself, one at a time, on 127.0.0.1 and a free port (always stopped at the end):
+Servers it starts itself, all before the first level, on 127.0.0.1 and free ports (always stopped at the end; an
+idle one waits without computing, but each holds its model in memory):
   * ``joey:METHOD``  -- ``python -m joey serve --method METHOD ...`` (plus ``--joey-args``);
   * ``llamacpp``     -- llama-cpp-python's server on the default model's GGUF (``--gguf`` overrides), which
                         serves one request at a time (started with ``--interrupt_requests false``: by default
                         it cuts a streaming answer short whenever another request arrives).
 ``--url [NAME=]URL`` adds an already-running server (neither started nor stopped).
 
-Writes OUT/serve_load.md (the table), OUT/serve_load.json (raw per-request records), OUT/serve_load.png (tok/s vs
-concurrency, if matplotlib is importable) and each started server's log under OUT/logs/.
+Writes OUT/serve_load.md (the table), OUT/serve_load.json (raw per-request records), OUT/serve_load.png (tok/s and
+speed-up vs concurrency, if matplotlib is importable) and each started server's log under OUT/logs/.
 
-    python benchmarks/serve_load.py [--servers joey:ar,joey:pld,llamacpp] [--concurrency 1 4 16] [--max-tokens 128]
+    python benchmarks/serve_load.py [--servers joey:ar,joey:pld,llamacpp] [--concurrency 1 4 16] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -356,8 +360,27 @@ def fmt(x: float | None, digits: int = 0) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def speedups(results: dict[str, dict[str, Any]]) -> dict[tuple[str, int], list[float]]:
+    """Each server's tok/s over the reference server's in the same repeat of the same level (the two ran
+    back to back), by (server, concurrency)."""
+    ref = {lv["concurrency"]: lv["repeat_tok_s"] for lv in results.get(REFERENCE, {}).get("levels", [])}
+    out = {}
+    for name, res in results.items():
+        for lv in res.get("levels") or []:
+            base = ref.get(lv["concurrency"])
+            if base and all(base):
+                out[name, lv["concurrency"]] = [x / b for x, b in zip(lv["repeat_tok_s"], base)]
+    return out
+
+
+def spread(xs: list[float]) -> str:
+    """Median, and [min–max] when there is more than one value."""
+    mid = statistics.median(xs)
+    return f"{mid:.2f}×" + (f" [{min(xs):.2f}–{max(xs):.2f}]" if len(xs) > 1 else "")
+
+
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    ref = {lv["concurrency"]: lv["metrics"]["tok_s"] for lv in results.get(REFERENCE, {}).get("levels", [])}
+    ratios = speedups(results)
     lines = [f"| server | concurrency | tok/s | vs {REFERENCE} | TTFT p50 / p95 ms | ITL p50 / p95 ms | lost | mixed |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, res in results.items():
@@ -366,7 +389,7 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
             continue
         for lv in res["levels"]:
             m, c = lv["metrics"], lv["concurrency"]
-            speedup = f"{m['tok_s'] / ref[c]:.2f}×" if ref.get(c) else "–"
+            speedup = spread(ratios[name, c]) if (name, c) in ratios else "–"
             mixed = "–" if m["mixed"] is None else f"{m['mixed']}/{m['compared']}"
             lines.append(f"| {name} | {c} | {m['tok_s']:.1f} | {speedup} | {fmt(m['ttft_p50_ms'])} / "
                          f"{fmt(m['ttft_p95_ms'])} | {fmt(m['itl_p50_ms'], 1)} / {fmt(m['itl_p95_ms'], 1)} | "
@@ -375,6 +398,8 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
+    """Total tok/s against concurrency, and (when the reference server ran) each server's speed-up over it
+    with its repeats' spread and the 1.0 line."""
     try:
         import matplotlib
 
@@ -382,21 +407,36 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, res in results.items():
+    ratios = speedups(results)
+    fig, axes = plt.subplots(1, 2 if ratios else 1, figsize=(11 if ratios else 6, 4), squeeze=False)
+    rate_ax = axes[0][0]
+    for i, (name, res) in enumerate(results.items()):
         levels = res.get("levels") or []
-        if levels:
-            ax.plot([lv["concurrency"] for lv in levels], [lv["metrics"]["tok_s"] for lv in levels], marker="o",
-                    label=name)
-    ax.set_xscale("log", base=2)
+        if not levels:
+            continue
+        concs = [lv["concurrency"] for lv in levels]
+        color = f"C{i % 10}"  # a server's colour in both panels
+        rate_ax.plot(concs, [lv["metrics"]["tok_s"] for lv in levels], marker="o", color=color, label=name)
+        if ratios and name != REFERENCE:
+            xs = [c for c in concs if (name, c) in ratios]
+            mids = [statistics.median(ratios[name, c]) for c in xs]
+            err = [[m - min(ratios[name, c]) for m, c in zip(mids, xs)],
+                   [max(ratios[name, c]) - m for m, c in zip(mids, xs)]]
+            axes[0][1].errorbar(xs, mids, yerr=err, marker="o", capsize=3, color=color, label=name)
     ticks = sorted({lv["concurrency"] for res in results.values() for lv in res.get("levels") or []})
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("total completion tokens/s")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("concurrent clients")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    rate_ax.set_ylabel("total completion tokens/s")
+    rate_ax.set_title(title, fontsize=9)
+    if ratios:
+        axes[0][1].axhline(1.0, color="black", linewidth=0.8)
+        axes[0][1].set_ylabel(f"speed-up over {REFERENCE} (median, min–max of repeats)")
+        axes[0][1].set_title("same repeat, servers interleaved", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -404,40 +444,81 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
 
 
 # -- main ----------------------------------------------------------------------------------------------------------
-def bench_server(server: Server, args: argparse.Namespace, prompts: list[str], logs: Path) -> dict[str, Any]:
-    res: dict[str, Any] = {"kind": server.kind, "method": server.method or None, "status": "ok", "levels": []}
-    if server.kind == "llamacpp":
-        missing = missing_llamacpp_deps()
-        if missing:
-            res["status"] = f"skipped: not importable: {', '.join(missing)}"
-            return res
-        if args.gguf is None or not Path(args.gguf).is_file():
-            res["status"] = f"skipped: no GGUF at {args.gguf} (--gguf PATH)"
-            return res
-        res["gguf"] = str(args.gguf)
-    try:
-        with running(server, args, logs) as base:
+def skipped(server: Server, args: argparse.Namespace) -> str | None:
+    """Why a server cannot be measured here (None: it can)."""
+    if server.kind != "llamacpp":
+        return None
+    missing = missing_llamacpp_deps()
+    if missing:
+        return f"skipped: not importable: {', '.join(missing)}"
+    if args.gguf is None or not Path(args.gguf).is_file():
+        return f"skipped: no GGUF at {args.gguf} (--gguf PATH)"
+    return None
+
+
+def run_order(names: list[str], repeat: int) -> list[str]:
+    """The servers' order in one repeat of a level: forward, then backward (A B C, C B A, ...), each pair
+    rotated by one, so a drift of the machine over the run (another tenant, heat) does not always fall
+    on the same server: ABBA, as ``joey bench`` interleaves methods."""
+    k = (repeat // 2) % len(names)
+    order = names[k:] + names[:k]
+    return order if repeat % 2 == 0 else order[::-1]
+
+
+def level_result(conc: int, runs: list[tuple[list[Record], float]], reference: dict[int, str] | None) -> dict:
+    """One server's level over its repeats: metrics of all records pooled (tok/s = all tokens / all wall
+    time), and each repeat's own tok/s (the speed-up's spread is taken over those)."""
+    records = [rec for recs, _ in runs for rec in recs]
+    return {"concurrency": conc, "metrics": level_metrics(records, sum(w for _, w in runs), reference),
+            "repeat_tok_s": [level_metrics(recs, wall, None)["tok_s"] for recs, wall in runs],
+            "records": [{**vars(r), "repeat": i, "tokens": r.tokens, "lost": r.lost}
+                        for i, (recs, _) in enumerate(runs) for r in recs]}
+
+
+def bench_servers(servers: list[Server], args: argparse.Namespace, prompts: list[str], logs: Path,
+                  results: dict[str, dict[str, Any]]) -> None:
+    """Start every server, then run each concurrency level on all of them in turn, ``args.repeats`` times
+    (``run_order``): the servers compared in one level are measured minutes, not a whole run, apart. An
+    idle server costs nothing (its worker waits), so they can all be up at once. Fills ``results`` level
+    by level (an interrupted run keeps what was measured)."""
+    results.update({s.name: {"kind": s.kind, "method": s.method or None, "status": "ok", "levels": []}
+                    for s in servers})
+    with contextlib.ExitStack() as stack:
+        live: dict[str, tuple[str, str]] = {}  # name -> (base URL, model id)
+        for server in servers:
+            res = results[server.name]
+            reason = skipped(server, args)
+            try:
+                base = stack.enter_context(running(server, args, logs)) if reason is None else ""
+            except ServerFailed as e:
+                reason = f"failed to start: {e}"
+            if reason:
+                res["status"] = reason
+                print(f"{server.name}: {reason}", file=sys.stderr)
+                continue
             model = model_id(base)
-            res.update(url=base, model=model)
+            res.update(url=base, model=model, gguf=str(args.gguf) if server.kind == "llamacpp" else None)
             if args.warmup:
                 err = asyncio.run(warm_up(base, model, prompts[0], args.timeout))
                 if err:
                     print(f"{server.name}: warm-up request failed ({err}); measuring anyway", file=sys.stderr)
-            reference: dict[int, str] | None = None
-            for conc in args.concurrency:  # ascending, so concurrency 1 (the reference texts) runs first
-                n = args.requests or max(2 * conc, 8)
-                records, wall = asyncio.run(run_level(base, model, prompts, n, conc, args.max_tokens, args.timeout,
-                                                      f"{server.name} c={conc}"))
+            live[server.name] = (base, model)
+        references: dict[str, dict[int, str]] = {}
+        for conc in args.concurrency:  # ascending, so concurrency 1 (the reference texts) runs first
+            n = args.requests or max(2 * conc, 8)
+            runs: dict[str, list[tuple[list[Record], float]]] = {name: [] for name in live}
+            for repeat in range(args.repeats):
+                for name in run_order(list(live), repeat):
+                    base, model = live[name]
+                    runs[name].append(asyncio.run(run_level(base, model, prompts, n, conc, args.max_tokens,
+                                                            args.timeout, f"{name} c={conc} #{repeat + 1}")))
+            for name, level_runs in runs.items():
                 if conc == 1:
-                    reference = {}
-                    for r in records:
+                    ref = references[name] = {}
+                    for r in level_runs[0][0]:
                         if not r.lost:
-                            reference.setdefault(r.prompt, r.text)
-                res["levels"].append({"concurrency": conc, "metrics": level_metrics(records, wall, reference),
-                                      "records": [{**vars(r), "tokens": r.tokens, "lost": r.lost} for r in records]})
-    except ServerFailed as e:
-        res["status"] = f"failed to start: {e}"
-    return res
+                            ref.setdefault(r.prompt, r.text)
+                results[name]["levels"].append(level_result(conc, level_runs, references.get(name)))
 
 
 def main() -> None:
@@ -451,6 +532,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None,
                     help="requests per concurrency level (default: max(2*concurrency, 8))")
     ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default: 128)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="runs of each level per server, the servers interleaved (default: 2; the speed-up's "
+                         "spread is over these)")
     ap.add_argument("--questions", type=Path, default=QUESTIONS,
                     help="JSONL with a 'turns' list; the first turn of each question is a prompt "
                          "(default: the Spec-Bench questions shipped in joey/bench/data/spec_bench/)")
@@ -472,8 +556,9 @@ def main() -> None:
                             args.url)
     if not servers:
         ap.error("no servers to benchmark")
-    if any(c < 1 for c in args.concurrency) or (args.requests is not None and args.requests < 1):
-        ap.error("--concurrency and --requests must be >= 1")
+    if any(c < 1 for c in args.concurrency) or (args.requests is not None and args.requests < 1) \
+            or args.repeats < 1:
+        ap.error("--concurrency, --requests and --repeats must be >= 1")
     if args.max_tokens < 1 or args.timeout <= 0 or args.start_timeout <= 0:
         ap.error("--max-tokens, --timeout and --start-timeout must be positive")
     if not args.questions.is_file():
@@ -491,10 +576,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     try:
-        for server in servers:
-            results[server.name] = res = bench_server(server, args, prompts, args.out / "logs")
-            if res["status"] != "ok":
-                print(f"{server.name}: {res['status']}", file=sys.stderr)
+        bench_servers(servers, args, prompts, args.out / "logs", results)
     except KeyboardInterrupt:  # servers are already stopped; still write what was measured
         print("interrupted: writing the results so far", file=sys.stderr)
 
@@ -503,12 +585,14 @@ def main() -> None:
     notes = [f"{name}: {res['status']}" for name, res in results.items() if res["status"] != "ok"]
     md = "\n".join([
         "# Serving load benchmark", "", f"Command: `{command}`  ", f"CPU: {cpu}, 1-min load average {load}  ",
-        f"Greedy, max_tokens={args.max_tokens}, prompts: first turns of {args.questions.name}, by category in turn.",
+        f"Greedy, max_tokens={args.max_tokens}, prompts: first turns of {args.questions.name}, by category in turn; "
+        f"{args.repeats} repeat(s) per level, the servers interleaved (ABBA).",
         "",
         table, "",
         "tok/s: all completion tokens of the level / its wall time. TTFT: first content chunk − request sent. "
         "ITL: (last − first content chunk) / (completion tokens − 1) per request. lost: errors or no finish_reason. "
-        "mixed: texts differing from the same prompt's text at concurrency 1 on that server / texts compared "
+        "mixed: texts differing from the same prompt's text in the first run at concurrency 1 on that server / "
+        "texts compared "
         "(llama.cpp may differ only if it is nondeterministic).",
         *([""] + [f"- {n}" for n in notes] if notes else []), ""])
     print(md)
