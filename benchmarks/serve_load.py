@@ -3,8 +3,8 @@
 For each concurrency level it sends ``--requests`` greedy chat requests (first turns of Spec-Bench questions, by
 category in turn), at most ``concurrency`` in flight, streamed with ``stream_options.include_usage``, to every
 server in turn, ``--repeats`` times with the order reversed every other repeat (ABBA), and reports total completion
-tokens/s, the speed-up over joey:ar as the median and [min-max] of the repeats' ratios (each ratio of two runs back
-to back), time to first token (TTFT) p50/p95 and inter-token latency (ITL) p50/p95. A request's ITL is (last content
+tokens/s, the speed-up over joey:ar as the median and [min-max] of the repeats' ratios (each ratio of two runs in the
+same round), time to first token (TTFT) p50/p95 and inter-token latency (ITL) p50/p95. A request's ITL is (last content
 chunk - first content chunk) / (completion tokens - 1), vLLM's TPOT, which stays right when one chunk carries several
 tokens (speculative decoding). "lost" counts requests that errored or ended without a finish_reason (including those
 cut by the level's deadline); "mixed" counts greedy texts that differ from the same prompt's text in the first run
@@ -361,8 +361,8 @@ def fmt(x: float | None, digits: int = 0) -> str:
 
 
 def speedups(results: dict[str, dict[str, Any]]) -> dict[tuple[str, int], list[float]]:
-    """Each server's tok/s over the reference server's in the same repeat of the same level (the two ran
-    back to back), by (server, concurrency)."""
+    """Each server's tok/s over the reference server's in the same repeat of the same level (one round of
+    the servers in turn), by (server, concurrency)."""
     ref = {lv["concurrency"]: lv["repeat_tok_s"] for lv in results.get(REFERENCE, {}).get("levels", [])}
     out = {}
     for name, res in results.items():
