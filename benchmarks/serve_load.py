@@ -8,7 +8,7 @@ same round), time to first token (TTFT) p50/p95 and inter-token latency (ITL) p5
 chunk - first content chunk) / (completion tokens - 1), vLLM's TPOT, which stays right when one chunk carries several
 tokens (speculative decoding). "lost" counts requests that errored or ended without a finish_reason (including those
 cut by the level's deadline); "mixed" counts greedy texts that differ from the same prompt's text in the first run
-at concurrency 1 on the same server (batching must not change greedy output).
+at concurrency 1 on the same server (batching and repeating must not change greedy output).
 
 Servers it starts itself, all before the first level, on 127.0.0.1 and free ports (always stopped at the end; an
 idle one waits without computing, but each holds its model in memory):
@@ -340,14 +340,18 @@ async def warm_up(base: str, model: str, prompt: str, timeout: float) -> str | N
 
 
 # -- metrics and report --------------------------------------------------------------------------------------------
-def level_metrics(records: list[Record], wall: float, reference: dict[int, str] | None) -> dict[str, Any]:
+def level_metrics(records: list[Record], wall: float, reference: dict[int, str] | None,
+                  judged: list[Record] | None = None) -> dict[str, Any]:
+    """Throughput and latency of ``records``; ``mixed`` compares the texts of ``judged`` (default: all the
+    records) with ``reference``."""
     ok = [r for r in records if not r.lost]
     ttft = [1000 * r.chunks[0] for r in ok if r.chunks]
     itl = [1000 * (r.chunks[-1] - r.chunks[0]) / (r.tokens - 1) for r in ok if r.chunks and r.tokens > 1]
     tokens = sum(r.tokens for r in records)
     mixed = compared = None
     if reference is not None:
-        pairs = [(r.text, reference[r.prompt]) for r in ok if r.prompt in reference]
+        pairs = [(r.text, reference[r.prompt]) for r in (records if judged is None else judged)
+                 if not r.lost and r.prompt in reference]
         compared, mixed = len(pairs), sum(a != b for a, b in pairs)
     return {"requests": len(records), "completion_tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall if wall > 0 else 0.0,
@@ -465,11 +469,14 @@ def run_order(names: list[str], repeat: int) -> list[str]:
     return order if repeat % 2 == 0 else order[::-1]
 
 
-def level_result(conc: int, runs: list[tuple[list[Record], float]], reference: dict[int, str] | None) -> dict:
+def level_result(conc: int, runs: list[tuple[list[Record], float]], reference: dict[int, str] | None,
+                 own_reference: bool) -> dict:
     """One server's level over its repeats: metrics of all records pooled (tok/s = all tokens / all wall
-    time), and each repeat's own tok/s (the speed-up's spread is taken over those)."""
+    time), and each repeat's own tok/s (the speed-up's spread is taken over those). With
+    ``own_reference`` the first repeat made ``reference``, so only the later ones are compared with it."""
     records = [rec for recs, _ in runs for rec in recs]
-    return {"concurrency": conc, "metrics": level_metrics(records, sum(w for _, w in runs), reference),
+    judged = [rec for recs, _ in runs[1:] for rec in recs] if own_reference else records
+    return {"concurrency": conc, "metrics": level_metrics(records, sum(w for _, w in runs), reference, judged),
             "repeat_tok_s": [level_metrics(recs, wall, None)["tok_s"] for recs, wall in runs],
             "records": [{**vars(r), "repeat": i, "tokens": r.tokens, "lost": r.lost}
                         for i, (recs, _) in enumerate(runs) for r in recs]}
@@ -488,16 +495,19 @@ def bench_servers(servers: list[Server], args: argparse.Namespace, prompts: list
         for server in servers:
             res = results[server.name]
             reason = skipped(server, args)
-            try:
-                base = stack.enter_context(running(server, args, logs)) if reason is None else ""
-            except ServerFailed as e:
-                reason = f"failed to start: {e}"
+            if reason is None:
+                try:
+                    base = stack.enter_context(running(server, args, logs))
+                except ServerFailed as e:
+                    reason = f"failed to start: {e}"
             if reason:
                 res["status"] = reason
                 print(f"{server.name}: {reason}", file=sys.stderr)
                 continue
             model = model_id(base)
-            res.update(url=base, model=model, gguf=str(args.gguf) if server.kind == "llamacpp" else None)
+            res.update(url=base, model=model)
+            if server.kind == "llamacpp":
+                res["gguf"] = str(args.gguf)
             if args.warmup:
                 err = asyncio.run(warm_up(base, model, prompts[0], args.timeout))
                 if err:
@@ -518,7 +528,7 @@ def bench_servers(servers: list[Server], args: argparse.Namespace, prompts: list
                     for r in level_runs[0][0]:
                         if not r.lost:
                             ref.setdefault(r.prompt, r.text)
-                results[name]["levels"].append(level_result(conc, level_runs, references.get(name)))
+                results[name]["levels"].append(level_result(conc, level_runs, references.get(name), conc == 1))
 
 
 def main() -> None:
@@ -592,8 +602,8 @@ def main() -> None:
         "tok/s: all completion tokens of the level / its wall time. TTFT: first content chunk − request sent. "
         "ITL: (last − first content chunk) / (completion tokens − 1) per request. lost: errors or no finish_reason. "
         "mixed: texts differing from the same prompt's text in the first run at concurrency 1 on that server / "
-        "texts compared "
-        "(llama.cpp may differ only if it is nondeterministic).",
+        "texts compared (at concurrency 1, the later runs' texts; llama.cpp may differ only if it is "
+        "nondeterministic).",
         *([""] + [f"- {n}" for n in notes] if notes else []), ""])
     print(md)
     (args.out / "serve_load.md").write_text(md)
