@@ -175,6 +175,8 @@ class Generation:
     method: str = "ar"
     stats: GenerationStats = field(default_factory=GenerationStats)
     seed: int | None = None  # the seed its sampling was keyed by (given or drawn): rerun with it to reproduce
+    # from the request's start to its first token (its prefill, and in a batch the others' admitted with it)
+    first_token_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:

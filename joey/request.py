@@ -70,6 +70,7 @@ class Request:
         self.new_ids: list[int] = []
         self.detok = detok
         self.start = time.perf_counter()
+        self.first_token_s = 0.0  # set when the first token is committed
         self.finish_reason: FinishReason | None = None
         self.pending: int | None = None  # committed token whose K/V is not in the cache yet
         self.drafter: Drafter | None = None
@@ -129,6 +130,8 @@ class Request:
             if len(self.new_ids) + len(kept) >= self.max_new:
                 self.finish_reason = FinishReason.LENGTH
                 break
+        if not self.new_ids and not self.first_token_s:
+            self.first_token_s = time.perf_counter() - self.start
         self.new_ids.extend(kept)
         text = self.detok.push(kept) if kept else ""
         if self.detok.stopped:
@@ -150,6 +153,7 @@ class Request:
             method=method,
             stats=self.stats(),
             seed=self.params.seed,
+            first_token_s=self.first_token_s,
         )
         return StreamEvent(self.key, text, kept, gen)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from joey.bench import BenchSettings, metrics, report, run_bench
+from joey.bench.batched import BatchRun, run_order, summarize
 from joey.bench.questions import MT_BENCH, load_questions, select
 from joey.bench.run import answer_question
 from joey.bench.runners import EXTERNAL, TurnResult, all_methods
@@ -327,5 +328,34 @@ def test_batched_bench_outputs_identical_rows_and_resume(default_engine, qfile, 
     assert md.startswith("# joey bench: batches") and "| pld | padded |" in md
     for name in saved["files"]["plots"]:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    for batch in saved["per_batch"]:  # every batch's prefill is timed apart, inside its wall time
+        assert 0 < batch["first_token_s"] < batch["wall_time_s"]
+    assert cells[("ar", "packed", 2)]["decode_speedup"] == pytest.approx(1.0)
+    assert "## Decoding alone" in md
     again = run_bench(settings, engine=default_engine)  # all done: nothing runs, same per-batch records
     assert again["per_batch"] == saved["per_batch"]
+
+
+def _batch(method, wall, first, tokens, repeat=0):
+    return BatchRun(method, "packed", 2, repeat, 0, (1, 2), tokens, tuple(len(t) for t in tokens), wall, first)
+
+
+def test_decoding_alone_leaves_the_prefill_out():
+    """Two rows of 5 tokens: AR takes 2.0 s (1.0 s to the first tokens), PLD 1.8 s (1.0 s): end to end
+    PLD is 2.0 / 1.8 = 1.11x; decoding alone, 8 tokens in 1.0 s against 0.8 s, 1.25x."""
+    toks = ((1, 2, 3, 4, 5), (6, 7, 8, 9, 10))
+    runs = [_batch("ar", 2.0, 1.0, toks), _batch("pld", 1.8, 1.0, toks)]
+    rows = {r["method"]: r for r in summarize(runs, [("ar", "packed"), ("pld", "packed")], [2], 1, True)}
+    assert rows["pld"]["speedup"] == pytest.approx(2.0 / 1.8)
+    assert rows["pld"]["decode_speedup"] == pytest.approx(1.25)
+    assert rows["pld"]["decode_tokens_per_s"] == pytest.approx(10.0)
+    assert rows["pld"]["identical_rows"] == 2
+
+
+def test_the_run_order_rotates_and_reverses_every_other_repeat():
+    pairs = [("ar", "packed"), ("pld", "packed"), ("jakiro", "packed")]
+    assert run_order(pairs, 0, 0) == pairs
+    assert run_order(pairs, 1, 0) == [pairs[1], pairs[2], pairs[0]]
+    assert run_order(pairs, 1, 1) == [pairs[0], pairs[2], pairs[1]]
+    two = pairs[:2]  # two pairs, the same batch index in both repeats: each goes first once
+    assert [run_order(two, 5, r)[0] for r in (0, 1)] == [two[1], two[0]]

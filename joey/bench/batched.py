@@ -3,9 +3,14 @@
 The first turn of each selected question is a row; for every batch size B the questions are cut
 into consecutive batches of B (a remainder smaller than B is left out at that size) and every
 batch is answered by each method in each batch mode (``packed``: joey's ragged rows; ``padded``:
-the lock-step baseline, ``joey.batching.Lockstep``), interleaved in a rotating order. Speed is a
-batch size's total new tokens ÷ its total wall time; the speedup of a (method, mode) is that ÷ AR
-in packed mode at the same size, in the same repeat. Every row's tokens are compared with AR's
+the lock-step baseline, ``joey.batching.Lockstep``), interleaved in a rotating order that is
+reversed in every other repeat (so no method is always the first at a batch size: on a Zen 4 the
+first 16-row batch after smaller ones took ~1 s longer, charged to whichever method ran it). Speed
+is a batch size's total new tokens ÷ its total wall time; the speedup of a (method, mode) is that ÷
+AR in packed mode at the same size, in the same repeat. The same is also given for decoding alone,
+from the batch's first tokens on: a batch's prefill is the same work in every method, yet at 16
+rows it is half the batch's time and varies by ±6 % between runs, more than the differences the
+run is after. Every row's tokens are compared with AR's
 (greedy or seeded sampling: both must be equal). Each answered batch is one progress line, so an
 interrupted run resumes.
 """
@@ -45,6 +50,7 @@ class BatchRun:
     token_ids: tuple[tuple[int, ...], ...]  # per row
     steps: tuple[int, ...]  # per row
     wall_time_s: float  # prefill to the last row's last token
+    first_token_s: float = 0.0  # prefill to the rows' first tokens (all rows are admitted in one step)
 
     @property
     def key(self) -> str:
@@ -54,10 +60,25 @@ class BatchRun:
     def new_tokens(self) -> int:
         return sum(len(t) for t in self.token_ids)
 
+    @property
+    def decoded_tokens(self) -> int:
+        """New tokens after each row's first (which the prefill chose)."""
+        return sum(max(0, len(t) - 1) for t in self.token_ids)
+
 
 def run_key(method: str, mode: str, batch_size: int, repeat: int, chunk: int) -> str:
     """The progress file's key of one answered batch."""
     return f"{method}|{mode}|{batch_size}|{repeat}|{chunk}"
+
+
+def run_order(pairs: Sequence[tuple[str, str]], n: int, repeat: int) -> list[tuple[str, str]]:
+    """The order in which the ``n``-th batch of a run's plan is answered: rotated by one per batch,
+    so drift on the machine falls on every pair alike, and reversed in odd repeats, so that a batch
+    size's first batch (its dearest: new shapes, the allocator growing) does not fall on the same
+    pair in every repeat, as it did with two pairs and an even count of batches per repeat."""
+    k = n % len(pairs)
+    order = list(pairs[k:]) + list(pairs[:k])
+    return order[::-1] if repeat % 2 else order
 
 
 def batch_run_from(d: dict[str, Any]) -> BatchRun:
@@ -127,8 +148,7 @@ def _loop(engine: Engine, plan: list[tuple[int, int, int]], pairs: list[tuple[st
     try:
         for n, (r, b, c) in enumerate(plan):
             rows = questions[c * b : (c + 1) * b]
-            k = n % len(pairs)  # rotated, so drift on the machine falls on every pair alike
-            for m, mode in pairs[k:] + pairs[:k]:
+            for m, mode in run_order(pairs, n, r):
                 key = run_key(m, mode, b, r, c)
                 if key in done:
                     continue
@@ -137,7 +157,7 @@ def _loop(engine: Engine, plan: list[tuple[int, int, int]], pairs: list[tuple[st
                                        **asdict(spec))
                 run = BatchRun(m, mode, b, r, c, tuple(q.question_id for q in rows),
                                tuple(g.token_ids for g in gens), tuple(g.stats.steps for g in gens),
-                               max(g.wall_time_s for g in gens))
+                               max(g.wall_time_s for g in gens), max(g.first_token_s for g in gens))
                 store.append(run)
                 done[key] = run
                 bar.update()
@@ -148,28 +168,38 @@ def _loop(engine: Engine, plan: list[tuple[int, int, int]], pairs: list[tuple[st
 def summarize(runs: Sequence[BatchRun], pairs: Sequence[tuple[str, str]], sizes: Sequence[int], repeats: int,
               exact: bool) -> list[dict[str, Any]]:
     """One row per (method, mode, batch size): tokens/s (median over repeats), speedup over packed
-    AR (median and spread over repeats), τ, and the identical-token check against AR."""
+    AR (median and spread over repeats), the same for decoding alone (``decode_*``: from the first
+    tokens on), τ, and the identical-token check against AR."""
     by: dict[tuple[str, str, int, int], list[BatchRun]] = {}
     for run in runs:
         by.setdefault((run.method, run.mode, run.batch_size, run.repeat), []).append(run)
 
-    def speed(key: tuple[str, str, int, int]) -> float:
+    def speed(key: tuple[str, str, int, int], decode: bool = False) -> float:
         group = by[key]
+        if decode:
+            seconds = sum(x.wall_time_s - x.first_token_s for x in group)
+            return sum(x.decoded_tokens for x in group) / seconds if seconds > 0 else 0.0
         seconds = sum(x.wall_time_s for x in group)
         return sum(x.new_tokens for x in group) / seconds if seconds > 0 else 0.0
+
+    def ratios(m: str, mode: str, b: int, decode: bool) -> list[float]:
+        ref = [speed((*REFERENCE, b, r), decode) for r in range(repeats)]
+        return [speed((m, mode, b, r), decode) / v if v > 0 else 0.0 for r, v in zip(range(repeats), ref)]
 
     reference = {(x.question_ids, x.repeat): x.token_ids for x in runs if (x.method, x.mode) == REFERENCE}
     rows = []
     for m, mode in pairs:
         for b in sizes:
             speeds = [speed((m, mode, b, r)) for r in range(repeats)]
-            ratios = [v / speed((*REFERENCE, b, r)) for v, r in zip(speeds, range(repeats))]
+            whole, decode = ratios(m, mode, b, False), ratios(m, mode, b, True)
             group = [x for r in range(repeats) for x in by[(m, mode, b, r)]]
             same = sum(a == want for x in group for a, want in zip(x.token_ids, reference[(x.question_ids, x.repeat)]))
             rows.append({
                 "method": m, "mode": mode, "batch_size": b,
                 "tokens_per_s": statistics.median(speeds),
-                "speedup": statistics.median(ratios), "speedup_spread": asdict(spread(ratios)),
+                "speedup": statistics.median(whole), "speedup_spread": asdict(spread(whole)),
+                "decode_tokens_per_s": statistics.median(speed((m, mode, b, r), True) for r in range(repeats)),
+                "decode_speedup": statistics.median(decode), "decode_speedup_spread": asdict(spread(decode)),
                 "mean_accepted_tokens": sum(x.new_tokens for x in group) / max(1, sum(sum(x.steps) for x in group)),
                 "rows": sum(len(x.token_ids) for x in group),
                 "identical_rows": same if exact else None,
@@ -209,26 +239,35 @@ def render_markdown(results: dict[str, Any], plots_written: Sequence[str]) -> st
         f"torch {env['torch']} (threads: {env['torch_threads']}).",
         f"First turns of {len(s['question_ids'])} questions from {s['questions_file']}, in batches of "
         f"{', '.join(map(str, sizes))}; {s['max_new_tokens']} new tokens at most, temperature {s['temperature']}, "
-        f"{s['repeats']} repeat(s); methods and batch modes interleaved per batch in a rotating order.",
+        f"{s['repeats']} repeat(s); methods and batch modes interleaved per batch in a rotating order, "
+        "reversed every other repeat.",
         "",
         "## Speedup over batched AR (packed)",
         "A batch size's total new tokens ÷ its total wall time, ÷ the same for AR in packed mode, same run"
         + (" (median; in brackets min–max over repeats)." if s["repeats"] > 1 else "."),
         "",
-        "| method | mode | " + " | ".join(f"B={b}" for b in sizes) + " |",
-        "|---|---|" + "---:|" * len(sizes),
     ]
     cells = {(r["method"], r["mode"], r["batch_size"]): r for r in table}
     pairs = list(dict.fromkeys((r["method"], r["mode"]) for r in table))
-    for m, mode in pairs:
-        row = []
-        for b in sizes:
-            c = cells[(m, mode, b)]
-            text = f"{c['speedup']:.2f}×"
-            if s["repeats"] > 1:
-                text += f" [{c['speedup_spread']['min']:.2f}–{c['speedup_spread']['max']:.2f}]"
-            row.append(text)
-        lines.append(f"| {m} | {mode} | " + " | ".join(row) + " |")
+
+    def speedups(key: str) -> list[str]:
+        out = ["| method | mode | " + " | ".join(f"B={b}" for b in sizes) + " |", "|---|---|" + "---:|" * len(sizes)]
+        for m, mode in pairs:
+            row = []
+            for b in sizes:
+                c = cells[(m, mode, b)]
+                text = f"{c[key]:.2f}×"
+                if s["repeats"] > 1:
+                    text += f" [{c[key + '_spread']['min']:.2f}–{c[key + '_spread']['max']:.2f}]"
+                row.append(text)
+            out.append(f"| {m} | {mode} | " + " | ".join(row) + " |")
+        return out
+
+    lines += speedups("speedup")
+    lines += ["", "## Decoding alone",
+              "The same from each batch's first tokens on: its prefill (the same work in every method, yet at "
+              "16 rows about half its time, and noisy) left out.", ""]
+    lines += speedups("decode_speedup")
     lines += ["", "## Tokens/s, τ and identical rows", "",
               "| method | mode | " + " | ".join(f"B={b}" for b in sizes) + " |", "|---|---|" + "---:|" * len(sizes)]
     for m, mode in pairs:

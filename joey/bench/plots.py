@@ -87,7 +87,9 @@ def _acceptance(plt: Any, folder: Path, results: dict[str, Any], names: list[str
 
 def write_batch_plot(folder: Path, results: dict[str, Any]) -> list[str]:
     """Speedup over batched AR against batch size, one line per method, packed solid and padded
-    dashed (the EMS-SD paper's comparison); returns the file name (empty without matplotlib)."""
+    dashed (the EMS-SD paper's comparison), with the 1.0 line; beside it the same for decoding alone
+    (each batch's prefill left out), where the run has it. Returns the file name (empty without
+    matplotlib)."""
     if not available():
         return []
     import matplotlib
@@ -99,26 +101,31 @@ def write_batch_plot(folder: Path, results: dict[str, Any]) -> list[str]:
     methods = list(dict.fromkeys(r["method"] for r in table))  # AR's own padded line: what padding costs
     if not any(r["method"] != "ar" or r["mode"] != "packed" for r in table):
         return []
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    panels = [("speedup", "end to end")] + [("decode_speedup", "decoding alone")] * all("decode_speedup" in r
+                                                                                          for r in table)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False, sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, m in enumerate(methods):
-        for mode, style in (("packed", "-"), ("padded", "--")):
-            rows = sorted((r for r in table if r["method"] == m and r["mode"] == mode), key=lambda r: r["batch_size"])
-            if not rows or (m, mode) == ("ar", "packed"):  # the reference: the dotted line at 1
-                continue
-            xs = [r["batch_size"] for r in rows]
-            ys = [r["speedup"] for r in rows]
-            lo = [y - r["speedup_spread"]["min"] for y, r in zip(ys, rows)]
-            hi = [r["speedup_spread"]["max"] - y for y, r in zip(ys, rows)]
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, marker="o", color=colors[i % len(colors)], capsize=2,
-                        label=f"{m} ({mode})")
-    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(b) for b in sizes])
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("speedup over batched AR (×)")
-    ax.set_title(f"Batched speculative decoding ({results['environment']['model']})")
-    ax.legend(fontsize="small")
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, m in enumerate(methods):
+            for mode, style in (("packed", "-"), ("padded", "--")):
+                rows = sorted((r for r in table if r["method"] == m and r["mode"] == mode),
+                              key=lambda r: r["batch_size"])
+                if not rows or (m, mode) == ("ar", "packed"):  # the reference: the dotted line at 1
+                    continue
+                xs = [r["batch_size"] for r in rows]
+                ys = [r[key] for r in rows]
+                lo = [y - r[key + "_spread"]["min"] for y, r in zip(ys, rows)]
+                hi = [r[key + "_spread"]["max"] - y for y, r in zip(ys, rows)]
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, marker="o", color=colors[i % len(colors)],
+                            capsize=2, label=f"{m} ({mode})")
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xlabel("batch size")
+        ax.set_title(title)
+    axes[0][0].set_ylabel("speedup over batched AR (×)")
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle(f"Batched speculative decoding ({results['environment']['model']})")
     fig.tight_layout()
     file = "speedup_vs_batch_size.png"
     fig.savefig(folder / file, dpi=110)
