@@ -177,7 +177,7 @@ def test_a_first_draft_is_not_a_measure_of_the_draft_cost_but_drafting_again_is(
     first = row.draft_ms
     assert first is not None and batch.policy.draft_ms == first
     depth = [0]
-    monkeypatch.setattr(DepthPolicy, "alone", lambda self, r, room: (depth[0], True))
+    monkeypatch.setattr(DepthPolicy, "alone", lambda self, r, room, batched=False: (depth[0], True))
     batch.step()  # no draft: nothing measured
     assert row.draft_ms == first
     depth[0] = 3

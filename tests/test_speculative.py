@@ -16,7 +16,10 @@ COPY_PROMPTS = [
 def test_prompt_lookup_proposals():
     d = PromptLookupDrafter(max_ngram=3)
     assert d.propose([1, 2, 3, 4, 5, 1, 2, 3], 2).tokens == (4, 5)
-    assert d.propose([1, 2, 9, 7, 1, 2], 3).tokens == (9, 7, 1)
+    assert d.propose([1, 2, 9, 7, 1, 2], 3).tokens == (9, 7)  # a 2-gram's match: at most 2 tokens
+    assert d.propose([3, 1, 2, 9, 7, 3, 3, 1, 2], 3).tokens == (9, 7, 3)  # a 3-gram's: the asked depth
+    assert d.propose([4, 9, 7, 6, 4], 3).tokens == (9,)  # a 1-gram's: one token
+    assert PromptLookupDrafter(depth_by_ngram=()).propose([1, 2, 9, 7, 1, 2], 3).tokens == (9, 7, 1)
     assert d.propose([5, 6, 7], 4).tokens == ()
     assert Proposal.chain([4, 5]).parents == (-1, 0)
 

@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from joey.batching import depths_of, grid_positions, pack, path_moves, step_mask
-from joey.budget import CostCurve, DepthPolicy, StepScale, batch_depths, best_depth, cached_curve, expected_tokens
+from joey.budget import (
+    CostCurve,
+    DepthPolicy,
+    RowPolicy,
+    StepScale,
+    batch_depths,
+    best_depth,
+    cached_curve,
+    expected_tokens,
+)
 from joey.drafters import PromptLookupDrafter
 
 TREE = (-1, -1, 0, 0, 1, 2, 4)  # parents: two root children, branching below both, depth 4
@@ -84,7 +93,7 @@ def test_tree_forward_matches_each_path_and_compaction_matches_fresh_prefill(tin
 
 
 def test_prompt_lookup_tree_merges_matches_into_a_trie():
-    d = PromptLookupDrafter(max_ngram=2, branches=3)
+    d = PromptLookupDrafter(max_ngram=2, branches=3, depth_by_ngram=())  # 2-grams drafting 3 deep
     ctx = [1, 2, 3, 4, 9, 1, 2, 3, 5, 8, 1, 2, 7, 1, 2]
     prop = d.propose(ctx, 3, max_nodes=8)
     # matches of [1, 2], most recent first: 7 1 2 | 3 5 8 | 3 4 9 → a trie sharing the "3" node
@@ -146,10 +155,12 @@ def test_default_model_kangaroo_tree_is_lossless(default_engine):
     prompts = ["Explain in three sentences why the sky is blue.", "What is 17 times 3? Think step by step."]
     ar = [g.token_ids for g in default_engine.generate(prompts, max_new_tokens=32, method="ar")]
     for prompt, want in zip(prompts, ar):
-        g = default_engine.generate(prompt, max_new_tokens=32, tree_nodes=8, tree_topk=3, adaptive=False)
+        g = default_engine.generate(prompt, max_new_tokens=32, method="kangaroo", tree_nodes=8, tree_topk=3,
+                                    adaptive=False)
         assert g.token_ids == want
         assert g.stats.draft_tokens > g.stats.steps - 1  # it drafted trees, not chains
-    assert [g.token_ids for g in default_engine.generate(prompts, max_new_tokens=32, tree_nodes=8)] == ar
+    assert [g.token_ids for g in default_engine.generate(prompts, max_new_tokens=32, method="kangaroo",
+                                                         tree_nodes=8)] == ar
 
 
 # -- the budget ----------------------------------------------------------------------------------
@@ -196,6 +207,20 @@ def test_best_depth_prices_steps_by_what_they_really_took():
         policy.timed_pass(1, 1, 46.0)  # the host's plain steps: 46 ms, not the curve's 39
     assert policy.scale(False) == pytest.approx(46.0 / 39.0, rel=0.01)
     assert best_depth(curve, *evidence, 6, nodes_at, 12.0, scale=policy.scale) == 1
+
+
+def test_a_rows_first_drafts_go_full_depth_alone_and_shallow_in_a_batch():
+    """Before a draft's cost is measured a row's depth is forced: alone the full depth (it learns how
+    deep drafts are accepted for a few tokens), in a batch ``FIRST_DEPTH`` (every row's full-depth
+    first draft at once would make one packed step of 8 x 7 tokens)."""
+    curve = CostCurve((1, 2, 4, 8, 16, 64), (10.0, 11.0, 13.0, 20.0, 35.0, 120.0), "cpu", "int4", 2)
+    policy = DepthPolicy(curve, 6, list(range(7)))
+    assert policy.choose([RowPolicy(True, False)], [100], False) == [6]
+    batch = [RowPolicy(True, False) for _ in range(8)]
+    assert policy.choose(batch, [100] * 8, False) == [DepthPolicy.FIRST_DEPTH] * 8 == [2] * 8
+    assert policy.choose(batch, [1] * 8, False) == [1] * 8  # never past a row's room
+    policy.timed_drafts(batch, [2] * 8, 1.6, False)  # measured: from now on the budget decides
+    assert policy.alone(batch[0], 100, True)[1] is False
 
 
 def test_batch_depths_price_a_draft_at_the_whole_packed_step():
