@@ -294,7 +294,8 @@ class DepthPolicy:
     # go full depth, which learns how deep drafts are accepted at the cost of a few verified tokens
     # (Jakiro at batch 1, Zen 4: 0.98x and 1.04x AR in two runs, against 0.95x and 1.00x when
     # shallow); in a batch every new row does so at once, in one packed step (8 PLD rows: 56 tokens,
-    # ~3x a plain step, most of them rejected; 0.95x and 0.94x AR at batch 8, against 1.00x and 0.98x)
+    # ~3x a plain step, most of them rejected; 0.95x and 0.94x AR at batch 8, against 1.00x and 0.98x
+    # shallow: single runs on a noisy host, each pair in the same direction)
     FIRST_DEPTH = PROBE_DEPTH
 
     def __init__(self, curve: CostCurve | None, max_draft: int, nodes_at: Sequence[int]) -> None:
