@@ -37,7 +37,7 @@ from joey.budget import CostCurve
 from joey.drafters.prompt_lookup import PromptLookupDrafter
 from joey.measurements import cpu_name
 
-MAX_NGRAM = 3  # PromptLookupDrafter's default
+MAX_NGRAM = PromptLookupDrafter().max_ngram
 
 
 def first_match(context: list[int], depth: int) -> tuple[int, list[int]] | None:
@@ -67,11 +67,12 @@ def replay(answers: Sequence[tuple[list[int], list[int]]], curve: CostCurve,
         at = 1
         while at < len(answer):
             match = first_match(prompt + answer[:at], longest)
-            d = 0
+            d = a = 0
             if match is not None:
                 n, follow = match
-                d = min(depth(n, follow, accepted(follow, answer, at)), len(follow), len(answer) - at - 1)
-            a = accepted(match[1][:d], answer, at) if d else 0
+                right = accepted(follow, answer, at)
+                d = min(depth(n, follow, right), len(follow), len(answer) - at - 1)
+                a = min(d, right)  # a draft of d tokens is a prefix of the continuation
             steps, tokens, ms = steps + 1, tokens + a + 1, ms + curve.cost(1 + d)
             at += a + 1
         ar_ms += (len(answer) - 1) * curve.cost(1)

@@ -130,7 +130,7 @@ class Request:
             if len(self.new_ids) + len(kept) >= self.max_new:
                 self.finish_reason = FinishReason.LENGTH
                 break
-        if not self.new_ids and not self.first_token_s:
+        if not self.first_token_s:
             self.first_token_s = time.perf_counter() - self.start
         self.new_ids.extend(kept)
         text = self.detok.push(kept) if kept else ""

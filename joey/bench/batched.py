@@ -182,23 +182,26 @@ def summarize(runs: Sequence[BatchRun], pairs: Sequence[tuple[str, str]], sizes:
         seconds = sum(x.wall_time_s for x in group)
         return sum(x.new_tokens for x in group) / seconds if seconds > 0 else 0.0
 
-    def ratios(m: str, mode: str, b: int, decode: bool) -> list[float]:
-        ref = [speed((*REFERENCE, b, r), decode) for r in range(repeats)]
-        return [speed((m, mode, b, r), decode) / v if v > 0 else 0.0 for r, v in zip(range(repeats), ref)]
+    def speeds(m: str, mode: str, b: int, decode: bool) -> list[float]:
+        return [speed((m, mode, b, r), decode) for r in range(repeats)]
+
+    def ratios(own: list[float], ref: list[float]) -> list[float]:
+        return [v / w if w > 0 else 0.0 for v, w in zip(own, ref)]
 
     reference = {(x.question_ids, x.repeat): x.token_ids for x in runs if (x.method, x.mode) == REFERENCE}
     rows = []
     for m, mode in pairs:
         for b in sizes:
-            speeds = [speed((m, mode, b, r)) for r in range(repeats)]
-            whole, decode = ratios(m, mode, b, False), ratios(m, mode, b, True)
+            whole, decoding = speeds(m, mode, b, False), speeds(m, mode, b, True)
+            ratio = ratios(whole, speeds(*REFERENCE, b, False))
+            decode = ratios(decoding, speeds(*REFERENCE, b, True))
             group = [x for r in range(repeats) for x in by[(m, mode, b, r)]]
             same = sum(a == want for x in group for a, want in zip(x.token_ids, reference[(x.question_ids, x.repeat)]))
             rows.append({
                 "method": m, "mode": mode, "batch_size": b,
-                "tokens_per_s": statistics.median(speeds),
-                "speedup": statistics.median(whole), "speedup_spread": asdict(spread(whole)),
-                "decode_tokens_per_s": statistics.median(speed((m, mode, b, r), True) for r in range(repeats)),
+                "tokens_per_s": statistics.median(whole),
+                "speedup": statistics.median(ratio), "speedup_spread": asdict(spread(ratio)),
+                "decode_tokens_per_s": statistics.median(decoding),
                 "decode_speedup": statistics.median(decode), "decode_speedup_spread": asdict(spread(decode)),
                 "mean_accepted_tokens": sum(x.new_tokens for x in group) / max(1, sum(sum(x.steps) for x in group)),
                 "rows": sum(len(x.token_ids) for x in group),

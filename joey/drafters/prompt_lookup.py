@@ -38,11 +38,11 @@ class PromptLookupDrafter(Drafter):
         """Continuations of earlier occurrences of the context's tail, best first."""
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
             tail = context[-n:]
+            limit = min(depth, self.depth_by_ngram[n - 1]) if n <= len(self.depth_by_ngram) else depth
             # scan backwards so the most recent earlier occurrence wins
             for start in range(len(context) - n - 1, -1, -1):
                 if context[start : start + n] == tail:
-                    cap = self.depth_by_ngram[n - 1] if n <= len(self.depth_by_ngram) else depth
-                    follow = context[start + n : start + n + min(depth, cap)]
+                    follow = context[start + n : start + n + limit]
                     if follow:
                         yield follow
 
